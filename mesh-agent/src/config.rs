@@ -1,0 +1,308 @@
+//! The standalone config file: its YAML shape, and its validation into a [`Mesh`] snapshot.
+//!
+//! ```yaml
+//! node: node-1
+//! trustDomain: cluster.local      # optional, default cluster.local
+//! pods:
+//!   - name: client
+//!     namespace: default
+//!     serviceAccount: client      # optional, default "default"
+//!     ip: 10.61.0.2
+//!     netns: /var/run/netns/client
+//!     cgroup: /sys/fs/cgroup/unified/pods/client
+//!     labels: {app: client}
+//!     enrolled: true               # optional, default true
+//! ```
+//!
+//! Every error names the offending field (`pods[1].ip`, ...), so an operator can fix the file
+//! while the agent keeps serving the last good snapshot.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::state::{Identity, Mesh, PodKey, Workload};
+
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// Why a config was rejected. `field` is a path into the YAML document.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FileConfig {
+    node: String,
+    #[serde(default)]
+    trust_domain: Option<String>,
+    #[serde(default)]
+    pods: Vec<FilePod>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FilePod {
+    name: String,
+    namespace: String,
+    #[serde(default)]
+    service_account: Option<String>,
+    ip: String,
+    netns: PathBuf,
+    cgroup: PathBuf,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default = "default_true")]
+    enrolled: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Mesh, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("<file>", format!("cannot read {}: {e}", path.display())))?;
+    parse(&text)
+}
+
+/// Parses and validates a config document.
+pub fn parse(text: &str) -> Result<Mesh, ConfigError> {
+    let file: FileConfig = serde_yaml::from_str(text).map_err(yaml_error)?;
+    validate(file)
+}
+
+/// serde_yaml reports "pods[1].ip: invalid type ..." style messages; split off the path so the
+/// field is reported on its own.
+fn yaml_error(e: serde_yaml::Error) -> ConfigError {
+    let text = e.to_string();
+    match text.split_once(": ") {
+        Some((field, rest)) if !field.contains(' ') => ConfigError::new(field, rest),
+        _ => ConfigError::new("<document>", text),
+    }
+}
+
+/// A DNS-1123 label, as Kubernetes requires for names and namespaces.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn validate(file: FileConfig) -> Result<Mesh, ConfigError> {
+    if file.node.trim().is_empty() {
+        return Err(ConfigError::new("node", "must not be empty"));
+    }
+    let trust_domain = file
+        .trust_domain
+        .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_string());
+    if trust_domain.is_empty()
+        || !trust_domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+    {
+        return Err(ConfigError::new(
+            "trustDomain",
+            format!("{trust_domain:?} is not a valid SPIFFE trust domain"),
+        ));
+    }
+
+    let mut pods = BTreeMap::new();
+    let mut owner_of_ip: HashMap<IpAddr, PodKey> = HashMap::new();
+    let mut owner_of_netns: HashMap<PathBuf, PodKey> = HashMap::new();
+    for (i, pod) in file.pods.into_iter().enumerate() {
+        let at = |field: &str| format!("pods[{i}].{field}");
+        for (field, value) in [("name", &pod.name), ("namespace", &pod.namespace)] {
+            if !is_dns_label(value) {
+                return Err(ConfigError::new(
+                    at(field),
+                    format!("{value:?} is not a DNS-1123 label (lower-case letters, digits, '-')"),
+                ));
+            }
+        }
+        let service_account = pod.service_account.unwrap_or_else(|| "default".to_string());
+        if !is_dns_label(&service_account) {
+            return Err(ConfigError::new(
+                at("serviceAccount"),
+                format!("{service_account:?} is not a DNS-1123 label"),
+            ));
+        }
+        let ip: IpAddr = pod
+            .ip
+            .parse()
+            .map_err(|_| ConfigError::new(at("ip"), format!("{:?} is not an IP address", pod.ip)))?;
+        if !ip.is_ipv4() {
+            return Err(ConfigError::new(
+                at("ip"),
+                "only IPv4 pod addresses are supported for now",
+            ));
+        }
+        if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+            return Err(ConfigError::new(at("ip"), format!("{ip} cannot be a pod address")));
+        }
+        let key = PodKey {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+        };
+        if pods.contains_key(&key) {
+            return Err(ConfigError::new(at("name"), format!("pod {key} is listed twice")));
+        }
+        if let Some(other) = owner_of_ip.insert(ip, key.clone()) {
+            return Err(ConfigError::new(at("ip"), format!("{ip} is already the address of pod {other}")));
+        }
+        if pod.enrolled {
+            // Enrolled pods must point at a real netns and cgroup; an unenrolled pod is only
+            // listed, so its paths are not touched.
+            if !pod.netns.is_file() {
+                return Err(ConfigError::new(
+                    at("netns"),
+                    format!("{} is not a network namespace file", pod.netns.display()),
+                ));
+            }
+            if !pod.cgroup.join("cgroup.procs").is_file() {
+                return Err(ConfigError::new(
+                    at("cgroup"),
+                    format!("{} is not a cgroup v2 directory", pod.cgroup.display()),
+                ));
+            }
+            if let Some(other) = owner_of_netns.insert(pod.netns.clone(), key.clone()) {
+                return Err(ConfigError::new(
+                    at("netns"),
+                    format!("{} is already the netns of pod {other}", pod.netns.display()),
+                ));
+            }
+        }
+        let identity = Identity {
+            trust_domain: trust_domain.clone(),
+            namespace: pod.namespace.clone(),
+            service_account: service_account.clone(),
+        };
+        pods.insert(
+            key.clone(),
+            Workload {
+                key,
+                service_account,
+                ip,
+                netns: pod.netns,
+                cgroup: pod.cgroup,
+                labels: pod.labels,
+                enrolled: pod.enrolled,
+                identity,
+            },
+        );
+    }
+    Ok(Mesh {
+        node: file.node,
+        trust_domain,
+        pods,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(pods: &str) -> String {
+        format!("node: n1\npods:\n{pods}")
+    }
+
+    fn unenrolled(name: &str, ip: &str) -> String {
+        format!(
+            "  - name: {name}\n    namespace: default\n    ip: {ip}\n    netns: /nonexistent\n    cgroup: /nonexistent\n    enrolled: false\n"
+        )
+    }
+
+    #[test]
+    fn parses_a_minimal_file_with_defaults() {
+        let mesh = parse(&doc(&unenrolled("a", "10.0.0.2"))).expect("valid");
+        assert_eq!(mesh.node, "n1");
+        assert_eq!(mesh.trust_domain, "cluster.local");
+        let pod = mesh.pods.values().next().expect("one pod");
+        assert_eq!(pod.service_account, "default");
+        assert_eq!(
+            pod.identity.to_string(),
+            "spiffe://cluster.local/ns/default/sa/default"
+        );
+        assert!(!pod.enrolled);
+    }
+
+    #[test]
+    fn bad_ip_names_the_field() {
+        let err = parse(&doc(&unenrolled("a", "10.0.0.300"))).unwrap_err();
+        assert_eq!(err.field, "pods[0].ip");
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let text = doc(&unenrolled("a", "10.0.0.2")).replace("enrolled: false", "enrolled: maybe");
+        let err = parse(&text).unwrap_err();
+        assert!(err.field.starts_with("pods[0]"), "field was {}", err.field);
+    }
+
+    #[test]
+    fn unknown_field_is_rejected() {
+        let text = doc(&unenrolled("a", "10.0.0.2")).replace("enrolled:", "enroled:");
+        let err = parse(&text).unwrap_err();
+        assert!(err.to_string().contains("enroled"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_ip_is_rejected() {
+        let text = doc(&(unenrolled("a", "10.0.0.2") + &unenrolled("b", "10.0.0.2")));
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.field, "pods[1].ip");
+        assert!(err.message.contains("default/a"));
+    }
+
+    #[test]
+    fn duplicate_pod_is_rejected() {
+        let text = doc(&(unenrolled("a", "10.0.0.2") + &unenrolled("a", "10.0.0.3")));
+        assert_eq!(parse(&text).unwrap_err().field, "pods[1].name");
+    }
+
+    #[test]
+    fn enrolled_pod_needs_a_real_netns() {
+        let text = doc(&unenrolled("a", "10.0.0.2")).replace("enrolled: false", "enrolled: true");
+        assert_eq!(parse(&text).unwrap_err().field, "pods[0].netns");
+    }
+
+    #[test]
+    fn bad_names_are_rejected() {
+        let err = parse(&doc(&unenrolled("Not_A_Label", "10.0.0.2"))).unwrap_err();
+        assert_eq!(err.field, "pods[0].name");
+        let err = parse("node: ''\n").unwrap_err();
+        assert_eq!(err.field, "node");
+        let err = parse("node: n\ntrustDomain: 'a b'\n").unwrap_err();
+        assert_eq!(err.field, "trustDomain");
+    }
+
+    #[test]
+    fn missing_node_is_reported() {
+        let err = parse("pods: []\n").unwrap_err();
+        assert!(err.to_string().contains("node"), "{err}");
+    }
+
+    #[test]
+    fn ipv6_pods_are_refused_for_now() {
+        let err = parse(&doc(&unenrolled("a", "fd00::2"))).unwrap_err();
+        assert_eq!(err.field, "pods[0].ip");
+    }
+}

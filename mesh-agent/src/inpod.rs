@@ -1,0 +1,194 @@
+//! Opening sockets inside a pod's network namespace.
+//!
+//! A socket belongs to the network namespace of the thread that called `socket()`. Each
+//! enrolled pod gets one [`PodNetns`] thread that enters the pod's namespace once (`setns`)
+//! and stays there, creating listeners and upstream sockets on request; everything after
+//! `socket()` (bind, connect, accept, I/O) happens on the tokio runtime as usual.
+//!
+//! The thread also owns the pod's reply route for inbound relays: the agent connects to the
+//! app on `127.0.0.1` from the client's real address (IP_TRANSPARENT), so the app's replies
+//! have a loopback source and a remote destination. One policy rule sends exactly those
+//! packets (`from 127.0.0.0/8`, which can never leave the pod anyway) back to `lo`, where
+//! the agent's socket receives them. The rule is removed when the last user of the thread
+//! is gone.
+use std::{
+    fs::File,
+    io,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::mpsc,
+    thread,
+};
+
+use anyhow::{Context as _, anyhow};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+/// Routing table and rule priority of the inbound reply route (see module docs).
+const REPLY_ROUTE_TABLE: &str = "15006";
+const REPLY_RULE_PRIORITY: &str = "15006";
+
+/// The kernel's `SO_NETNS_COOKIE` (not in every libc crate yet).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+enum Request {
+    Socket {
+        domain: Domain,
+        reply: oneshot::Sender<io::Result<Socket>>,
+    },
+}
+
+/// A thread living in one pod's network namespace. Cloning shares the thread; it exits and
+/// removes the reply route when every clone is dropped.
+#[derive(Clone)]
+pub struct PodNetns {
+    requests: mpsc::Sender<Request>,
+    netns_cookie: u64,
+}
+
+impl PodNetns {
+    /// Starts the thread for the namespace at `netns_path`, installs the reply route, and
+    /// returns once the thread is inside the namespace.
+    pub fn enter(netns_path: &Path, pod_name: &str) -> anyhow::Result<(Self, thread::JoinHandle<()>)> {
+        let netns = File::open(netns_path)
+            .with_context(|| format!("opening network namespace {}", netns_path.display()))?;
+        let (requests, inbox) = mpsc::channel::<Request>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<anyhow::Result<u64>>(1);
+        let path = netns_path.to_path_buf();
+        let handle = thread::Builder::new()
+            .name(format!("netns-{pod_name}"))
+            .spawn(move || netns_thread(netns, path, inbox, ready_tx))
+            .context("spawning the pod netns thread")?;
+        let netns_cookie = match ready_rx.recv() {
+            Ok(Ok(cookie)) => cookie,
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                return Err(e);
+            }
+            Err(_) => return Err(anyhow!("the pod netns thread died while starting")),
+        };
+        Ok((
+            Self {
+                requests,
+                netns_cookie,
+            },
+            handle,
+        ))
+    }
+
+    /// The namespace's cookie, as BPF's `bpf_get_netns_cookie` reports it.
+    pub fn netns_cookie(&self) -> u64 {
+        self.netns_cookie
+    }
+
+    /// A new non-blocking TCP socket in the pod's namespace.
+    pub async fn socket(&self, domain: Domain) -> io::Result<Socket> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request::Socket { domain, reply })
+            .map_err(|_| io::Error::other("pod netns thread has exited"))?;
+        answer
+            .await
+            .map_err(|_| io::Error::other("pod netns thread dropped the request"))?
+    }
+
+    /// A listening socket bound to `addr` in the pod's namespace, adopted by tokio.
+    pub async fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+        let socket = self.socket(Domain::for_address(addr)).await?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        tokio::net::TcpListener::from_std(socket.into())
+    }
+}
+
+fn netns_thread(
+    netns: File,
+    path: PathBuf,
+    inbox: mpsc::Receiver<Request>,
+    ready: mpsc::SyncSender<anyhow::Result<u64>>,
+) {
+    let started = (|| -> anyhow::Result<u64> {
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("entering network namespace {}", path.display()));
+        }
+        install_reply_route().context("installing the inbound reply route in the pod")?;
+        netns_cookie().context("reading the pod netns cookie")
+    })();
+    let ok = started.is_ok();
+    let _ = ready.send(started);
+    if !ok {
+        return;
+    }
+    while let Ok(request) = inbox.recv() {
+        match request {
+            Request::Socket { domain, reply } => {
+                let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP));
+                let _ = reply.send(socket);
+            }
+        }
+    }
+    remove_reply_route();
+    debug!(netns = %path.display(), "pod netns thread finished");
+}
+
+fn netns_cookie() -> io::Result<u64> {
+    let probe = Socket::new(Domain::IPV4, Type::STREAM.cloexec(), None)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd and an out-buffer of the advertised size.
+    let rc = unsafe {
+        libc::getsockopt(
+            probe.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Runs `ip` in this thread's network namespace (a child process inherits it).
+fn ip(args: &[&str]) -> io::Result<std::process::Output> {
+    Command::new("ip").args(args).output()
+}
+
+fn install_reply_route() -> anyhow::Result<()> {
+    remove_reply_route();
+    let out = ip(&["-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", REPLY_ROUTE_TABLE])
+        .context("running `ip route` (is iproute2 installed?)")?;
+    if !out.status.success() {
+        return Err(anyhow!("ip route: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    let out = ip(&[
+        "-4", "rule", "add", "from", "127.0.0.0/8", "lookup", REPLY_ROUTE_TABLE, "pref", REPLY_RULE_PRIORITY,
+    ])
+    .context("running `ip rule`")?;
+    if !out.status.success() {
+        return Err(anyhow!("ip rule: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(())
+}
+
+fn remove_reply_route() {
+    // Delete every copy of our rule (a crashed agent may have left one), then the table.
+    for _ in 0..8 {
+        match ip(&["-4", "rule", "del", "pref", REPLY_RULE_PRIORITY]) {
+            Ok(out) if out.status.success() => continue,
+            _ => break,
+        }
+    }
+    match ip(&["-4", "route", "flush", "table", REPLY_ROUTE_TABLE]) {
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not flush the reply route table"),
+    }
+}

@@ -1,0 +1,146 @@
+//! `mesh-agent`: the Trellis node agent.
+//!
+//! `mesh-agent run --config FILE` serves the pods the file lists (standalone mode).
+mod config;
+mod enrolment;
+mod inpod;
+mod proxy;
+mod redirect;
+mod state;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{enrolment::Enrolment, proxy::ProxyInputs, redirect::Redirector};
+
+/// How often the config file is checked for changes.
+const CONFIG_POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// How long shutdown waits for pods' netns threads to clean up.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Parser)]
+#[command(name = "mesh-agent", version, about = "Trellis node agent: sidecarless mesh data plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent for the pods listed in a config file (standalone mode).
+    Run {
+        /// YAML file naming this node and its pods; edits are applied live.
+        #[arg(long)]
+        config: PathBuf,
+        /// Log line format.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+        /// Data-plane worker threads.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            config,
+            log_format,
+            workers,
+        } => {
+            init_logging(log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers.max(1))
+                .thread_name("dataplane")
+                .enable_all()
+                .build()
+                .context("building the tokio runtime")?;
+            let threads = runtime.block_on(run(&config))?;
+            // Dropping the runtime drops every relay task, so the pods' netns threads lose
+            // their last users and remove their routes.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            let deadline = Instant::now() + SHUTDOWN_GRACE;
+            for t in threads {
+                while !t.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if t.is_finished() {
+                    let _ = t.join();
+                } else {
+                    warn!("a pod netns thread did not finish in time");
+                }
+            }
+            info!("agent stopped; all programs detached");
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn run(config_path: &Path) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+    let mesh = config::load(config_path)
+        .with_context(|| format!("invalid config {}", config_path.display()))?;
+    let mut last_config_text = std::fs::read(config_path).unwrap_or_default();
+    let (redirector, maps) = Redirector::load()?;
+    let inputs = Arc::new(ProxyInputs {
+        mesh: ArcSwap::from_pointee(mesh.clone()),
+        maps,
+    });
+    let mut enrolment = Enrolment::new(redirector, inputs.clone());
+    enrolment.apply(&mesh).await;
+    info!(node = %mesh.node, pods = mesh.pods.len(), enrolled = enrolment.enrolled_count(), "agent ready");
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut poll = tokio::time::interval(CONFIG_POLL_INTERVAL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: detaching and exiting"); break; }
+            _ = sigint.recv() => { info!("SIGINT: detaching and exiting"); break; }
+            _ = poll.tick() => {
+                let Ok(text) = std::fs::read(config_path) else { continue };
+                if text == last_config_text {
+                    continue;
+                }
+                last_config_text = text;
+                match config::load(config_path) {
+                    Ok(mesh) => {
+                        inputs.mesh.store(Arc::new(mesh.clone()));
+                        enrolment.apply(&mesh).await;
+                        info!(pods = mesh.pods.len(), enrolled = enrolment.enrolled_count(), "config applied");
+                    }
+                    Err(e) => {
+                        error!(field = %e.field, reason = %e.message, "config rejected; still serving the last good config");
+                    }
+                }
+            }
+        }
+    }
+    Ok(enrolment.shutdown())
+}

@@ -1,0 +1,97 @@
+//! The typed snapshot of what this node's agent serves: the node, its workloads (pods) and
+//! which of them are enrolled. Sources (today the YAML file, later Kubernetes) build a
+//! [`Mesh`]; the agent validates it as a whole and swaps it in atomically.
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::IpAddr,
+    path::PathBuf,
+};
+
+use serde::Serialize;
+
+/// Everything the agent knows about the mesh on this node, at one instant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Mesh {
+    /// Name of the node this agent serves.
+    pub node: String,
+    /// SPIFFE trust domain of the workload identities.
+    pub trust_domain: String,
+    /// Pods scheduled on this node, keyed by [`PodKey`].
+    pub pods: BTreeMap<PodKey, Workload>,
+}
+
+impl Mesh {
+    /// The enrolled pods only.
+    pub fn enrolled(&self) -> impl Iterator<Item = &Workload> {
+        self.pods.values().filter(|w| w.enrolled)
+    }
+
+    /// The pod on this node that owns `ip`, if any.
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.pods.values().find(|w| w.ip == ip)
+    }
+}
+
+/// `namespace/name`: a pod's unique name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct PodKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for PodKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One pod on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub key: PodKey,
+    pub service_account: String,
+    pub ip: IpAddr,
+    /// The pod's network namespace (a bind-mounted nsfs file or `/proc/PID/ns/net`).
+    pub netns: PathBuf,
+    /// The pod's cgroup v2 directory.
+    pub cgroup: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    /// Whether the mesh captures this pod's traffic.
+    pub enrolled: bool,
+    /// The workload's SPIFFE identity.
+    pub identity: Identity,
+}
+
+impl Workload {
+    /// True when enrolling `other` instead of `self` needs the pod re-plumbed (new netns,
+    /// cgroup or address); label or identity changes do not.
+    pub fn plumbing_differs(&self, other: &Workload) -> bool {
+        self.netns != other.netns || self.cgroup != other.cgroup || self.ip != other.ip
+    }
+}
+
+/// A SPIFFE workload identity: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(into = "String")]
+pub struct Identity {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+impl From<Identity> for String {
+    fn from(id: Identity) -> String {
+        id.to_string()
+    }
+}

@@ -1,0 +1,285 @@
+//! eBPF programs that move an enrolled pod's TCP sockets to the node agent.
+//!
+//! Outbound: `connect4`/`connect6` (attached to the pod's cgroup) rewrite a TCP connect to the
+//! agent's in-pod listener `127.0.0.1:15001` and remember the original destination by socket
+//! cookie; `sock_ops` copies it, when the kernel picks the client port, to a map keyed by
+//! (netns cookie, client port) that the agent reads on accept; `getpeername4/6` show the
+//! application the address it dialled.
+//!
+//! Inbound: `sk_lookup` (attached to the pod's network namespace) hands new TCP connections to
+//! the pod's IP to the agent's in-pod `0.0.0.0:15006` listener, looked up by destination IP.
+//!
+//! Never captured: loopback destinations, DNS, the agent's own ports, non-TCP sockets, and any
+//! socket created by a process outside an enrolled pod's cgroup (the agent's own sockets).
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{LruHashMap, PerCpuArray, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::warn;
+use mesh_common::{
+    EXCLUDED_PORTS, FAMILY_INET, FlowKey, InboundKey, OUTBOUND_PORT, OriginalDst, stats,
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+/// Verdicts: cgroup sock_addr programs return 1 to let the syscall proceed.
+const ALLOW: i32 = 1;
+const SK_PASS: u32 = 1;
+
+/// 127.0.0.1 as the kernel stores it (network order in a native `u32`).
+const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
+const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+#[map]
+static ORIG_DST_BY_COOKIE: LruHashMap<u64, OriginalDst> = LruHashMap::with_max_entries(65536, 0);
+
+#[map]
+static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, OriginalDst> = LruHashMap::with_max_entries(65536, 0);
+
+#[map]
+static INBOUND_LISTENERS: SockHash<InboundKey> = SockHash::with_max_entries(4096, 0);
+
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn is_excluded_port(port: u16) -> bool {
+    let mut i = 0;
+    while i < EXCLUDED_PORTS.len() {
+        if EXCLUDED_PORTS[i] == port {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn is_loopback4(addr: u32) -> bool {
+    // First byte of the network-order address.
+    addr.to_ne_bytes()[0] == 127 || addr == 0
+}
+
+/// Records `addr:port` as the original destination of this socket and points it at the
+/// agent's outbound listener. `addr` is a network-order IPv4 address, `port` host order.
+#[inline(always)]
+fn redirect4(ctx: &SockAddrContext, addr: u32, port: u16) -> bool {
+    let mut ip = [0u8; 16];
+    let octets = addr.to_ne_bytes();
+    ip[0] = octets[0];
+    ip[1] = octets[1];
+    ip[2] = octets[2];
+    ip[3] = octets[3];
+    let dst = OriginalDst {
+        addr: ip,
+        port,
+        family: FAMILY_INET,
+        _pad: [0; 4],
+    };
+    // SAFETY: the helper only reads the context it is given.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    if ORIG_DST_BY_COOKIE.insert(&cookie, &dst, 0).is_err() {
+        // Without a record the agent could not relay the connection: leave it alone.
+        warn!(ctx, "mesh: could not record original destination, connect not captured");
+        return false;
+    }
+    count(stats::OUTBOUND_REDIRECTED);
+    true
+}
+
+#[inline(always)]
+fn is_tcp(sa: *const bpf_sock_addr) -> bool {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    unsafe { (*sa).type_ == SOCK_STREAM && ((*sa).protocol == IPPROTO_TCP || (*sa).protocol == 0) }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if !is_tcp(sa) {
+        return ALLOW;
+    }
+    // SAFETY: valid context; user_port holds the network-order port in its low 16 bits.
+    let (addr, port) = unsafe { ((*sa).user_ip4, u16::from_be((*sa).user_port as u16)) };
+    if is_loopback4(addr) || is_excluded_port(port) {
+        count(stats::EXCLUDED);
+        return ALLOW;
+    }
+    if redirect4(&ctx, addr, port) {
+        // SAFETY: connect4 may rewrite user_ip4/user_port.
+        unsafe {
+            (*sa).user_ip4 = LOOPBACK4;
+            (*sa).user_port = u32::from(OUTBOUND_PORT.to_be());
+        }
+    }
+    ALLOW
+}
+
+/// IPv6 sockets: only IPv4-mapped destinations (`::ffff:a.b.c.d`, what a dual-stack socket
+/// uses to reach an IPv4 pod) are captured; native IPv6 pod traffic is not captured yet.
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if !is_tcp(sa) {
+        return ALLOW;
+    }
+    // SAFETY: valid context.
+    let (ip6, port) = unsafe { ((*sa).user_ip6, u16::from_be((*sa).user_port as u16)) };
+    if ip6[0] != 0 || ip6[1] != 0 || ip6[2] != V4_MAPPED_PREFIX {
+        return ALLOW;
+    }
+    let addr = ip6[3];
+    if is_loopback4(addr) || is_excluded_port(port) {
+        count(stats::EXCLUDED);
+        return ALLOW;
+    }
+    if redirect4(&ctx, addr, port) {
+        // SAFETY: connect6 may rewrite user_ip6/user_port; each word is written separately.
+        unsafe {
+            (*sa).user_ip6[3] = LOOPBACK4;
+            (*sa).user_port = u32::from(OUTBOUND_PORT.to_be());
+        }
+    }
+    ALLOW
+}
+
+/// Shows the application the destination it dialled instead of the agent's listener.
+#[inline(always)]
+fn original_peer(ctx: &SockAddrContext) -> Option<OriginalDst> {
+    // SAFETY: the helper only reads the context it is given.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: the value is copied out before the map can change it.
+    unsafe { ORIG_DST_BY_COOKIE.get(&cookie).copied() }
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: valid context.
+    let (addr, port) = unsafe { ((*sa).user_ip4, u16::from_be((*sa).user_port as u16)) };
+    if addr != LOOPBACK4 || port != OUTBOUND_PORT {
+        return ALLOW;
+    }
+    if let Some(dst) = original_peer(&ctx) {
+        let a = dst.addr;
+        // SAFETY: getpeername4 may rewrite the reported address.
+        unsafe {
+            (*sa).user_ip4 = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+            (*sa).user_port = u32::from(dst.port.to_be());
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: valid context.
+    let (ip6, port) = unsafe { ((*sa).user_ip6, u16::from_be((*sa).user_port as u16)) };
+    if ip6[0] != 0 || ip6[1] != 0 || ip6[2] != V4_MAPPED_PREFIX || ip6[3] != LOOPBACK4 {
+        return ALLOW;
+    }
+    if port != OUTBOUND_PORT {
+        return ALLOW;
+    }
+    if let Some(dst) = original_peer(&ctx) {
+        let a = dst.addr;
+        // SAFETY: getpeername6 may rewrite the reported address.
+        unsafe {
+            (*sa).user_ip6[3] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+            (*sa).user_port = u32::from(dst.port.to_be());
+        }
+    }
+    ALLOW
+}
+
+/// When the kernel has chosen the client port of a redirected connect (just before the SYN),
+/// file the original destination under (netns cookie, client port), which is what the agent
+/// can see from the accepted socket.
+#[sock_ops]
+pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return 1;
+    }
+    let family = ctx.family();
+    let to_listener = if family == AF_INET {
+        ctx.remote_ip4() == LOOPBACK4
+    } else if family == AF_INET6 {
+        let r = ctx.remote_ip6();
+        r[0] == 0 && r[1] == 0 && r[2] == V4_MAPPED_PREFIX && r[3] == LOOPBACK4
+    } else {
+        false
+    };
+    // remote_port: network-order port in the low 16 bits on current kernels.
+    let remote_port = u16::from_be(ctx.remote_port() as u16);
+    if !to_listener || remote_port != OUTBOUND_PORT {
+        return 1;
+    }
+    // SAFETY: the helpers only read the context they are given.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: the value is copied out at once.
+    let Some(dst) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie).copied() }) else {
+        // A connect the app made to 127.0.0.1:15001 itself; nothing to record.
+        count(stats::ORIGINAL_DST_MISSING);
+        return 1;
+    };
+    let key = FlowKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
+        port: ctx.local_port() as u16,
+        _pad: [0; 6],
+    };
+    if ORIG_DST_BY_FLOW.insert(&key, &dst, 0).is_ok() {
+        count(stats::ORIGINAL_DST_RECORDED);
+    }
+    1
+}
+
+/// Steers a new inbound TCP connection to a pod address to the agent's inbound listener in
+/// that pod. Connections to loopback (the agent's own hop to the app), to excluded ports, and
+/// to addresses without a registered listener are left to the normal socket lookup.
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel hands every sk_lookup program a valid context.
+    let (family, protocol, local_ip4, local_port) = unsafe {
+        let l = ctx.lookup;
+        ((*l).family, (*l).protocol, (*l).local_ip4, (*l).local_port)
+    };
+    if family != AF_INET || protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    if is_loopback4(local_ip4) || is_excluded_port(local_port as u16) {
+        return SK_PASS;
+    }
+    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local_ip4, 0) {
+        Ok(()) => count(stats::INBOUND_STEERED),
+        Err(_) => count(stats::INBOUND_NO_LISTENER),
+    }
+    SK_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
