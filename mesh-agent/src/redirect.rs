@@ -132,10 +132,12 @@ impl Redirector {
     ) -> anyhow::Result<(Vec<CgroupSockAddrLink>, SkLookupLink, SockOpsLink)> {
         let cgroup = File::open(cgroup_dir)
             .with_context(|| format!("opening cgroup {}", cgroup_dir.display()))?;
+        // "Single" means no flags: cgroup BPF links reject flags, and a link always coexists
+        // with other programs on the cgroup (a CNI's, say), like BPF_F_ALLOW_MULTI.
 
         let sock_ops: &mut SockOps = program(&mut self.ebpf, names::PROG_SOCK_OPS)?;
         let id = sock_ops
-            .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+            .attach(&cgroup, CgroupAttachMode::Single)
             .context("attaching sock_ops to the pod cgroup")?;
         let sock_ops_link = sock_ops.take_link(id)?;
 
@@ -149,7 +151,7 @@ impl Redirector {
         for name in CGROUP_SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             let id = prog
-                .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+                .attach(&cgroup, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to the pod cgroup"))?;
             // The connect hooks, attached last, go first in the list and so detach first.
             sock_addr_links.insert(0, prog.take_link(id)?);
@@ -234,7 +236,7 @@ fn raise_memlock_limit() {
     };
     // SAFETY: setrlimit with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        warn!("could not raise RLIMIT_MEMLOCK; loading may fail on old kernels");
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; only matters on kernels before 5.11");
     }
 }
 

@@ -21,6 +21,8 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
+use core::ptr::{read_volatile, write_volatile};
+
 use aya_log_ebpf::warn;
 use mesh_common::{
     EXCLUDED_PORTS, FAMILY_INET, FlowKey, InboundKey, OUTBOUND_PORT, OriginalDst, stats,
@@ -107,7 +109,11 @@ fn redirect4(ctx: &SockAddrContext, addr: u32, port: u16) -> bool {
 #[inline(always)]
 fn is_tcp(sa: *const bpf_sock_addr) -> bool {
     // SAFETY: the kernel hands every sock_addr program a valid context.
-    unsafe { (*sa).type_ == SOCK_STREAM && ((*sa).protocol == IPPROTO_TCP || (*sa).protocol == 0) }
+    unsafe {
+        let ty = read_volatile(&(*sa).type_);
+        let proto = read_volatile(&(*sa).protocol);
+        ty == SOCK_STREAM && (proto == IPPROTO_TCP || proto == 0)
+    }
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -117,7 +123,7 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     // SAFETY: valid context; user_port holds the network-order port in its low 16 bits.
-    let (addr, port) = unsafe { ((*sa).user_ip4, u16::from_be((*sa).user_port as u16)) };
+    let (addr, port) = unsafe { (read_volatile(&(*sa).user_ip4), u16::from_be(read_volatile(&(*sa).user_port) as u16)) };
     if is_loopback4(addr) || is_excluded_port(port) {
         count(stats::EXCLUDED);
         return ALLOW;
@@ -125,8 +131,8 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     if redirect4(&ctx, addr, port) {
         // SAFETY: connect4 may rewrite user_ip4/user_port.
         unsafe {
-            (*sa).user_ip4 = LOOPBACK4;
-            (*sa).user_port = u32::from(OUTBOUND_PORT.to_be());
+            write_volatile(&mut (*sa).user_ip4, LOOPBACK4);
+            write_volatile(&mut (*sa).user_port, u32::from(OUTBOUND_PORT.to_be()));
         }
     }
     ALLOW
@@ -141,7 +147,17 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     // SAFETY: valid context.
-    let (ip6, port) = unsafe { ((*sa).user_ip6, u16::from_be((*sa).user_port as u16)) };
+    let (ip6, port) = unsafe {
+        (
+            [
+                read_volatile(&(*sa).user_ip6[0]),
+                read_volatile(&(*sa).user_ip6[1]),
+                read_volatile(&(*sa).user_ip6[2]),
+                read_volatile(&(*sa).user_ip6[3]),
+            ],
+            u16::from_be(read_volatile(&(*sa).user_port) as u16),
+        )
+    };
     if ip6[0] != 0 || ip6[1] != 0 || ip6[2] != V4_MAPPED_PREFIX {
         return ALLOW;
     }
@@ -153,8 +169,8 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     if redirect4(&ctx, addr, port) {
         // SAFETY: connect6 may rewrite user_ip6/user_port; each word is written separately.
         unsafe {
-            (*sa).user_ip6[3] = LOOPBACK4;
-            (*sa).user_port = u32::from(OUTBOUND_PORT.to_be());
+            write_volatile(&mut (*sa).user_ip6[3], LOOPBACK4);
+            write_volatile(&mut (*sa).user_port, u32::from(OUTBOUND_PORT.to_be()));
         }
     }
     ALLOW
@@ -173,7 +189,7 @@ fn original_peer(ctx: &SockAddrContext) -> Option<OriginalDst> {
 pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: valid context.
-    let (addr, port) = unsafe { ((*sa).user_ip4, u16::from_be((*sa).user_port as u16)) };
+    let (addr, port) = unsafe { (read_volatile(&(*sa).user_ip4), u16::from_be(read_volatile(&(*sa).user_port) as u16)) };
     if addr != LOOPBACK4 || port != OUTBOUND_PORT {
         return ALLOW;
     }
@@ -181,8 +197,8 @@ pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
         let a = dst.addr;
         // SAFETY: getpeername4 may rewrite the reported address.
         unsafe {
-            (*sa).user_ip4 = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
-            (*sa).user_port = u32::from(dst.port.to_be());
+            write_volatile(&mut (*sa).user_ip4, u32::from_ne_bytes([a[0], a[1], a[2], a[3]]));
+            write_volatile(&mut (*sa).user_port, u32::from(dst.port.to_be()));
         }
     }
     ALLOW
@@ -192,7 +208,17 @@ pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
 pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: valid context.
-    let (ip6, port) = unsafe { ((*sa).user_ip6, u16::from_be((*sa).user_port as u16)) };
+    let (ip6, port) = unsafe {
+        (
+            [
+                read_volatile(&(*sa).user_ip6[0]),
+                read_volatile(&(*sa).user_ip6[1]),
+                read_volatile(&(*sa).user_ip6[2]),
+                read_volatile(&(*sa).user_ip6[3]),
+            ],
+            u16::from_be(read_volatile(&(*sa).user_port) as u16),
+        )
+    };
     if ip6[0] != 0 || ip6[1] != 0 || ip6[2] != V4_MAPPED_PREFIX || ip6[3] != LOOPBACK4 {
         return ALLOW;
     }
@@ -203,8 +229,8 @@ pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
         let a = dst.addr;
         // SAFETY: getpeername6 may rewrite the reported address.
         unsafe {
-            (*sa).user_ip6[3] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
-            (*sa).user_port = u32::from(dst.port.to_be());
+            write_volatile(&mut (*sa).user_ip6[3], u32::from_ne_bytes([a[0], a[1], a[2], a[3]]));
+            write_volatile(&mut (*sa).user_port, u32::from(dst.port.to_be()));
         }
     }
     ALLOW
@@ -215,34 +241,53 @@ pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
 /// can see from the accepted socket.
 #[sock_ops]
 pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+    let ops = ctx.ops;
+    // Context fields are read one by one with volatile loads: the verifier only accepts
+    // constant offsets from the context pointer, and LLVM otherwise merges the branches'
+    // loads into one computed address.
+    // SAFETY: the kernel hands every sock_ops program a valid context.
+    let op = unsafe { read_volatile(&(*ops).op) };
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
         return 1;
     }
-    let family = ctx.family();
+    let family = unsafe { read_volatile(&(*ops).family) };
     let to_listener = if family == AF_INET {
-        ctx.remote_ip4() == LOOPBACK4
+        unsafe { read_volatile(&(*ops).remote_ip4) == LOOPBACK4 }
     } else if family == AF_INET6 {
-        let r = ctx.remote_ip6();
-        r[0] == 0 && r[1] == 0 && r[2] == V4_MAPPED_PREFIX && r[3] == LOOPBACK4
+        let w0 = unsafe { read_volatile(&(*ops).remote_ip6[0]) };
+        let w1 = unsafe { read_volatile(&(*ops).remote_ip6[1]) };
+        let w2 = unsafe { read_volatile(&(*ops).remote_ip6[2]) };
+        let w3 = unsafe { read_volatile(&(*ops).remote_ip6[3]) };
+        w0 == 0 && w1 == 0 && w2 == V4_MAPPED_PREFIX && w3 == LOOPBACK4
     } else {
         false
     };
-    // remote_port: network-order port in the low 16 bits on current kernels.
-    let remote_port = u16::from_be(ctx.remote_port() as u16);
-    if !to_listener || remote_port != OUTBOUND_PORT {
+    if !to_listener {
         return 1;
     }
+    // sock_ops reports remote_port in network order shifted left by 16 bits (unlike
+    // sock_addr's user_port); accept the unshifted form too in case a kernel changes it.
+    let raw_port = unsafe { read_volatile(&(*ops).remote_port) };
+    let remote_port = if raw_port & 0xffff == 0 {
+        u16::from_be((raw_port >> 16) as u16)
+    } else {
+        u16::from_be(raw_port as u16)
+    };
+    if remote_port != OUTBOUND_PORT {
+        return 1;
+    }
+    let local_port = unsafe { read_volatile(&(*ops).local_port) } as u16;
     // SAFETY: the helpers only read the context they are given.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
     // SAFETY: the value is copied out at once.
     let Some(dst) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie).copied() }) else {
-        // A connect the app made to 127.0.0.1:15001 itself; nothing to record.
+        // A connect the app aimed at 127.0.0.1:15001 itself; nothing to record.
         count(stats::ORIGINAL_DST_MISSING);
         return 1;
     };
     let key = FlowKey {
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
-        port: ctx.local_port() as u16,
+        netns_cookie: unsafe { bpf_get_netns_cookie(ops.cast()) },
+        port: local_port,
         _pad: [0; 6],
     };
     if ORIG_DST_BY_FLOW.insert(&key, &dst, 0).is_ok() {
@@ -259,7 +304,12 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands every sk_lookup program a valid context.
     let (family, protocol, local_ip4, local_port) = unsafe {
         let l = ctx.lookup;
-        ((*l).family, (*l).protocol, (*l).local_ip4, (*l).local_port)
+        (
+            read_volatile(&(*l).family),
+            read_volatile(&(*l).protocol),
+            read_volatile(&(*l).local_ip4),
+            read_volatile(&(*l).local_port),
+        )
     };
     if family != AF_INET || protocol != IPPROTO_TCP {
         return SK_PASS;
