@@ -1,1 +1,58 @@
-fn main() {}
+//! `cargo xtask <command>`: everything beyond `cargo build`, each step idempotent.
+//!
+//! - `setup`: toolchain pieces (nightly rust-src, bpf-linker) and Debian packages.
+//! - `test`:  setup, then unit and end-to-end tests.
+//! - `demo`:  setup, then a small node with pods, the agent, traffic, and its story.
+//! - `bench`: setup, then pod-to-pod direct vs through the agent, side by side.
+mod bench;
+mod demo;
+mod setup;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Trellis build, test, demo and benchmark tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing need (idempotent; quick when already done).
+    Setup,
+    /// Run the unit and end-to-end tests (needs root).
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Run a small demo node: pods, the agent, traffic, and what happened.
+    Demo,
+    /// Benchmark pod-to-pod traffic directly and through the agent.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup => setup::run(),
+        Command::Test { filter } => test(filter.as_deref()),
+        Command::Demo => demo::run(),
+        Command::Bench(args) => bench::run(args),
+    }
+}
+
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    setup::run()?;
+    util::step("building the agent (with its eBPF programs)");
+    util::cargo(&["build", "-p", "mesh-agent"])?;
+    let agent = util::workspace_root()?.join("target/debug/mesh-agent");
+    util::step("running unit and end-to-end tests");
+    let mut args = vec!["test", "--workspace"];
+    if let Some(f) = filter {
+        args.push(f);
+    }
+    args.extend(["--", "--test-threads=2"]);
+    util::cargo_with_env(&args, &[("MESH_AGENT_BIN", agent.as_os_str())])
+}

@@ -1,0 +1,112 @@
+//! `cargo xtask setup`: nightly's rust-src, bpf-linker built against nightly's own libLLVM,
+//! and the Debian packages the tests, demo and benchmarks use. Each step checks first and
+//! does nothing when already done.
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::util::{cargo_bin_dir, output, path_with_cargo_bin, step};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages: iproute2 (ip), bpftool (checks that nothing is left attached), curl
+/// (the HTTP client in tests and demo).
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "bpftool", "curl"];
+
+pub fn run() -> anyhow::Result<()> {
+    debian_packages()?;
+    rust_src()?;
+    bpf_linker()?;
+    Ok(())
+}
+
+fn debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| !String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(true)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!("installing Debian packages: {}", missing.join(" ")));
+    let status = Command::new("apt-get").args(["update", "-qq"]).status().context("running apt-get update")?;
+    if !status.success() {
+        bail!("apt-get update failed (are you root?)");
+    }
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get install")?;
+    if !status.success() {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+fn nightly_sysroot() -> anyhow::Result<PathBuf> {
+    let sysroot = output("rustc", &["+nightly", "--print", "sysroot"])
+        .context("the nightly toolchain is needed to build the eBPF programs")?;
+    Ok(PathBuf::from(sysroot.trim()))
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let sysroot = nightly_sysroot()?;
+    if sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        return Ok(());
+    }
+    step("adding rust-src to the nightly toolchain");
+    output("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])?;
+    Ok(())
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let installed = cargo_bin_dir().join("bpf-linker");
+    if let Ok(out) = Command::new(&installed).arg("--version").output() {
+        if out.status.success() && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION) {
+            return Ok(());
+        }
+    }
+    step(&format!("building bpf-linker {BPF_LINKER_VERSION} against nightly's libLLVM (about a minute)"));
+    let sysroot = nightly_sysroot()?;
+    let lib = sysroot.join("lib");
+    // Nightly ships libLLVM under a versioned soname only; bpf-linker's build wants
+    // libLLVM.so in $LLVM_PREFIX/lib.
+    let llvm = std::fs::read_dir(&lib)
+        .with_context(|| format!("listing {}", lib.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so")))
+        })
+        .with_context(|| format!("no libLLVM in {}", lib.display()))?;
+    let prefix = std::env::temp_dir().join("trellis-llvm-prefix");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&llvm, &link).context("linking libLLVM.so")?;
+    let root = cargo_bin_dir().parent().map(PathBuf::from).context("cargo home")?;
+    let status = Command::new("cargo")
+        .args(["+nightly", "install", "bpf-linker", "--locked", "--force", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", "llvm-22", "--root"])
+        .arg(&root)
+        .env("LLVM_PREFIX", &prefix)
+        // The binary finds nightly's libLLVM at run time through its rpath.
+        .env("RUSTFLAGS", format!("-C link-arg=-Wl,-rpath,{}", lib.display()))
+        .env("PATH", path_with_cargo_bin())
+        .status()
+        .context("running cargo install bpf-linker")?;
+    if !status.success() {
+        bail!("building bpf-linker failed");
+    }
+    Ok(())
+}
