@@ -11,10 +11,12 @@
 //! fails a test with a clear message when they are missing, never skips it.
 pub mod agent;
 pub mod node;
+pub mod process;
 pub mod wait;
 
 pub use agent::{Agent, agent_binary};
 pub use node::{Node, Pod};
+pub use process::Background;
 pub use wait::wait_until;
 
 use anyhow::{Context as _, bail};
