@@ -336,3 +336,25 @@ fn sigterm_detaches_everything() -> anyhow::Result<()> {
     ensure!(code == 200 && seen_peer(&body)?.ip() == t.client.ip, "{code} {body}");
     Ok(())
 }
+
+#[test]
+fn a_dual_stack_socket_dialling_an_ipv4_pod_is_captured() -> anyhow::Result<()> {
+    let t = two_pods()?;
+    let _server = http_server(&t.server, APP_PORT)?;
+    let mut agent = Agent::start("dualstack", &config(&t, true, true))?;
+    wait_enrolled(&mut agent, "client")?;
+    let script = format!(
+        "import socket\ns = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\ns.settimeout(20)\ns.connect(('::ffff:{ip}', {APP_PORT}))\nprint('%s:%d' % s.getpeername()[:2])\ns.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\nprint(s.recv(4096).decode().split('\\r\\n')[-1].strip())\n",
+        ip = t.server.ip
+    );
+    let out = t.client.command("python3")?.args(["-c", &script]).output()?;
+    ensure!(out.status.success(), "python client failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    ensure!(lines.next() == Some(format!("::ffff:{}:{APP_PORT}", t.server.ip).as_str()), "getpeername said {text:?}");
+    let body = lines.next().unwrap_or("");
+    ensure!(seen_peer(body)?.ip() == t.client.ip, "server saw {body:?}");
+    let out = agent.wait_for_event("outbound connection log", |e| is_connection(e) && field(e, "direction") == "outbound")?;
+    ensure!(field(&out, "dst.original") == format!("{}:{APP_PORT}", t.server.ip), "{out}");
+    Ok(())
+}
