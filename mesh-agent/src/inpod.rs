@@ -18,7 +18,11 @@ use std::{
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::Command,
-    sync::mpsc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     thread,
 };
 
@@ -34,11 +38,57 @@ const REPLY_RULE_PRIORITY: &str = "15006";
 /// The kernel's `SO_NETNS_COOKIE` (not in every libc crate yet).
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
+/// IPv4 sockets kept ready per pod, so that a new connection does not wait for a round trip
+/// to the netns thread. Refilled by the thread when it falls to half.
+const POOL_TARGET: usize = 32;
+
 enum Request {
     Socket {
         domain: Domain,
         reply: oneshot::Sender<io::Result<Socket>>,
     },
+    /// Top the IPv4 socket pool up to [`POOL_TARGET`].
+    Refill,
+}
+
+/// Pre-created IPv4 TCP sockets of one pod's namespace.
+#[derive(Default)]
+struct SocketPool {
+    sockets: Mutex<Vec<Socket>>,
+    refill_requested: AtomicBool,
+}
+
+impl SocketPool {
+    fn fill(&self) {
+        let missing = POOL_TARGET.saturating_sub(self.len());
+        let mut fresh = Vec::with_capacity(missing);
+        for _ in 0..missing {
+            match new_tcp_socket(Domain::IPV4) {
+                Ok(s) => fresh.push(s),
+                Err(e) => {
+                    warn!(error = %e, "could not pre-create a pod socket");
+                    break;
+                }
+            }
+        }
+        if let Ok(mut pool) = self.sockets.lock() {
+            pool.extend(fresh);
+        }
+        self.refill_requested.store(false, Ordering::Release);
+    }
+
+    fn len(&self) -> usize {
+        self.sockets.lock().map(|p| p.len()).unwrap_or(0)
+    }
+
+    fn take(&self) -> (Option<Socket>, bool) {
+        let Ok(mut pool) = self.sockets.lock() else {
+            return (None, false);
+        };
+        let socket = pool.pop();
+        let low = pool.len() < POOL_TARGET / 2;
+        (socket, low)
+    }
 }
 
 /// A thread living in one pod's network namespace. Cloning shares the thread; it exits and
@@ -46,6 +96,7 @@ enum Request {
 #[derive(Clone)]
 pub struct PodNetns {
     requests: mpsc::Sender<Request>,
+    pool: Arc<SocketPool>,
     netns_cookie: u64,
 }
 
@@ -58,9 +109,11 @@ impl PodNetns {
         let (requests, inbox) = mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<anyhow::Result<u64>>(1);
         let path = netns_path.to_path_buf();
+        let pool = Arc::new(SocketPool::default());
+        let thread_pool = pool.clone();
         let handle = thread::Builder::new()
             .name(format!("netns-{pod_name}"))
-            .spawn(move || netns_thread(netns, path, inbox, ready_tx))
+            .spawn(move || netns_thread(netns, path, inbox, thread_pool, ready_tx))
             .context("spawning the pod netns thread")?;
         let netns_cookie = match ready_rx.recv() {
             Ok(Ok(cookie)) => cookie,
@@ -73,6 +126,7 @@ impl PodNetns {
         Ok((
             Self {
                 requests,
+                pool,
                 netns_cookie,
             },
             handle,
@@ -86,6 +140,15 @@ impl PodNetns {
 
     /// A new non-blocking TCP socket in the pod's namespace.
     pub async fn socket(&self, domain: Domain) -> io::Result<Socket> {
+        if domain == Domain::IPV4 {
+            let (socket, low) = self.pool.take();
+            if low && !self.pool.refill_requested.swap(true, Ordering::AcqRel) {
+                let _ = self.requests.send(Request::Refill);
+            }
+            if let Some(socket) = socket {
+                return Ok(socket);
+            }
+        }
         let (reply, answer) = oneshot::channel();
         self.requests
             .send(Request::Socket { domain, reply })
@@ -109,6 +172,7 @@ fn netns_thread(
     netns: File,
     path: PathBuf,
     inbox: mpsc::Receiver<Request>,
+    pool: Arc<SocketPool>,
     ready: mpsc::SyncSender<anyhow::Result<u64>>,
 ) {
     let started = (|| -> anyhow::Result<u64> {
@@ -125,16 +189,23 @@ fn netns_thread(
     if !ok {
         return;
     }
+    pool.fill();
     while let Ok(request) = inbox.recv() {
         match request {
             Request::Socket { domain, reply } => {
-                let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP));
-                let _ = reply.send(socket);
+                let _ = reply.send(new_tcp_socket(domain));
             }
+            Request::Refill => pool.fill(),
         }
     }
+    drop(pool);
     remove_reply_route();
     debug!(netns = %path.display(), "pod netns thread finished");
+}
+
+/// A non-blocking TCP socket in the calling thread's network namespace.
+fn new_tcp_socket(domain: Domain) -> io::Result<Socket> {
+    Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))
 }
 
 fn netns_cookie() -> io::Result<u64> {

@@ -142,5 +142,13 @@ async fn run(config_path: &Path) -> anyhow::Result<Vec<std::thread::JoinHandle<(
             }
         }
     }
+    let counters: Vec<String> = inputs
+        .maps
+        .counters()
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with("unused"))
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    info!(counters = %counters.join(" "), "eBPF counters");
     Ok(enrolment.shutdown())
 }
