@@ -139,6 +139,40 @@ impl Node {
     }
 }
 
+/// The veth pair between two linked nodes (the "node network"). Removing either node's
+/// namespace removes it.
+#[derive(Clone, Debug)]
+pub struct NodeLink {
+    /// Address of the first node on the link.
+    pub a: Ipv4Addr,
+    /// Address of the second node on the link.
+    pub b: Ipv4Addr,
+    /// Interface name of the link inside each node namespace (for packet captures).
+    pub interface: String,
+}
+
+impl Node {
+    /// Connects two nodes with a veth and routes each node's pod subnet through the other,
+    /// so pods on `self` and `other` reach each other across the link.
+    pub fn link(&self, other: &Node) -> anyhow::Result<NodeLink> {
+        let a = Ipv4Addr::new(169, 254, self.subnet[2], 1);
+        let b = Ipv4Addr::new(169, 254, self.subnet[2], 2);
+        let interface = "nodelink".to_string();
+        run(
+            "ip",
+            &["link", "add", &interface, "netns", &self.netns, "type", "veth", "peer", "name", &interface, "netns", &other.netns],
+        )?;
+        for (node, mine, theirs, remote_subnet) in [(self, a, b, other.subnet), (other, b, a, self.subnet)] {
+            node.ip_in_node(&["addr", "add", &format!("{mine}/30"), "dev", &interface])?;
+            node.ip_in_node(&["link", "set", &interface, "up"])?;
+            let subnet = format!("{}.{}.{}.0/24", remote_subnet[0], remote_subnet[1], remote_subnet[2]);
+            node.ip_in_node(&["route", "add", &subnet, "via", &theirs.to_string()])?;
+            run("ip", &["netns", "exec", &node.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        }
+        Ok(NodeLink { a, b, interface })
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         remove_cgroup_tree(&self.cgroup_dir);
