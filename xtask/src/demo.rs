@@ -44,8 +44,8 @@ const APP_PORT: u16 = 8080;
 const NAMESPACE: &str = "shop";
 /// Node name in the agent's config.
 const NODE_NAME: &str = "demo-node";
-/// Width the story is wrapped to.
-const WIDTH: usize = 92;
+/// Width the story is wrapped to when stdout is not a terminal.
+const DEFAULT_WIDTH: usize = 92;
 /// Label column of the story's per-connection lines.
 const LABEL: usize = 10;
 /// How long a server may take to start listening.
@@ -91,8 +91,7 @@ extern "C" fn on_sigint(_: libc::c_int) {
 
 /// Builds the agent (with its eBPF programs) and the test binaries (peer-echo).
 fn build() -> anyhow::Result<()> {
-    util::step("building mesh-agent with its eBPF programs, and the demo's peer-echo server");
-    util::step("(the first build compiles the eBPF programs with nightly and takes a few minutes)");
+    util::step("building mesh-agent with its eBPF programs, and the peer-echo server (a few minutes the first time)");
     // Cargo draws its own progress bar on a terminal; when the output goes to a file or a CI
     // log it can stay silent for minutes, so say that it is still working.
     // SAFETY: isatty has no preconditions.
@@ -112,7 +111,7 @@ fn build() -> anyhow::Result<()> {
             }
         })
     });
-    let result = util::cargo(&["build", "-p", "mesh-agent", "-p", "mesh-tests", "--bin", "mesh-agent", "--bin", "peer-echo"]);
+    let result = util::cargo(&["build", "-p", "mesh-agent", "-p", "mesh-tests"]);
     done.store(true, Ordering::Relaxed);
     if let Some(h) = heartbeat {
         h.thread().unpark();
@@ -224,8 +223,16 @@ fn curl(pod: &Pod, url: &str) -> anyhow::Result<CurlResult> {
     })
 }
 
-/// Ids of the `mesh_*` programs in the kernel, with the processes holding each.
-fn mesh_programs() -> anyhow::Result<Vec<(u64, String, Vec<(u64, String)>)>> {
+/// A `mesh_*` eBPF program in the kernel, as `bpftool prog show` lists it.
+struct MeshProgram {
+    id: u64,
+    name: String,
+    /// (pid, command) of the processes holding it, when bpftool can tell.
+    holders: Vec<(u64, String)>,
+}
+
+/// The `mesh_*` programs in the kernel.
+fn mesh_programs() -> anyhow::Result<Vec<MeshProgram>> {
     let text = util::output("bpftool", &["prog", "show", "--json"])?;
     let progs: Value = serde_json::from_str(&text).context("parsing `bpftool prog show --json`")?;
     Ok(progs
@@ -243,7 +250,11 @@ fn mesh_programs() -> anyhow::Result<Vec<(u64, String, Vec<(u64, String)>)>> {
                 .iter()
                 .map(|h| (number(h, "pid").unwrap_or(0), field(h, "comm").to_string()))
                 .collect();
-            (number(p, "id").unwrap_or(0), field(p, "name").to_string(), holders)
+            MeshProgram {
+                id: number(p, "id").unwrap_or(0),
+                name: field(p, "name").to_string(),
+                holders,
+            }
         })
         .collect())
 }
@@ -253,7 +264,7 @@ fn agent_alive(agent: &Agent) -> bool {
     let Some(pid) = agent.pid() else { return false };
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next() != Some('Z')))
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')))
         .unwrap_or(false)
 }
 
@@ -317,8 +328,21 @@ fn bytes(n: u64) -> String {
     }
 }
 
-/// Prints `text` wrapped to [`WIDTH`], with `label` in a column of its own.
+/// The terminal's width (within reason), else [`DEFAULT_WIDTH`].
+fn width() -> usize {
+    // SAFETY: TIOCGWINSZ fills the winsize it is given; isatty has no preconditions.
+    unsafe {
+        let mut ws: libc::winsize = std::mem::zeroed();
+        if libc::isatty(1) == 1 && libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_col > 0 {
+            return usize::from(ws.ws_col).clamp(72, 100);
+        }
+    }
+    DEFAULT_WIDTH
+}
+
+/// Prints `text` wrapped to the [`width`], with `label` in a column of its own.
 fn say(label: &str, text: &str) {
+    let width = width();
     let indent = 3 + LABEL;
     let mut line = String::new();
     let mut label = label;
@@ -328,7 +352,7 @@ fn say(label: &str, text: &str) {
         *label = "";
     };
     for word in text.split_whitespace() {
-        if !line.is_empty() && indent + line.len() + 1 + word.len() > WIDTH {
+        if !line.is_empty() && indent + line.len() + 1 + word.len() > width {
             flush(&mut line, &mut label);
         }
         if !line.is_empty() {
@@ -341,11 +365,12 @@ fn say(label: &str, text: &str) {
     }
 }
 
-/// Prints a paragraph wrapped to [`WIDTH`] with a small indent.
+/// Prints a paragraph wrapped to the [`width`] with a small indent.
 fn para(text: &str) {
+    let width = width();
     let mut line = String::new();
     for word in text.split_whitespace() {
-        if !line.is_empty() && 1 + line.len() + 1 + word.len() > WIDTH {
+        if !line.is_empty() && 1 + line.len() + 1 + word.len() > width {
             println!(" {line}");
             line.clear();
         }
@@ -369,6 +394,8 @@ fn header(title: &str) {
 struct Demo {
     problems: Vec<String>,
     connections: usize,
+    /// Whether the story has said why servers see themselves as 127.0.0.1.
+    loopback_explained: bool,
 }
 
 /// One request the demo sends, and which of the agent's sides should catch it.
@@ -385,6 +412,7 @@ impl Demo {
         Self {
             problems: Vec::new(),
             connections: 0,
+            loopback_explained: false,
         }
     }
 
@@ -418,7 +446,7 @@ impl Demo {
         let config = |frontend_entry: String| {
             config_doc(NODE_NAME, &[frontend_entry, backend.entry(true), legacy.entry(false)])
         };
-        let programs_before: BTreeSet<u64> = mesh_programs()?.into_iter().map(|(id, ..)| id).collect();
+        let programs_before: BTreeSet<u64> = mesh_programs()?.into_iter().map(|p| p.id).collect();
         util::step("starting mesh-agent with frontend and backend enrolled");
         let mut agent = Agent::start("demo", &config(frontend.entry(true)))?;
         let agent_pid = agent.pid().context("the agent is not running")?;
@@ -426,14 +454,14 @@ impl Demo {
         // with that support), else whatever appeared since it started.
         let ours: BTreeSet<u64> = mesh_programs()?
             .into_iter()
-            .filter(|(id, _, holders)| {
-                if holders.is_empty() {
-                    !programs_before.contains(id)
+            .filter(|p| {
+                if p.holders.is_empty() {
+                    !programs_before.contains(&p.id)
                 } else {
-                    holders.iter().any(|(pid, _)| *pid == u64::from(agent_pid))
+                    p.holders.iter().any(|(pid, _)| *pid == u64::from(agent_pid))
                 }
             })
-            .map(|(id, ..)| id)
+            .map(|p| p.id)
             .collect();
 
         self.introduce(&node, [&frontend, &backend, &legacy], &agent, agent_pid, ours.len());
@@ -527,7 +555,6 @@ impl Demo {
             .count();
         self.check(late == 0, || format!("{late} outbound connection(s) from frontend were captured after it was unenrolled"));
 
-        let _ = std::fs::copy(&agent.log_path, "/tmp/demo-agent.log"); // TEMP
         header("Teardown");
         util::step("stopping the agent (SIGTERM)");
         let status = agent.terminate()?;
@@ -558,7 +585,7 @@ impl Demo {
         // Freeing programs is asynchronous in the kernel: wait for ours to go.
         let left = wait_until("the agent's eBPF programs to be freed", AGENT_DEADLINE, || {
             let progs = mesh_programs().ok()?;
-            progs.iter().all(|(id, ..)| !ours.contains(id)).then_some(progs)
+            progs.iter().all(|p| !ours.contains(&p.id)).then_some(progs)
         });
         let result = match left {
             Ok(progs) if progs.is_empty() => {
@@ -568,7 +595,7 @@ impl Demo {
             Ok(progs) => {
                 let holders: BTreeSet<String> = progs
                     .iter()
-                    .flat_map(|(_, _, h)| h.iter().map(|(pid, comm)| format!("{comm} pid {pid}")))
+                    .flat_map(|p| p.holders.iter().map(|(pid, comm)| format!("{comm} pid {pid}")))
                     .collect();
                 let holders = if holders.is_empty() { "no process".to_string() } else { holders.into_iter().collect::<Vec<_>>().join(", ") };
                 println!(
@@ -582,8 +609,8 @@ impl Demo {
                 let remaining = mesh_programs().unwrap_or_default();
                 let names: Vec<String> = remaining
                     .iter()
-                    .filter(|(id, ..)| ours.contains(id))
-                    .map(|(id, name, _)| format!("{name} (id {id})"))
+                    .filter(|p| ours.contains(&p.id))
+                    .map(|p| format!("{} (id {})", p.name, p.id))
                     .collect();
                 println!("bpftool prog show: the agent's programs are still loaded: {}", names.join(", "));
                 Err(e.context("the agent's eBPF programs outlived it"))
@@ -608,7 +635,7 @@ impl Demo {
             node.gateway(),
         ));
         println!();
-        println!("   {:<10}{:<15}{:<9}{}", "pod", "address", "mesh", "identity (from the agent's \"pod enrolled\" log)");
+        println!("   {:<10}{:<15}{:<9}identity (agent's \"pod enrolled\" log)", "pod", "address", "mesh");
         for p in pods {
             let event = enrolled.iter().find(|e| short(field(e, "pod")) == p.name());
             let (mesh, identity) = match event {
@@ -654,12 +681,12 @@ impl Demo {
         let got = curl(&x.client.pod, &url).with_context(|| format!("sending {}", x.title))?;
         let redirected = got.local.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST);
         say("curl", &format!(
-            "in {}: GET {url} -> HTTP {} in {}; its socket's local end was {} ({})",
+            "in {}: GET {url} -> HTTP {} in {}; its socket's local end: {}, {}",
             x.client.name(),
             got.status,
             millis((got.seconds * 1000.0) as u64),
             got.local,
-            if redirected { "connect() was steered to the agent" } else { "a direct connection" },
+            if redirected { "so connect() was steered to the agent" } else { "a direct connection" },
         ));
         self.check(got.status == 200, || format!("{} got HTTP {}", x.title, got.status));
         self.check(redirected == x.outbound_captured, || {
@@ -693,17 +720,16 @@ impl Demo {
                 pod => format!("{pod}, outside the mesh"),
             };
             say("outbound", &format!(
-                "{} ({}) connected to {} ({dst}); the agent's outbound side in {}'s pod caught it, dialled that address from {}'s own IP and relayed {}",
+                "{} ({}) connected to {} ({dst}); the agent's outbound side in {}'s pod caught it and relayed {}",
                 short(field(&e, "src.pod")),
                 field(&e, "src.identity"),
                 field(&e, "dst.original"),
-                x.client.name(),
                 x.client.name(),
                 traffic(&e),
             ));
             self.check(field(&e, "error").is_empty(), || format!("outbound relay for {} ended with {}", x.title, field(&e, "error")));
         } else {
-            say("outbound", &format!("nothing caught it: {} is not enrolled, so its connect() went straight out", x.client.name()));
+            say("outbound", &format!("not caught: {} is not enrolled, its connect() went straight out", x.client.name()));
         }
         if x.inbound_captured {
             let e = events.next().context("inbound event")?;
@@ -714,14 +740,14 @@ impl Demo {
                 pod => format!("{src_ip}, {pod}, not enrolled"),
             };
             say("inbound", &format!(
-                "{}'s inbound side caught it{} on arrival (from {from}) and handed it to the app on :{APP_PORT} as {src_ip}; relayed {}",
+                "{}'s inbound side caught it{} (from {from}) and relayed {} to the app on :{APP_PORT}",
                 x.server.name(),
                 if x.outbound_captured { " again" } else { "" },
                 traffic(&e),
             ));
             self.check(field(&e, "error").is_empty(), || format!("inbound relay for {} ended with {}", x.title, field(&e, "error")));
         } else {
-            say("inbound", &format!("nothing caught it: {} is not enrolled, so nothing waits for it there", x.server.name()));
+            say("inbound", &format!("not caught: {} is not enrolled, the connection went straight to the app", x.server.name()));
         }
 
         // peer-echo's answer: "peer=IP:PORT local=IP:PORT".
@@ -738,8 +764,13 @@ impl Demo {
                     "peer-echo in {} saw the client as {peer}{}{}",
                     x.server.name(),
                     if real { format!(": {}'s real address", x.client.name()) } else { format!(", not {}'s address {client_ip}!", x.client.name()) },
-                    if local.ip().is_loopback() { format!(" (and itself as {local}: the agent hands connections over inside the pod)") } else { String::new() },
+                    if local.ip().is_loopback() && !self.loopback_explained {
+                        format!(" (and itself as {local}: the agent hands connections to the app over the pod's loopback)")
+                    } else {
+                        String::new()
+                    },
                 ));
+                self.loopback_explained |= local.ip().is_loopback();
                 self.check(real, || format!("{} saw {} instead of {client_ip}", x.server.name(), peer.ip()));
             }
             _ => {
