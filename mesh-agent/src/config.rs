@@ -12,6 +12,18 @@
 //!     cgroup: /sys/fs/cgroup/unified/pods/client
 //!     labels: {app: client}
 //!     enrolled: true               # optional, default true
+//!   - name: server                 # a pod on another node: no netns/cgroup needed;
+//!     namespace: default           # traffic to it goes over HBONE (mTLS) when enrolled
+//!     ip: 10.62.0.2
+//!     node: node-2
+//! identity:                        # optional; read at start-up
+//!   certificateLifetime: 24h       # SVID lifetime (s, m, h suffixes)
+//!   rotateAt: 0.5                  # rotate after this fraction of the lifetime
+//!   ca:                            # optional: operator-provided signing CA (Istio plug-in
+//!     certChain: /etc/trellis/ca-cert.pem   # CA style); default: a local CA in --state-dir
+//!     key: /etc/trellis/ca-key.pem
+//!     rootBundle: /etc/trellis/root-cert.pem
+//! authorizationPolicies: []        # see policy.rs
 //! ```
 //!
 //! Every error names the offending field (`pods[1].ip`, ...), so an operator can fix the file
@@ -24,7 +36,9 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::state::{Identity, Mesh, PodKey, Workload};
+use std::time::Duration;
+
+use crate::state::{Identity, IdentitySettings, Mesh, PluginCa, PodKey, Workload};
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
@@ -53,6 +67,29 @@ struct FileConfig {
     trust_domain: Option<String>,
     #[serde(default)]
     pods: Vec<FilePod>,
+    #[serde(default)]
+    identity: Option<FileIdentity>,
+    #[serde(default)]
+    authorization_policies: Vec<crate::policy::FilePolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FileIdentity {
+    #[serde(default)]
+    certificate_lifetime: Option<String>,
+    #[serde(default)]
+    rotate_at: Option<f64>,
+    #[serde(default)]
+    ca: Option<FileCa>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FileCa {
+    cert_chain: PathBuf,
+    key: PathBuf,
+    root_bundle: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -63,8 +100,13 @@ struct FilePod {
     #[serde(default)]
     service_account: Option<String>,
     ip: String,
-    netns: PathBuf,
-    cgroup: PathBuf,
+    /// The node the pod runs on; default: this node.
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(default)]
+    netns: Option<PathBuf>,
+    #[serde(default)]
+    cgroup: Option<PathBuf>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
     #[serde(default = "default_true")]
@@ -102,7 +144,8 @@ fn yaml_error(e: serde_yaml::Error) -> ConfigError {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -145,10 +188,9 @@ fn validate(file: FileConfig) -> Result<Mesh, ConfigError> {
                 format!("{service_account:?} is not a DNS-1123 label"),
             ));
         }
-        let ip: IpAddr = pod
-            .ip
-            .parse()
-            .map_err(|_| ConfigError::new(at("ip"), format!("{:?} is not an IP address", pod.ip)))?;
+        let ip: IpAddr = pod.ip.parse().map_err(|_| {
+            ConfigError::new(at("ip"), format!("{:?} is not an IP address", pod.ip))
+        })?;
         if !ip.is_ipv4() {
             return Err(ConfigError::new(
                 at("ip"),
@@ -156,37 +198,56 @@ fn validate(file: FileConfig) -> Result<Mesh, ConfigError> {
             ));
         }
         if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
-            return Err(ConfigError::new(at("ip"), format!("{ip} cannot be a pod address")));
+            return Err(ConfigError::new(
+                at("ip"),
+                format!("{ip} cannot be a pod address"),
+            ));
         }
         let key = PodKey {
             namespace: pod.namespace.clone(),
             name: pod.name.clone(),
         };
         if pods.contains_key(&key) {
-            return Err(ConfigError::new(at("name"), format!("pod {key} is listed twice")));
+            return Err(ConfigError::new(
+                at("name"),
+                format!("pod {key} is listed twice"),
+            ));
         }
         if let Some(other) = owner_of_ip.insert(ip, key.clone()) {
-            return Err(ConfigError::new(at("ip"), format!("{ip} is already the address of pod {other}")));
+            return Err(ConfigError::new(
+                at("ip"),
+                format!("{ip} is already the address of pod {other}"),
+            ));
         }
-        if pod.enrolled {
-            // Enrolled pods must point at a real netns and cgroup; an unenrolled pod is only
-            // listed, so its paths are not touched.
-            if !pod.netns.is_file() {
+        let node = pod.node.unwrap_or_else(|| file.node.clone());
+        if !is_dns_label(&node) && !node.split('.').all(is_dns_label) {
+            return Err(ConfigError::new(
+                at("node"),
+                format!("{node:?} is not a node name"),
+            ));
+        }
+        let local = node == file.node;
+        let netns = pod.netns.unwrap_or_default();
+        let cgroup = pod.cgroup.unwrap_or_default();
+        if local && pod.enrolled {
+            // Enrolled pods of this node must point at a real netns and cgroup; an
+            // unenrolled or remote pod is only listed, so its paths are not touched.
+            if !netns.is_file() {
                 return Err(ConfigError::new(
                     at("netns"),
-                    format!("{} is not a network namespace file", pod.netns.display()),
+                    format!("{} is not a network namespace file", netns.display()),
                 ));
             }
-            if !pod.cgroup.join("cgroup.procs").is_file() {
+            if !cgroup.join("cgroup.procs").is_file() {
                 return Err(ConfigError::new(
                     at("cgroup"),
-                    format!("{} is not a cgroup v2 directory", pod.cgroup.display()),
+                    format!("{} is not a cgroup v2 directory", cgroup.display()),
                 ));
             }
-            if let Some(other) = owner_of_netns.insert(pod.netns.clone(), key.clone()) {
+            if let Some(other) = owner_of_netns.insert(netns.clone(), key.clone()) {
                 return Err(ConfigError::new(
                     at("netns"),
-                    format!("{} is already the netns of pod {other}", pod.netns.display()),
+                    format!("{} is already the netns of pod {other}", netns.display()),
                 ));
             }
         }
@@ -201,19 +262,88 @@ fn validate(file: FileConfig) -> Result<Mesh, ConfigError> {
                 key,
                 service_account,
                 ip,
-                netns: pod.netns,
-                cgroup: pod.cgroup,
+                node,
+                netns,
+                cgroup,
                 labels: pod.labels,
                 enrolled: pod.enrolled,
                 identity,
             },
         );
     }
+    let identity = validate_identity(file.identity)?;
+    let policies = crate::policy::validate(file.authorization_policies)?;
     Ok(Mesh {
         node: file.node,
         trust_domain,
         pods,
+        identity,
+        policies,
     })
+}
+
+/// Parses "90s", "15m", "24h" or a plain number of seconds.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let value: f64 = number.parse().ok()?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return None,
+    };
+    (seconds.is_finite() && seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
+}
+
+fn validate_identity(file: Option<FileIdentity>) -> Result<IdentitySettings, ConfigError> {
+    let mut settings = IdentitySettings::default();
+    let Some(file) = file else {
+        return Ok(settings);
+    };
+    if let Some(text) = file.certificate_lifetime {
+        settings.certificate_lifetime = parse_duration(&text)
+            .filter(|d| *d >= Duration::from_secs(2))
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "identity.certificateLifetime",
+                    format!("{text:?} is not a duration of at least 2s (like 90s, 15m, 24h)"),
+                )
+            })?;
+    }
+    if let Some(fraction) = file.rotate_at {
+        if !(0.1..=0.9).contains(&fraction) {
+            return Err(ConfigError::new(
+                "identity.rotateAt",
+                format!("{fraction} is not a fraction between 0.1 and 0.9 of the lifetime"),
+            ));
+        }
+        settings.rotate_at = fraction;
+    }
+    if let Some(ca) = file.ca {
+        for (field, path) in [
+            ("certChain", &ca.cert_chain),
+            ("key", &ca.key),
+            ("rootBundle", &ca.root_bundle),
+        ] {
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    format!("identity.ca.{field}"),
+                    format!("{} is not a file", path.display()),
+                ));
+            }
+        }
+        settings.ca = Some(PluginCa {
+            cert_chain: ca.cert_chain,
+            key: ca.key,
+            root_bundle: ca.root_bundle,
+        });
+    }
+    Ok(settings)
 }
 
 #[cfg(test)]
@@ -298,6 +428,34 @@ mod tests {
     fn missing_node_is_reported() {
         let err = parse("pods: []\n").unwrap_err();
         assert!(err.to_string().contains("node"), "{err}");
+    }
+
+    #[test]
+    fn identity_settings_are_validated() {
+        let mesh =
+            parse("node: n\nidentity: {certificateLifetime: 90s, rotateAt: 0.5}\n").expect("valid");
+        assert_eq!(mesh.identity.certificate_lifetime, Duration::from_secs(90));
+        let err = parse("node: n\nidentity: {certificateLifetime: soon}\n").unwrap_err();
+        assert_eq!(err.field, "identity.certificateLifetime");
+        let err = parse("node: n\nidentity: {rotateAt: 1.5}\n").unwrap_err();
+        assert_eq!(err.field, "identity.rotateAt");
+        let err =
+            parse("node: n\nidentity: {ca: {certChain: /nope, key: /nope, rootBundle: /nope}}\n")
+                .unwrap_err();
+        assert_eq!(err.field, "identity.ca.certChain");
+        assert_eq!(parse_duration("24h"), Some(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
+        assert_eq!(parse_duration("0s"), None);
+    }
+
+    #[test]
+    fn remote_pods_need_no_netns() {
+        let text = "node: n1\npods:\n  - {name: b, namespace: shop, ip: 10.0.1.2, node: n2}\n";
+        let mesh = parse(text).expect("valid");
+        let pod = mesh.pods.values().next().expect("pod");
+        assert_eq!(pod.node, "n2");
+        assert!(pod.enrolled);
+        assert!(!pod.is_on(&mesh.node));
     }
 
     #[test]

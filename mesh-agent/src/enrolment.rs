@@ -4,22 +4,29 @@
 //! their accept loops, then attach the eBPF programs (capture starts last, when everything
 //! that serves it is in place). Unenrolling runs the same steps backwards; connections
 //! already being relayed are left to finish.
-use std::{collections::BTreeMap, fs::File, net::SocketAddr, sync::Arc, thread::JoinHandle};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fs::File,
+    net::SocketAddr,
+    sync::Arc,
+    thread::JoinHandle,
+};
 
 use anyhow::Context as _;
-use mesh_common::{INBOUND_PORT, OUTBOUND_PORT};
+use mesh_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use tokio::task::AbortHandle;
 use tracing::{error, info};
 
 use crate::{
     inpod::PodNetns,
-    proxy::{self, Direction, PodContext, ProxyInputs},
+    proxy::{self, PodContext, ProxyInputs},
     redirect::{PodAttachment, Redirector},
     state::{Mesh, PodKey, Workload},
 };
 
 struct EnrolledPod {
     workload: Workload,
+    context: Arc<PodContext>,
     // Declared first so that it is dropped (programs detached) before the listeners close.
     attachment: Option<PodAttachment>,
     accept_loops: Vec<AbortHandle>,
@@ -50,7 +57,8 @@ impl Enrolment {
     /// Enrols and unenrols pods until the enrolled set matches `mesh`. A pod that fails to
     /// enrol is logged and skipped; the others are unaffected.
     pub async fn apply(&mut self, mesh: &Mesh) {
-        let wanted: BTreeMap<&PodKey, &Workload> = mesh.enrolled().map(|w| (&w.key, w)).collect();
+        let wanted: BTreeMap<&PodKey, &Workload> =
+            mesh.enrolled_here().map(|w| (&w.key, w)).collect();
         let stale: Vec<PodKey> = self
             .pods
             .iter()
@@ -73,7 +81,26 @@ impl Enrolment {
                 error!(pod = %key, error = format!("{e:#}"), "pod enrolment failed; its traffic is not captured");
             }
         }
+        self.publish();
         self.netns_threads.retain(|t| !t.is_finished());
+    }
+
+    /// Makes the enrolled set visible to the data path, and lets go of certificates and
+    /// pooled connections of identities that no longer have a pod here.
+    fn publish(&self) {
+        let local: HashMap<_, _> = self
+            .pods
+            .values()
+            .map(|p| (p.workload.ip, p.context.clone()))
+            .collect();
+        self.inputs.local_pods.store(Arc::new(local));
+        let held: HashSet<_> = self
+            .pods
+            .values()
+            .map(|p| p.workload.identity.clone())
+            .collect();
+        self.inputs.certs.retain(&held);
+        self.inputs.pool.retain_sources(&held);
     }
 
     async fn enrol(&mut self, workload: &Workload) -> anyhow::Result<()> {
@@ -87,13 +114,23 @@ impl Enrolment {
             .listen(SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT)))
             .await
             .context("opening the inbound listener 0.0.0.0:15006 in the pod")?;
+        let hbone = netns
+            .listen(SocketAddr::from(([0, 0, 0, 0], HBONE_PORT)))
+            .await
+            .context("opening the HBONE listener 0.0.0.0:15008 in the pod")?;
+        // The pod's certificate must exist before anything can be served for it.
+        let cert = self
+            .inputs
+            .certs
+            .ensure(&workload.identity)
+            .with_context(|| format!("issuing a certificate for {}", workload.identity))?;
         let netns_file = File::open(&workload.netns)
             .with_context(|| format!("opening {}", workload.netns.display()))?;
         // Register and attach before the accept loops own the listeners; a failure here
         // drops everything opened so far.
-        let attachment = self
-            .redirector
-            .attach_pod(workload.ip, &workload.cgroup, &netns_file, &inbound)?;
+        let attachment =
+            self.redirector
+                .attach_pod(workload.ip, &workload.cgroup, &netns_file, &inbound)?;
         let links = attachment.link_count();
 
         let pod = Arc::new(PodContext {
@@ -102,22 +139,44 @@ impl Enrolment {
         });
         let inputs = &self.inputs;
         let accept_loops = vec![
-            tokio::spawn(proxy::serve(outbound, Direction::Outbound, pod.clone(), inputs.clone(), proxy::outbound::handle))
-                .abort_handle(),
-            tokio::spawn(proxy::serve(inbound, Direction::Inbound, pod, inputs.clone(), proxy::inbound::handle))
-                .abort_handle(),
+            tokio::spawn(proxy::serve(
+                outbound,
+                "outbound",
+                pod.clone(),
+                inputs.clone(),
+                proxy::outbound::handle,
+            ))
+            .abort_handle(),
+            tokio::spawn(proxy::serve(
+                inbound,
+                "inbound",
+                pod.clone(),
+                inputs.clone(),
+                proxy::inbound_plain::handle,
+            ))
+            .abort_handle(),
+            tokio::spawn(proxy::serve(
+                hbone,
+                "hbone",
+                pod.clone(),
+                inputs.clone(),
+                proxy::inbound_hbone::handle,
+            ))
+            .abort_handle(),
         ];
         info!(
             pod = %workload.key,
             identity = %workload.identity,
             ip = %workload.ip,
             bpf_links = links,
+            cert_expires_in_s = cert.seconds_to_expiry() as u64,
             "pod enrolled"
         );
         self.pods.insert(
             workload.key.clone(),
             EnrolledPod {
                 workload: workload.clone(),
+                context: pod,
                 attachment: Some(attachment),
                 accept_loops,
             },
@@ -146,6 +205,7 @@ impl Enrolment {
         for key in keys {
             self.unenrol(&key);
         }
+        self.publish();
         drop(self.redirector);
         std::mem::take(&mut self.netns_threads)
     }

@@ -103,7 +103,10 @@ pub struct PodNetns {
 impl PodNetns {
     /// Starts the thread for the namespace at `netns_path`, installs the reply route, and
     /// returns once the thread is inside the namespace.
-    pub fn enter(netns_path: &Path, pod_name: &str) -> anyhow::Result<(Self, thread::JoinHandle<()>)> {
+    pub fn enter(
+        netns_path: &Path,
+        pod_name: &str,
+    ) -> anyhow::Result<(Self, thread::JoinHandle<()>)> {
         let netns = File::open(netns_path)
             .with_context(|| format!("opening network namespace {}", netns_path.display()))?;
         let (requests, inbox) = mpsc::channel::<Request>();
@@ -205,7 +208,11 @@ fn netns_thread(
 
 /// A non-blocking TCP socket in the calling thread's network namespace.
 fn new_tcp_socket(domain: Domain) -> io::Result<Socket> {
-    Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))
+    Socket::new(
+        domain,
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )
 }
 
 fn netns_cookie() -> io::Result<u64> {
@@ -235,17 +242,41 @@ fn ip(args: &[&str]) -> io::Result<std::process::Output> {
 
 fn install_reply_route() -> anyhow::Result<()> {
     remove_reply_route();
-    let out = ip(&["-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", REPLY_ROUTE_TABLE])
-        .context("running `ip route` (is iproute2 installed?)")?;
+    let out = ip(&[
+        "-4",
+        "route",
+        "replace",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        REPLY_ROUTE_TABLE,
+    ])
+    .context("running `ip route` (is iproute2 installed?)")?;
     if !out.status.success() {
-        return Err(anyhow!("ip route: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(anyhow!(
+            "ip route: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     let out = ip(&[
-        "-4", "rule", "add", "from", "127.0.0.0/8", "lookup", REPLY_ROUTE_TABLE, "pref", REPLY_RULE_PRIORITY,
+        "-4",
+        "rule",
+        "add",
+        "from",
+        "127.0.0.0/8",
+        "lookup",
+        REPLY_ROUTE_TABLE,
+        "pref",
+        REPLY_RULE_PRIORITY,
     ])
     .context("running `ip rule`")?;
     if !out.status.success() {
-        return Err(anyhow!("ip rule: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(anyhow!(
+            "ip rule: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     Ok(())
 }

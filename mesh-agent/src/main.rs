@@ -3,10 +3,13 @@
 //! `mesh-agent run --config FILE` serves the pods the file lists (standalone mode).
 mod config;
 mod enrolment;
+mod identity;
 mod inpod;
+mod policy;
 mod proxy;
 mod redirect;
 mod state;
+mod tls;
 
 use std::{
     path::{Path, PathBuf},
@@ -20,7 +23,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::{enrolment::Enrolment, proxy::ProxyInputs, redirect::Redirector};
+use crate::{
+    enrolment::Enrolment,
+    identity::{CertManager, CertificateAuthority},
+    proxy::{ProxyInputs, pool::HbonePool},
+    redirect::Redirector,
+    tls::TlsConfigs,
+};
 
 /// How often the config file is checked for changes.
 const CONFIG_POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -28,7 +37,11 @@ const CONFIG_POLL_INTERVAL: Duration = Duration::from_millis(250);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
-#[command(name = "mesh-agent", version, about = "Trellis node agent: sidecarless mesh data plane")]
+#[command(
+    name = "mesh-agent",
+    version,
+    about = "Trellis node agent: sidecarless mesh data plane"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,6 +60,9 @@ enum Command {
         /// Data-plane worker threads.
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// Where the local CA keeps its root key and certificate (created on first run).
+        #[arg(long, default_value = "/var/lib/trellis")]
+        state_dir: PathBuf,
     },
 }
 
@@ -63,6 +79,7 @@ fn main() -> anyhow::Result<()> {
             config,
             log_format,
             workers,
+            state_dir,
         } => {
             init_logging(log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -71,7 +88,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("building the tokio runtime")?;
-            let threads = runtime.block_on(run(&config))?;
+            let threads = runtime.block_on(run(&config, &state_dir))?;
             // Dropping the runtime drops every relay task, so the pods' netns threads lose
             // their last users and remove their routes.
             runtime.shutdown_timeout(Duration::from_secs(1));
@@ -95,21 +112,59 @@ fn main() -> anyhow::Result<()> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
 
-async fn run(config_path: &Path) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+/// The certificate authority the config asks for: an operator-provided one, or the local CA
+/// in the state directory.
+fn certificate_authority(
+    mesh: &state::Mesh,
+    state_dir: &Path,
+) -> anyhow::Result<CertificateAuthority> {
+    match &mesh.identity.ca {
+        Some(plugin) => {
+            CertificateAuthority::from_files(&plugin.cert_chain, &plugin.key, &plugin.root_bundle)
+                .context("loading the operator-provided CA (identity.ca)")
+        }
+        None => {
+            CertificateAuthority::load_or_create(state_dir, &mesh.trust_domain).with_context(|| {
+                format!(
+                    "loading or creating the local CA in {}",
+                    state_dir.display()
+                )
+            })
+        }
+    }
+}
+
+async fn run(
+    config_path: &Path,
+    state_dir: &Path,
+) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
     let mesh = config::load(config_path)
         .with_context(|| format!("invalid config {}", config_path.display()))?;
     let mut last_config_text = std::fs::read(config_path).unwrap_or_default();
+    let ca = certificate_authority(&mesh, state_dir)?;
+    let certs = CertManager::new(
+        Arc::new(ca),
+        mesh.identity.certificate_lifetime,
+        mesh.identity.rotate_at,
+    );
+    let _rotation = certs.spawn_rotation();
     let (redirector, maps) = Redirector::load()?;
     let inputs = Arc::new(ProxyInputs {
         mesh: ArcSwap::from_pointee(mesh.clone()),
+        local_pods: ArcSwap::default(),
         maps,
+        tls: TlsConfigs::new(certs.clone()),
+        certs,
+        pool: HbonePool::default(),
     });
     let mut enrolment = Enrolment::new(redirector, inputs.clone());
     enrolment.apply(&mesh).await;
@@ -131,6 +186,9 @@ async fn run(config_path: &Path) -> anyhow::Result<Vec<std::thread::JoinHandle<(
                 last_config_text = text;
                 match config::load(config_path) {
                     Ok(mesh) => {
+                        if mesh.identity != inputs.mesh.load().identity {
+                            warn!("identity settings changed; they take effect at the next restart");
+                        }
                         inputs.mesh.store(Arc::new(mesh.clone()));
                         enrolment.apply(&mesh).await;
                         info!(pods = mesh.pods.len(), enrolled = enrolment.enrolled_count(), "config applied");

@@ -18,8 +18,8 @@ use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps,
-        cgroup_sock_addr::CgroupSockAddrLink, sk_lookup::SkLookupLink, sock_ops::SockOpsLink,
+        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, cgroup_sock_addr::CgroupSockAddrLink,
+        sk_lookup::SkLookupLink, sock_ops::SockOpsLink,
     },
 };
 use mesh_common::{FlowKey, InboundKey, OriginalDst, names, stats};
@@ -64,22 +64,28 @@ impl Redirector {
     /// programs' `aya-log` records to `tracing`.
     pub fn load() -> anyhow::Result<(Self, Arc<RedirectMaps>)> {
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object into the kernel")?;
+        let mut ebpf =
+            Ebpf::load(EBPF_OBJECT).context("loading the eBPF object into the kernel")?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => forward_ebpf_logs(logger),
             Err(e) => warn!(error = %e, "eBPF programs' log records will not be shown"),
         }
         for name in CGROUP_SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().with_context(|| format!("verifying program {name}"))?;
+            prog.load()
+                .with_context(|| format!("verifying program {name}"))?;
         }
         let sock_ops: &mut SockOps = program(&mut ebpf, names::PROG_SOCK_OPS)?;
         sock_ops.load().context("verifying program mesh_sock_ops")?;
         let sk_lookup: &mut SkLookup = program(&mut ebpf, names::PROG_SK_LOOKUP)?;
-        sk_lookup.load().context("verifying program mesh_sk_lookup")?;
+        sk_lookup
+            .load()
+            .context("verifying program mesh_sk_lookup")?;
 
-        let inbound_listeners = SockHash::try_from(take_map(&mut ebpf, names::MAP_INBOUND_LISTENERS)?)?;
-        let original_dst = HashMap::try_from(take_map(&mut ebpf, names::MAP_ORIGINAL_DST_BY_FLOW)?)?;
+        let inbound_listeners =
+            SockHash::try_from(take_map(&mut ebpf, names::MAP_INBOUND_LISTENERS)?)?;
+        let original_dst =
+            HashMap::try_from(take_map(&mut ebpf, names::MAP_ORIGINAL_DST_BY_FLOW)?)?;
         let stats = PerCpuArray::try_from(take_map(&mut ebpf, names::MAP_STATS)?)?;
         info!("eBPF programs loaded");
         Ok((
@@ -167,7 +173,6 @@ impl Redirector {
             warn!(error = %e, "removing the pod's inbound listener from the sk_lookup map");
         }
     }
-
 }
 
 impl PodAttachment {
@@ -189,9 +194,12 @@ impl RedirectMaps {
         };
         let dst = self.original_dst.get(&key, 0).ok()?;
         let ip = match dst.family {
-            mesh_common::FAMILY_INET => {
-                IpAddr::V4(Ipv4Addr::new(dst.addr[0], dst.addr[1], dst.addr[2], dst.addr[3]))
-            }
+            mesh_common::FAMILY_INET => IpAddr::V4(Ipv4Addr::new(
+                dst.addr[0],
+                dst.addr[1],
+                dst.addr[2],
+                dst.addr[3],
+            )),
             _ => IpAddr::V6(std::net::Ipv6Addr::from(dst.addr)),
         };
         Some(SocketAddr::new(ip, dst.port))
@@ -243,7 +251,8 @@ fn raise_memlock_limit() {
 fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     tokio::spawn(async move {
         // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd holds it.
-        let registered = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+        let registered =
+            unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
         let mut fd = match registered {
             Ok(fd) => fd,
             Err(e) => {

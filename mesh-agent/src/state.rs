@@ -1,12 +1,7 @@
 //! The typed snapshot of what this node's agent serves: the node, its workloads (pods) and
 //! which of them are enrolled. Sources (today the YAML file, later Kubernetes) build a
 //! [`Mesh`]; the agent validates it as a whole and swaps it in atomically.
-use std::{
-    collections::BTreeMap,
-    fmt,
-    net::IpAddr,
-    path::PathBuf,
-};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
 
 use serde::Serialize;
 
@@ -17,14 +12,50 @@ pub struct Mesh {
     pub node: String,
     /// SPIFFE trust domain of the workload identities.
     pub trust_domain: String,
-    /// Pods scheduled on this node, keyed by [`PodKey`].
+    /// Pods of the mesh, keyed by [`PodKey`]: this node's and (for routing) other nodes'.
     pub pods: BTreeMap<PodKey, Workload>,
+    /// Certificate settings (applied at start-up).
+    pub identity: IdentitySettings,
+    /// L4 authorization policies.
+    pub policies: Vec<crate::policy::AuthorizationPolicy>,
+}
+
+/// How workload certificates are issued and rotated.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct IdentitySettings {
+    pub certificate_lifetime: std::time::Duration,
+    /// Fraction of the lifetime after which a certificate is re-issued.
+    pub rotate_at: f64,
+    /// An operator-provided signing CA; `None` means the local CA in the state directory.
+    pub ca: Option<PluginCa>,
+}
+
+impl Eq for IdentitySettings {}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self {
+            certificate_lifetime: std::time::Duration::from_secs(24 * 3600),
+            rotate_at: 0.5,
+            ca: None,
+        }
+    }
+}
+
+/// Files of an operator-provided signing CA (as Istio's plug-in CA certs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PluginCa {
+    pub cert_chain: PathBuf,
+    pub key: PathBuf,
+    pub root_bundle: PathBuf,
 }
 
 impl Mesh {
-    /// The enrolled pods only.
-    pub fn enrolled(&self) -> impl Iterator<Item = &Workload> {
-        self.pods.values().filter(|w| w.enrolled)
+    /// The enrolled pods of this node.
+    pub fn enrolled_here(&self) -> impl Iterator<Item = &Workload> {
+        self.pods
+            .values()
+            .filter(|w| w.enrolled && w.node == self.node)
     }
 
     /// The pod on this node that owns `ip`, if any.
@@ -52,9 +83,12 @@ pub struct Workload {
     pub key: PodKey,
     pub service_account: String,
     pub ip: IpAddr,
-    /// The pod's network namespace (a bind-mounted nsfs file or `/proc/PID/ns/net`).
+    /// The node the pod runs on.
+    pub node: String,
+    /// The pod's network namespace (a bind-mounted nsfs file or `/proc/PID/ns/net`); empty
+    /// for pods on other nodes.
     pub netns: PathBuf,
-    /// The pod's cgroup v2 directory.
+    /// The pod's cgroup v2 directory; empty for pods on other nodes.
     pub cgroup: PathBuf,
     pub labels: BTreeMap<String, String>,
     /// Whether the mesh captures this pod's traffic.
@@ -64,6 +98,11 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// Whether the pod runs on `node`.
+    pub fn is_on(&self, node: &str) -> bool {
+        self.node == node
+    }
+
     /// True when enrolling `other` instead of `self` needs the pod re-plumbed (new netns,
     /// cgroup or address); label or identity changes do not.
     pub fn plumbing_differs(&self, other: &Workload) -> bool {

@@ -27,7 +27,9 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
             return Ok(candidate);
         }
     }
-    bail!("mesh-agent binary not found; build it (`cargo build -p mesh-agent`) or set MESH_AGENT_BIN")
+    bail!(
+        "mesh-agent binary not found; build it (`cargo build -p mesh-agent`) or set MESH_AGENT_BIN"
+    )
 }
 
 /// A running agent. Killed (SIGKILL) on drop if still running.
@@ -39,10 +41,25 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Writes `config` and starts the agent on it, waiting until it logs "agent ready".
+    /// Writes `config` and starts the agent on it, waiting until it logs "agent ready". The
+    /// agent's local CA lives in its own directory.
     pub fn start(name: &str, config: &str) -> anyhow::Result<Self> {
+        Self::start_with_state_dir(name, config, None)
+    }
+
+    /// Like [`Agent::start`], with the local CA in `state_dir`: agents started on the same
+    /// directory share one trust root, like a fleet.
+    pub fn start_with_state_dir(
+        name: &str,
+        config: &str,
+        state_dir: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        remove_stale_dirs();
         let dir = std::env::temp_dir().join(format!("trellis-{}-{name}", std::process::id()));
         fs::create_dir_all(&dir)?;
+        let state_dir = state_dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.join("state"));
         let config_path = dir.join("agent.yaml");
         let log_path = dir.join("agent.log");
         fs::write(&config_path, config)?;
@@ -50,7 +67,8 @@ impl Agent {
         let child = Command::new(agent_binary()?)
             .args(["run", "--config"])
             .arg(&config_path)
-            .args(["--log-format", "json"])
+            .args(["--log-format", "json", "--state-dir"])
+            .arg(&state_dir)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -82,14 +100,20 @@ impl Agent {
     }
 
     /// Waits until a log event matches; fails with the log if the agent exits or time runs out.
-    pub fn wait_for_event(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    pub fn wait_for_event(
+        &mut self,
+        what: &str,
+        matches: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
         let result = wait_until(what, AGENT_DEADLINE, || {
             if let Some(e) = self.events().into_iter().find(|e| matches(e)) {
                 return Some(Ok(e));
             }
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    return Some(Err(anyhow::anyhow!("agent exited ({status}) before {what}")));
+                    return Some(Err(anyhow::anyhow!(
+                        "agent exited ({status}) before {what}"
+                    )));
                 }
             }
             None
@@ -118,7 +142,9 @@ impl Agent {
         let mut child = self.child.take().context("agent already stopped")?;
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let status = wait_until("the agent to exit after SIGTERM", AGENT_DEADLINE, || child.try_wait().ok().flatten());
+        let status = wait_until("the agent to exit after SIGTERM", AGENT_DEADLINE, || {
+            child.try_wait().ok().flatten()
+        });
         if status.is_err() {
             let _ = child.kill();
             let _ = child.wait();
@@ -142,8 +168,26 @@ impl Drop for Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if !std::thread::panicking() {
-            let _ = fs::remove_dir_all(&self.dir);
+        // The directory (config, log) stays for post-mortems; the next run of the harness
+        // removes it once this process is gone.
+    }
+}
+
+/// Removes agent directories of harness processes that no longer exist.
+fn remove_stale_dirs() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("trellis-") else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(e.path());
         }
     }
 }

@@ -25,14 +25,19 @@ use anyhow::{Context as _, bail};
 pub fn require_privileges() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("end-to-end tests need root (they create network namespaces, cgroups and load eBPF programs); run `cargo xtask test` as root");
+        bail!(
+            "end-to-end tests need root (they create network namespaces, cgroups and load eBPF programs); run `cargo xtask test` as root"
+        );
     }
     node::cgroup2_root().context("end-to-end tests need a cgroup v2 mount")?;
     if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
-        bail!("this kernel exposes no BTF (/sys/kernel/btf/vmlinux); it cannot run the mesh's eBPF programs");
+        bail!(
+            "this kernel exposes no BTF (/sys/kernel/btf/vmlinux); it cannot run the mesh's eBPF programs"
+        );
     }
-    for tool in ["ip", "curl"] {
-        which(tool).with_context(|| format!("`{tool}` is missing; `cargo xtask setup` installs it"))?;
+    for tool in ["ip", "curl", "bpftool", "tcpdump", "python3"] {
+        which(tool)
+            .with_context(|| format!("`{tool}` is missing; `cargo xtask setup` installs it"))?;
     }
     Ok(())
 }

@@ -69,7 +69,11 @@ impl Node {
         let id = format!("{pid}x{n}");
         // 10.A.B.0/24 with A in 64..=127 and B from pid and counter: unique per live node
         // in practice, and only ever routed between namespaces the harness made.
-        let subnet = [10, 64 + (pid % 64) as u8, ((pid / 64) as u8).wrapping_mul(16).wrapping_add(n as u8)];
+        let subnet = [
+            10,
+            64 + (pid % 64) as u8,
+            ((pid / 64) as u8).wrapping_mul(16).wrapping_add(n as u8),
+        ];
         let netns = format!("{PREFIX}{id}-node");
         let cgroup_dir = cgroup2_root()?.join(CGROUP_PARENT).join(&id);
         let node = Self {
@@ -114,21 +118,41 @@ impl Node {
         let host_veth = format!("v{host_octet}");
         run(
             "ip",
-            &["link", "add", &host_veth, "netns", &self.netns, "type", "veth", "peer", "name", "eth0", "netns", &netns],
+            &[
+                "link",
+                "add",
+                &host_veth,
+                "netns",
+                &self.netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &netns,
+            ],
         )?;
         self.ip_in_node(&["link", "set", &host_veth, "master", "br0", "up"])?;
         for args in [
             vec!["link", "set", "lo", "up"],
             vec!["addr", "add", &format!("{ip}/24"), "dev", "eth0"],
             vec!["link", "set", "eth0", "up"],
-            vec!["route", "add", "default", "via", &self.gateway().to_string()],
+            vec![
+                "route",
+                "add",
+                "default",
+                "via",
+                &self.gateway().to_string(),
+            ],
         ] {
             let mut full = vec!["-n", netns.as_str()];
             full.extend(args.iter().copied());
             run("ip", &full)?;
         }
         let cgroup = self.cgroup_dir.join(name);
-        fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         Ok(Pod {
             name: name.to_string(),
             ip,
@@ -160,14 +184,42 @@ impl Node {
         let interface = "nodelink".to_string();
         run(
             "ip",
-            &["link", "add", &interface, "netns", &self.netns, "type", "veth", "peer", "name", &interface, "netns", &other.netns],
+            &[
+                "link",
+                "add",
+                &interface,
+                "netns",
+                &self.netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &interface,
+                "netns",
+                &other.netns,
+            ],
         )?;
-        for (node, mine, theirs, remote_subnet) in [(self, a, b, other.subnet), (other, b, a, self.subnet)] {
+        for (node, mine, theirs, remote_subnet) in
+            [(self, a, b, other.subnet), (other, b, a, self.subnet)]
+        {
             node.ip_in_node(&["addr", "add", &format!("{mine}/30"), "dev", &interface])?;
             node.ip_in_node(&["link", "set", &interface, "up"])?;
-            let subnet = format!("{}.{}.{}.0/24", remote_subnet[0], remote_subnet[1], remote_subnet[2]);
+            let subnet = format!(
+                "{}.{}.{}.0/24",
+                remote_subnet[0], remote_subnet[1], remote_subnet[2]
+            );
             node.ip_in_node(&["route", "add", &subnet, "via", &theirs.to_string()])?;
-            run("ip", &["netns", "exec", &node.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &node.netns,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.ip_forward=1",
+                ],
+            )?;
         }
         Ok(NodeLink { a, b, interface })
     }
@@ -226,7 +278,24 @@ impl Pod {
         }
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n').context("curl printed no status")?;
-        Ok((code.trim().parse().context("curl status")?, body.to_string()))
+        Ok((
+            code.trim().parse().context("curl status")?,
+            body.to_string(),
+        ))
+    }
+
+    /// The config-file entry for this pod as seen from another node's agent: no netns or
+    /// cgroup, just where it runs and who it is.
+    pub fn remote_config_entry(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        node: &Node,
+    ) -> String {
+        format!(
+            "  - {{name: {}, namespace: {namespace}, serviceAccount: {service_account}, ip: {}, node: {}, enrolled: true}}\n",
+            self.name, self.ip, node.id
+        )
     }
 
     /// The config-file entry (YAML flow mapping) for this pod.
@@ -268,7 +337,9 @@ fn remove_cgroup_tree(dir: &Path) {
 fn remove_stale_leftovers() {
     let alive = |id: &str| -> bool {
         let pid = id.split('x').next().unwrap_or("");
-        pid.parse::<u32>().map(|p| Path::new(&format!("/proc/{p}")).exists()).unwrap_or(true)
+        pid.parse::<u32>()
+            .map(|p| Path::new(&format!("/proc/{p}")).exists())
+            .unwrap_or(true)
     };
     if let Ok(entries) = fs::read_dir("/var/run/netns") {
         for e in entries.flatten() {

@@ -8,9 +8,10 @@ use anyhow::{Context as _, bail};
 use crate::util::{cargo_bin_dir, output, path_with_cargo_bin, step};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages: iproute2 (ip), bpftool (checks that nothing is left attached), curl
-/// (the HTTP client in tests and demo).
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "bpftool", "curl"];
+/// Debian packages: iproute2 (ip, ss), bpftool (checks that nothing is left attached), curl
+/// (the HTTP client in tests and demo), tcpdump (proves the node link carries only TLS),
+/// python3 (socket-level test clients).
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "bpftool", "curl", "tcpdump", "python3"];
 
 pub fn run() -> anyhow::Result<()> {
     debian_packages()?;
@@ -34,8 +35,14 @@ fn debian_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    step(&format!("installing Debian packages: {}", missing.join(" ")));
-    let status = Command::new("apt-get").args(["update", "-qq"]).status().context("running apt-get update")?;
+    step(&format!(
+        "installing Debian packages: {}",
+        missing.join(" ")
+    ));
+    let status = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()
+        .context("running apt-get update")?;
     if !status.success() {
         bail!("apt-get update failed (are you root?)");
     }
@@ -63,18 +70,24 @@ fn rust_src() -> anyhow::Result<()> {
         return Ok(());
     }
     step("adding rust-src to the nightly toolchain");
-    output("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])?;
+    output(
+        "rustup",
+        &["component", "add", "rust-src", "--toolchain", "nightly"],
+    )?;
     Ok(())
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
     let installed = cargo_bin_dir().join("bpf-linker");
     if let Ok(out) = Command::new(&installed).arg("--version").output() {
-        if out.status.success() && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION) {
+        if out.status.success() && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+        {
             return Ok(());
         }
     }
-    step(&format!("building bpf-linker {BPF_LINKER_VERSION} against nightly's libLLVM (about a minute)"));
+    step(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against nightly's libLLVM (about a minute)"
+    ));
     let sysroot = nightly_sysroot()?;
     let lib = sysroot.join("lib");
     // Nightly ships libLLVM under a versioned soname only; bpf-linker's build wants
@@ -84,9 +97,9 @@ fn bpf_linker() -> anyhow::Result<()> {
         .flatten()
         .map(|e| e.path())
         .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so")))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so"))
+            })
         })
         .with_context(|| format!("no libLLVM in {}", lib.display()))?;
     let prefix = std::env::temp_dir().join("trellis-llvm-prefix");
@@ -94,14 +107,28 @@ fn bpf_linker() -> anyhow::Result<()> {
     let link = prefix.join("lib/libLLVM.so");
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&llvm, &link).context("linking libLLVM.so")?;
-    let root = cargo_bin_dir().parent().map(PathBuf::from).context("cargo home")?;
+    let root = cargo_bin_dir()
+        .parent()
+        .map(PathBuf::from)
+        .context("cargo home")?;
     let status = Command::new("cargo")
-        .args(["+nightly", "install", "bpf-linker", "--locked", "--force", "--version", BPF_LINKER_VERSION])
+        .args([
+            "+nightly",
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--force",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
         .args(["--no-default-features", "--features", "llvm-22", "--root"])
         .arg(&root)
         .env("LLVM_PREFIX", &prefix)
         // The binary finds nightly's libLLVM at run time through its rpath.
-        .env("RUSTFLAGS", format!("-C link-arg=-Wl,-rpath,{}", lib.display()))
+        .env(
+            "RUSTFLAGS",
+            format!("-C link-arg=-Wl,-rpath,{}", lib.display()),
+        )
         .env("PATH", path_with_cargo_bin())
         .status()
         .context("running cargo install bpf-linker")?;

@@ -1,30 +1,58 @@
-//! The data path: accept a captured connection in a pod, find where it was going, connect
-//! there, relay bytes, log what happened.
+//! The data path: accept a captured connection in a pod, find where it was going, decide,
+//! connect, relay bytes, log what happened.
 //!
-//! - [`outbound`]: connections an enrolled pod makes (in-pod listener 15001).
-//! - [`inbound`]: connections made to an enrolled pod (in-pod listener 15006).
-//! - [`relay`]: the byte pump both use.
-pub mod inbound;
+//! - [`outbound`]: connections an enrolled pod makes (in-pod listener 15001). Three paths:
+//!   to an enrolled pod on this node (delivered in-process, policy checked), to an enrolled pod
+//!   on another node (HBONE: HTTP/2 CONNECT over mTLS to its 15008), anywhere else
+//!   (passthrough).
+//! - [`inbound_hbone`]: HBONE connections from other nodes' agents (in-pod listener 15008).
+//! - [`inbound_plain`]: plaintext connections to an enrolled pod from outside the mesh
+//!   (in-pod listener 15006, steered there by `sk_lookup`).
+//! - [`deliver`]: the last hop to the app and the authorization check before it.
+//! - [`pool`]: pooled HBONE connections. [`relay`]: the byte pump.
+pub mod deliver;
+pub mod inbound_hbone;
+pub mod inbound_plain;
 pub mod outbound;
+pub mod pool;
 pub mod relay;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::{inpod::PodNetns, redirect::RedirectMaps, state::{Mesh, Workload}};
+use crate::{
+    identity::CertManager,
+    inpod::PodNetns,
+    redirect::RedirectMaps,
+    state::{Identity, Mesh, Workload},
+    tls::TlsConfigs,
+};
 
 /// How long an upstream connect may take before the client's connection is closed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every listener needs, handed over as one bundle.
 pub struct ProxyInputs {
-    /// The live config snapshot (for naming the pod at the other end in logs).
+    /// The live config snapshot.
     pub mesh: ArcSwap<Mesh>,
+    /// Enrolled pods of this node by address, for delivering to them.
+    pub local_pods: ArcSwap<HashMap<IpAddr, Arc<PodContext>>>,
     /// The eBPF maps the data path reads.
     pub maps: Arc<RedirectMaps>,
+    /// Workload certificates held by this node.
+    pub certs: Arc<CertManager>,
+    /// rustls configs built from them.
+    pub tls: TlsConfigs,
+    /// Pooled HBONE connections to other nodes.
+    pub pool: pool::HbonePool,
 }
 
 /// One enrolled pod as the data path sees it: who it is and how to open sockets in it.
@@ -49,10 +77,55 @@ impl Direction {
     }
 }
 
+/// How a connection travelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// Both pods on this node: handed from one to the other inside the agent.
+    Local,
+    /// Over HBONE (mTLS) between nodes.
+    Hbone,
+    /// To or from something outside the mesh, as plain TCP.
+    Passthrough,
+}
+
+impl Path {
+    fn as_str(self) -> &'static str {
+        match self {
+            Path::Local => "local",
+            Path::Hbone => "hbone",
+            Path::Passthrough => "passthrough",
+        }
+    }
+
+    /// Istio's `connection_security_policy` vocabulary.
+    fn security(self) -> &'static str {
+        match self {
+            Path::Hbone => "mutual_tls",
+            Path::Local | Path::Passthrough => "none",
+        }
+    }
+}
+
+/// Who a connection was from and to, as far as the agent knows it for sure.
+pub struct Peers<'a> {
+    pub src: SocketAddr,
+    /// Verified source identity (structural on this node, or from the peer's certificate).
+    pub src_identity: Option<&'a Identity>,
+    pub src_pod: Option<&'a Workload>,
+    pub original_dst: SocketAddr,
+    pub dst_identity: Option<&'a Identity>,
+    pub dst_pod: Option<&'a Workload>,
+}
+
 /// Accepts connections on `listener` until the task is aborted (the pod is unenrolled),
 /// handing each to `handle` on its own task.
-pub async fn serve<F, Fut>(listener: TcpListener, direction: Direction, pod: Arc<PodContext>, inputs: Arc<ProxyInputs>, handle: F)
-where
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    name: &'static str,
+    pod: Arc<PodContext>,
+    inputs: Arc<ProxyInputs>,
+    handle: F,
+) where
     F: Fn(tokio::net::TcpStream, SocketAddr, Arc<PodContext>, Arc<ProxyInputs>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -63,51 +136,32 @@ where
             }
             Err(e) => {
                 // Out of fds or memory: back off instead of spinning; the backlog holds.
-                warn!(pod = %pod.workload.key, direction = direction.as_str(), error = %e, "accept failed");
+                warn!(pod = %pod.workload.key, listener = name, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
 }
 
-/// One log line per relayed connection: who, to where, how much, how long, how it ended.
+/// One log line per relayed connection: who, to where, how, how much, how long, how it ended.
 pub(crate) fn log_connection(
     direction: Direction,
-    pod: &PodContext,
-    src: SocketAddr,
-    original_dst: SocketAddr,
-    inputs: &ProxyInputs,
+    path: Path,
+    peers: &Peers<'_>,
     outcome: &relay::Outcome,
 ) {
-    let mesh = inputs.mesh.load();
-    let (src_pod, src_identity, dst_pod, dst_identity) = match direction {
-        Direction::Outbound => {
-            let dst = mesh.pod_by_ip(original_dst.ip());
-            (
-                pod.workload.key.to_string(),
-                pod.workload.identity.to_string(),
-                dst.map(|w| w.key.to_string()).unwrap_or_default(),
-                dst.map(|w| w.identity.to_string()).unwrap_or_default(),
-            )
-        }
-        Direction::Inbound => {
-            let src_w = mesh.pod_by_ip(src.ip());
-            (
-                src_w.map(|w| w.key.to_string()).unwrap_or_default(),
-                src_w.map(|w| w.identity.to_string()).unwrap_or_default(),
-                pod.workload.key.to_string(),
-                pod.workload.identity.to_string(),
-            )
-        }
-    };
+    let name = |w: Option<&Workload>| w.map(|w| w.key.to_string()).unwrap_or_default();
+    let id = |i: Option<&Identity>| i.map(|i| i.to_string()).unwrap_or_default();
     info!(
         direction = direction.as_str(),
-        src.addr = %src,
-        src.pod = %src_pod,
-        src.identity = %src_identity,
-        dst.original = %original_dst,
-        dst.pod = %dst_pod,
-        dst.identity = %dst_identity,
+        path = path.as_str(),
+        security = path.security(),
+        src.addr = %peers.src,
+        src.pod = %name(peers.src_pod),
+        src.identity = %id(peers.src_identity),
+        dst.original = %peers.original_dst,
+        dst.pod = %name(peers.dst_pod),
+        dst.identity = %id(peers.dst_identity),
         bytes_sent = outcome.client_to_upstream,
         bytes_received = outcome.upstream_to_client,
         duration_ms = outcome.duration.as_millis() as u64,

@@ -7,11 +7,8 @@
 use std::time::{Duration, Instant};
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpStream,
-        tcp::{ReadHalf, WriteHalf},
-    },
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
 };
 
 /// Size of each direction's copy buffer.
@@ -27,15 +24,71 @@ pub struct Outcome {
     pub error: Option<String>,
 }
 
-/// Relays until both directions have seen EOF, or either fails.
-pub async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, started: Instant) -> Outcome {
+impl Outcome {
+    /// A connection that ended before any byte was relayed.
+    pub fn failed(started: Instant, error: String) -> Self {
+        Self {
+            duration: started.elapsed(),
+            error: Some(error),
+            ..Default::default()
+        }
+    }
+}
+
+/// Relays between two TCP streams until both directions have seen EOF, or either fails.
+pub async fn relay_tcp(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    started: Instant,
+) -> Outcome {
     let (mut client_rx, mut client_tx) = client.split();
     let (mut upstream_rx, mut upstream_tx) = upstream.split();
+    pump_both(
+        &mut client_rx,
+        &mut client_tx,
+        &mut upstream_rx,
+        &mut upstream_tx,
+        started,
+    )
+    .await
+}
+
+/// Relays between any two byte streams (e.g. a TCP client and an HBONE tunnel).
+pub async fn relay<A, B>(client: &mut A, upstream: &mut B, started: Instant) -> Outcome
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut upstream_rx, mut upstream_tx) = tokio::io::split(upstream);
+    pump_both(
+        &mut client_rx,
+        &mut client_tx,
+        &mut upstream_rx,
+        &mut upstream_tx,
+        started,
+    )
+    .await
+}
+
+async fn pump_both<CR, CW, UR, UW>(
+    client_rx: &mut CR,
+    client_tx: &mut CW,
+    upstream_rx: &mut UR,
+    upstream_tx: &mut UW,
+    started: Instant,
+) -> Outcome
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+{
     let mut sent = 0u64;
     let mut received = 0u64;
     let result = tokio::try_join!(
-        pump(&mut client_rx, &mut upstream_tx, &mut sent),
-        pump(&mut upstream_rx, &mut client_tx, &mut received),
+        pump(client_rx, upstream_tx, &mut sent),
+        pump(upstream_rx, client_tx, &mut received),
     );
     Outcome {
         client_to_upstream: sent,
@@ -45,7 +98,11 @@ pub async fn relay(client: &mut TcpStream, upstream: &mut TcpStream, started: In
     }
 }
 
-async fn pump(from: &mut ReadHalf<'_>, to: &mut WriteHalf<'_>, copied: &mut u64) -> std::io::Result<()> {
+async fn pump<R, W>(from: &mut R, to: &mut W, copied: &mut u64) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut buf = vec![0u8; BUFFER_SIZE];
     loop {
         let n = from.read(&mut buf).await?;
@@ -77,14 +134,20 @@ mod tests {
         let (mut app, mut client_side) = pair().await;
         let (mut upstream_side, mut server) = pair().await;
         let relay = tokio::spawn(async move {
-            relay(&mut client_side, &mut upstream_side, Instant::now()).await
+            relay_tcp(&mut client_side, &mut upstream_side, Instant::now()).await
         });
         app.write_all(b"ping-0123456789").await.expect("write");
         app.shutdown().await.expect("half-close");
         let mut got = Vec::new();
-        server.read_to_end(&mut got).await.expect("server reads to EOF");
+        server
+            .read_to_end(&mut got)
+            .await
+            .expect("server reads to EOF");
         assert_eq!(got, b"ping-0123456789");
-        server.write_all(&[7u8; 100_000]).await.expect("server writes");
+        server
+            .write_all(&[7u8; 100_000])
+            .await
+            .expect("server writes");
         drop(server);
         let mut back = Vec::new();
         app.read_to_end(&mut back).await.expect("app reads to EOF");

@@ -1,0 +1,177 @@
+//! Inbound HBONE: mTLS HTTP/2 connections from other nodes' agents on the in-pod listener
+//! 15008. The agent presents the pod's certificate, requires and verifies the peer's, and
+//! serves `CONNECT <ip>:<port>` streams: each is authorized with the peer's verified identity
+//! and delivered to the app in this pod as the original client.
+//!
+//! Refusals (each answered on the stream and logged; the connection and the agent go on):
+//! not CONNECT → 405; an authority that is not `ip:port` → 400; a destination that is not
+//! this pod → 404 (including pods on other nodes); denied by policy → 403; app not
+//! answering → 503. A TLS handshake that fails (garbage, no or foreign certificate) closes
+//! the connection. Header blocks are capped at 16 KiB.
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use super::{Direction, Path, Peers, PodContext, ProxyInputs, deliver, log_connection, relay};
+use crate::{state::Identity, tls};
+
+/// Largest accepted HTTP/2 header block.
+const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// A client must finish the TLS handshake within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn handle(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    inputs: Arc<ProxyInputs>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let config = match inputs.tls.server(&pod.workload.identity) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(pod = %pod.workload.key, error = %e, "no TLS config for the pod; refusing HBONE connection");
+            return;
+        }
+    };
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            warn!(pod = %pod.workload.key, peer = %peer, error = %e, "HBONE TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            warn!(pod = %pod.workload.key, peer = %peer, "HBONE TLS handshake timed out");
+            return;
+        }
+    };
+    let peer_identity = match tls.get_ref().1.peer_certificates().map(tls::peer_identity) {
+        Some(Ok(id)) => Arc::new(id),
+        Some(Err(e)) => {
+            warn!(pod = %pod.workload.key, peer = %peer, error = %e, "HBONE peer certificate has no usable identity");
+            return;
+        }
+        None => {
+            warn!(pod = %pod.workload.key, peer = %peer, "HBONE peer presented no certificate");
+            return;
+        }
+    };
+    let service = service_fn(move |request| {
+        serve_stream(
+            request,
+            peer,
+            peer_identity.clone(),
+            pod.clone(),
+            inputs.clone(),
+        )
+    });
+    let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(e) = result {
+        debug!(peer = %peer, error = %e, "HBONE connection ended with an error");
+    }
+}
+
+fn status(code: StatusCode) -> Result<Response<Empty<Bytes>>, std::convert::Infallible> {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = code;
+    Ok(response)
+}
+
+async fn serve_stream(
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+    peer_identity: Arc<Identity>,
+    pod: Arc<PodContext>,
+    inputs: Arc<ProxyInputs>,
+) -> Result<Response<Empty<Bytes>>, std::convert::Infallible> {
+    let started = Instant::now();
+    let refuse = |code: StatusCode, why: &str| {
+        warn!(pod = %pod.workload.key, peer = %peer, src.identity = %peer_identity, uri = %request.uri(), status = code.as_u16(), "HBONE request refused: {why}");
+        status(code)
+    };
+    if request.method() != Method::CONNECT {
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served");
+    }
+    let Some(target) = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "the CONNECT authority is not ip:port",
+        );
+    };
+    if target.ip() != pod.workload.ip {
+        return refuse(StatusCode::NOT_FOUND, "the destination is not this pod");
+    }
+    let mesh = inputs.mesh.load();
+    if !deliver::authorize(&mesh, &pod, Some(&peer_identity), peer, target.port()) {
+        return status(StatusCode::FORBIDDEN);
+    }
+    let app = match deliver::connect_to_app(&pod, peer, target.port()).await {
+        Ok(app) => app,
+        Err(e) => {
+            let outcome = relay::Outcome::failed(
+                started,
+                format!("connect to app port {}: {e}", target.port()),
+            );
+            log_connection(
+                Direction::Inbound,
+                Path::Hbone,
+                &hbone_peers(peer, &peer_identity, target, &pod, &mesh),
+                &outcome,
+            );
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let mut app = app;
+        let outcome = match on_upgrade.await {
+            Ok(upgraded) => relay::relay(&mut TokioIo::new(upgraded), &mut app, started).await,
+            Err(e) => relay::Outcome::failed(started, format!("CONNECT stream: {e}")),
+        };
+        let mesh = inputs.mesh.load();
+        log_connection(
+            Direction::Inbound,
+            Path::Hbone,
+            &hbone_peers(peer, &peer_identity, target, &pod, &mesh),
+            &outcome,
+        );
+    });
+    status(StatusCode::OK)
+}
+
+fn hbone_peers<'a>(
+    peer: SocketAddr,
+    identity: &'a Identity,
+    target: SocketAddr,
+    pod: &'a PodContext,
+    mesh: &'a crate::state::Mesh,
+) -> Peers<'a> {
+    Peers {
+        src: peer,
+        src_identity: Some(identity),
+        src_pod: mesh
+            .pod_by_ip(peer.ip())
+            .filter(|w| w.identity == *identity),
+        original_dst: target,
+        dst_identity: Some(&pod.workload.identity),
+        dst_pod: Some(&pod.workload),
+    }
+}
