@@ -99,7 +99,10 @@ fn redirect4(ctx: &SockAddrContext, addr: u32, port: u16) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     if ORIG_DST_BY_COOKIE.insert(&cookie, &dst, 0).is_err() {
         // Without a record the agent could not relay the connection: leave it alone.
-        warn!(ctx, "mesh: could not record original destination, connect not captured");
+        warn!(
+            ctx,
+            "mesh: could not record original destination, connect not captured"
+        );
         return false;
     }
     count(stats::OUTBOUND_REDIRECTED);
@@ -123,7 +126,12 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     }
     // SAFETY: valid context; user_port holds the network-order port in its low 16 bits.
-    let (addr, port) = unsafe { (read_volatile(&(*sa).user_ip4), u16::from_be(read_volatile(&(*sa).user_port) as u16)) };
+    let (addr, port) = unsafe {
+        (
+            read_volatile(&(*sa).user_ip4),
+            u16::from_be(read_volatile(&(*sa).user_port) as u16),
+        )
+    };
     if is_loopback4(addr) || is_excluded_port(port) {
         count(stats::EXCLUDED);
         return ALLOW;
@@ -189,7 +197,12 @@ fn original_peer(ctx: &SockAddrContext) -> Option<OriginalDst> {
 pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: valid context.
-    let (addr, port) = unsafe { (read_volatile(&(*sa).user_ip4), u16::from_be(read_volatile(&(*sa).user_port) as u16)) };
+    let (addr, port) = unsafe {
+        (
+            read_volatile(&(*sa).user_ip4),
+            u16::from_be(read_volatile(&(*sa).user_port) as u16),
+        )
+    };
     if addr != LOOPBACK4 || port != OUTBOUND_PORT {
         return ALLOW;
     }
@@ -197,7 +210,10 @@ pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
         let a = dst.addr;
         // SAFETY: getpeername4 may rewrite the reported address.
         unsafe {
-            write_volatile(&mut (*sa).user_ip4, u32::from_ne_bytes([a[0], a[1], a[2], a[3]]));
+            write_volatile(
+                &mut (*sa).user_ip4,
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            );
             write_volatile(&mut (*sa).user_port, u32::from(dst.port.to_be()));
         }
     }
@@ -229,7 +245,10 @@ pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
         let a = dst.addr;
         // SAFETY: getpeername6 may rewrite the reported address.
         unsafe {
-            write_volatile(&mut (*sa).user_ip6[3], u32::from_ne_bytes([a[0], a[1], a[2], a[3]]));
+            write_volatile(
+                &mut (*sa).user_ip6[3],
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            );
             write_volatile(&mut (*sa).user_port, u32::from(dst.port.to_be()));
         }
     }

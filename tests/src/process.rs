@@ -41,7 +41,9 @@ impl Background {
             Ok(()) => Ok(bg),
             Err(_) => {
                 let status = bg.child.try_wait().ok().flatten();
-                bail!("{cmd:?} did not become ready within {READY_DEADLINE:?} (exit status: {status:?})")
+                bail!(
+                    "{cmd:?} did not become ready within {READY_DEADLINE:?} (exit status: {status:?})"
+                )
             }
         }
     }

@@ -2,7 +2,11 @@
 use std::time::{Duration, Instant};
 
 /// Polls `check` every 20 ms until it returns `Some`, or fails after `timeout` with `what`.
-pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check() {

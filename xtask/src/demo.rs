@@ -61,7 +61,8 @@ pub fn run() -> anyhow::Result<()> {
 
     setup::run()?;
     // Fail before a long build if the machine cannot run the demo at all.
-    mesh_tests::require_privileges().context("the demo needs the same privileges as the end-to-end tests")?;
+    mesh_tests::require_privileges()
+        .context("the demo needs the same privileges as the end-to-end tests")?;
     build()?;
     for bin in [&agent_bin, &root.join("target/debug/peer-echo")] {
         if !bin.is_file() {
@@ -91,7 +92,9 @@ extern "C" fn on_sigint(_: libc::c_int) {
 
 /// Builds the agent (with its eBPF programs) and the test binaries (peer-echo).
 fn build() -> anyhow::Result<()> {
-    util::step("building mesh-agent with its eBPF programs, and the peer-echo server (a few minutes the first time)");
+    util::step(
+        "building mesh-agent with its eBPF programs, and the peer-echo server (a few minutes the first time)",
+    );
     // Cargo draws its own progress bar on a terminal; when the output goes to a file or a CI
     // log it can stay silent for minutes, so say that it is still working.
     // SAFETY: isatty has no preconditions.
@@ -104,7 +107,10 @@ fn build() -> anyhow::Result<()> {
             let mut next = HEARTBEAT;
             while !done.load(Ordering::Relaxed) {
                 if started.elapsed() >= next {
-                    util::step(&format!("still building ({} s so far)", started.elapsed().as_secs()));
+                    util::step(&format!(
+                        "still building ({} s so far)",
+                        started.elapsed().as_secs()
+                    ));
                     next += HEARTBEAT;
                 }
                 thread::park_timeout(Duration::from_millis(200));
@@ -157,7 +163,11 @@ impl Server {
                 let _ = server.child.wait();
                 let _ = stderr.read_to_string(&mut err);
             }
-            bail!("peer-echo exited in pod {} before listening: {}", pod.name, err.trim());
+            bail!(
+                "peer-echo exited in pod {} before listening: {}",
+                pod.name,
+                err.trim()
+            );
         }
         Ok(server)
     }
@@ -186,7 +196,8 @@ impl DemoPod {
     }
 
     fn entry(&self, enrolled: bool) -> String {
-        self.pod.config_entry(NAMESPACE, self.service_account, enrolled)
+        self.pod
+            .config_entry(NAMESPACE, self.service_account, enrolled)
     }
 }
 
@@ -202,15 +213,28 @@ struct CurlResult {
 fn curl(pod: &Pod, url: &str) -> anyhow::Result<CurlResult> {
     let out = pod
         .command("curl")?
-        .args(["-sS", "--max-time", "20", "-w", "\n%{http_code} %{local_ip} %{local_port} %{time_total}", url])
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-w",
+            "\n%{http_code} %{local_ip} %{local_port} %{time_total}",
+            url,
+        ])
         .stdin(Stdio::null())
         .output()
         .context("running curl in the pod")?;
     if !out.status.success() {
-        bail!("curl {url} from pod {} failed: {}", pod.name, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "curl {url} from pod {} failed: {}",
+            pod.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, tail) = text.rsplit_once('\n').context("curl printed no status line")?;
+    let (body, tail) = text
+        .rsplit_once('\n')
+        .context("curl printed no status line")?;
     let parts: Vec<&str> = tail.split_whitespace().collect();
     let [status, ip, port, seconds] = parts[..] else {
         bail!("unexpected curl status line {tail:?}");
@@ -218,7 +242,10 @@ fn curl(pod: &Pod, url: &str) -> anyhow::Result<CurlResult> {
     Ok(CurlResult {
         status: status.parse().context("curl's HTTP status")?,
         body: body.trim().to_string(),
-        local: SocketAddr::new(ip.parse().context("curl's local_ip")?, port.parse().context("curl's local_port")?),
+        local: SocketAddr::new(
+            ip.parse().context("curl's local_ip")?,
+            port.parse().context("curl's local_port")?,
+        ),
         seconds: seconds.parse().unwrap_or(0.0),
     })
 }
@@ -264,7 +291,10 @@ fn agent_alive(agent: &Agent) -> bool {
     let Some(pid) = agent.pid() else { return false };
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 
@@ -289,13 +319,19 @@ fn wait_for_new_events(
         let mut used = BTreeSet::new();
         let mut out = Vec::new();
         for want in wanted {
-            match new.iter().enumerate().find(|(i, e)| !used.contains(i) && want(e)) {
+            match new
+                .iter()
+                .enumerate()
+                .find(|(i, e)| !used.contains(i) && want(e))
+            {
                 Some((i, e)) => {
                     used.insert(i);
                     out.push(e.clone());
                 }
                 None if !agent_alive(agent) => return Some(Err(anyhow!("the agent exited"))),
-                None if INTERRUPTED.load(Ordering::SeqCst) => return Some(Err(anyhow!("interrupted"))),
+                None if INTERRUPTED.load(Ordering::SeqCst) => {
+                    return Some(Err(anyhow!("interrupted")));
+                }
                 None => return None,
             }
         }
@@ -303,7 +339,10 @@ fn wait_for_new_events(
     });
     match found {
         Ok(Ok(events)) => Ok(events),
-        Ok(Err(e)) | Err(e) => Err(e.context(format!("waiting for {what}; last agent log lines:\n{}", log_tail(agent)))),
+        Ok(Err(e)) | Err(e) => Err(e.context(format!(
+            "waiting for {what}; last agent log lines:\n{}",
+            log_tail(agent)
+        ))),
     }
 }
 
@@ -439,12 +478,17 @@ impl Demo {
             pod: node.add_pod("legacy")?,
             service_account: "legacy",
         };
-        util::step(&format!("starting peer-echo HTTP servers on :{APP_PORT} in backend and legacy"));
+        util::step(&format!(
+            "starting peer-echo HTTP servers on :{APP_PORT} in backend and legacy"
+        ));
         let backend_server = Server::start(&backend.pod, peer_echo)?;
         let legacy_server = Server::start(&legacy.pod, peer_echo)?;
 
         let config = |frontend_entry: String| {
-            config_doc(NODE_NAME, &[frontend_entry, backend.entry(true), legacy.entry(false)])
+            config_doc(
+                NODE_NAME,
+                &[frontend_entry, backend.entry(true), legacy.entry(false)],
+            )
         };
         let programs_before: BTreeSet<u64> = mesh_programs()?.into_iter().map(|p| p.id).collect();
         util::step("starting mesh-agent with frontend and backend enrolled");
@@ -458,37 +502,56 @@ impl Demo {
                 if p.holders.is_empty() {
                     !programs_before.contains(&p.id)
                 } else {
-                    p.holders.iter().any(|(pid, _)| *pid == u64::from(agent_pid))
+                    p.holders
+                        .iter()
+                        .any(|(pid, _)| *pid == u64::from(agent_pid))
                 }
             })
             .map(|p| p.id)
             .collect();
 
-        self.introduce(&node, [&frontend, &backend, &legacy], &agent, agent_pid, ours.len());
+        self.introduce(
+            &node,
+            [&frontend, &backend, &legacy],
+            &agent,
+            agent_pid,
+            ours.len(),
+        );
 
         header("Traffic");
-        para("Each request is one TCP connection. For each, the agent logs one \"connection closed\" line per side that caught it; here is what those lines say.");
-        self.exchange(&agent, Exchange {
-            title: "frontend -> backend   (both pods in the mesh)",
-            client: &frontend,
-            server: &backend,
-            outbound_captured: true,
-            inbound_captured: true,
-        })?;
-        self.exchange(&agent, Exchange {
-            title: "legacy -> backend     (a client outside the mesh)",
-            client: &legacy,
-            server: &backend,
-            outbound_captured: false,
-            inbound_captured: true,
-        })?;
-        self.exchange(&agent, Exchange {
-            title: "frontend -> legacy    (a destination outside the mesh)",
-            client: &frontend,
-            server: &legacy,
-            outbound_captured: true,
-            inbound_captured: false,
-        })?;
+        para(
+            "Each request is one TCP connection. For each, the agent logs one \"connection closed\" line per side that caught it; here is what those lines say.",
+        );
+        self.exchange(
+            &agent,
+            Exchange {
+                title: "frontend -> backend   (both pods in the mesh)",
+                client: &frontend,
+                server: &backend,
+                outbound_captured: true,
+                inbound_captured: true,
+            },
+        )?;
+        self.exchange(
+            &agent,
+            Exchange {
+                title: "legacy -> backend     (a client outside the mesh)",
+                client: &legacy,
+                server: &backend,
+                outbound_captured: false,
+                inbound_captured: true,
+            },
+        )?;
+        self.exchange(
+            &agent,
+            Exchange {
+                title: "frontend -> legacy    (a destination outside the mesh)",
+                client: &frontend,
+                server: &legacy,
+                outbound_captured: true,
+                inbound_captured: false,
+            },
+        )?;
 
         header("A live config change: frontend leaves the mesh");
         let before = agent.events().len();
@@ -513,16 +576,21 @@ impl Demo {
             number(&applied, "enrolled").unwrap_or(0),
         ));
         let unenrol_index = agent.events().len();
-        self.exchange(&agent, Exchange {
-            title: "frontend -> backend again   (frontend no longer enrolled)",
-            client: &frontend,
-            server: &backend,
-            outbound_captured: false,
-            inbound_captured: true,
-        })?;
+        self.exchange(
+            &agent,
+            Exchange {
+                title: "frontend -> backend again   (frontend no longer enrolled)",
+                client: &frontend,
+                server: &backend,
+                outbound_captured: false,
+                inbound_captured: true,
+            },
+        )?;
 
         header("A bad config is rejected");
-        let typo = frontend.entry(false).replace("enrolled: false", "enrolled: ture");
+        let typo = frontend
+            .entry(false)
+            .replace("enrolled: false", "enrolled: ture");
         let before = agent.events().len();
         agent.write_config(&config(typo))?;
         let [rejected] = <[Value; 1]>::try_from(wait_for_new_events(
@@ -537,13 +605,16 @@ impl Demo {
             field(&rejected, "field"),
             field(&rejected, "reason"),
         ));
-        self.exchange(&agent, Exchange {
-            title: "frontend -> backend once more   (last good config still in force)",
-            client: &frontend,
-            server: &backend,
-            outbound_captured: false,
-            inbound_captured: true,
-        })?;
+        self.exchange(
+            &agent,
+            Exchange {
+                title: "frontend -> backend once more   (last good config still in force)",
+                client: &frontend,
+                server: &backend,
+                outbound_captured: false,
+                inbound_captured: true,
+            },
+        )?;
         // Long after those connections ended: the log must hold no outbound capture for
         // frontend since it was unenrolled.
         let late = agent
@@ -553,25 +624,47 @@ impl Demo {
             .iter()
             .filter(|e| is_connection(e, "outbound") && short(field(e, "src.pod")) == "frontend")
             .count();
-        self.check(late == 0, || format!("{late} outbound connection(s) from frontend were captured after it was unenrolled"));
+        self.check(late == 0, || {
+            format!(
+                "{late} outbound connection(s) from frontend were captured after it was unenrolled"
+            )
+        });
 
         header("Teardown");
         util::step("stopping the agent (SIGTERM)");
         let status = agent.terminate()?;
-        let stopped = agent.count_events(|e| message(e) == "agent stopped; all programs detached") > 0;
-        say("agent", &match (status.success(), stopped) {
-            (true, true) => "stopped cleanly after logging \"agent stopped; all programs detached\"".to_string(),
-            (_, true) => format!("logged \"agent stopped; all programs detached\" but exited with {status}"),
-            (_, false) => format!("exited with {status} without logging \"agent stopped\""),
+        let stopped =
+            agent.count_events(|e| message(e) == "agent stopped; all programs detached") > 0;
+        say(
+            "agent",
+            &match (status.success(), stopped) {
+                (true, true) => {
+                    "stopped cleanly after logging \"agent stopped; all programs detached\""
+                        .to_string()
+                }
+                (_, true) => format!(
+                    "logged \"agent stopped; all programs detached\" but exited with {status}"
+                ),
+                (_, false) => format!("exited with {status} without logging \"agent stopped\""),
+            },
+        );
+        self.check(status.success() && stopped, || {
+            format!("the agent did not stop cleanly ({status})")
         });
-        self.check(status.success() && stopped, || format!("the agent did not stop cleanly ({status})"));
         util::step("stopping the servers and removing the node (namespaces, veths, cgroups)");
         drop(backend_server);
         drop(legacy_server);
         let netns = node.netns.clone();
         drop(node);
         let gone = !Path::new("/var/run/netns").join(&netns).exists();
-        say("node", if gone { "removed: its network namespaces, veths and cgroups are gone" } else { "its namespace is still there" });
+        say(
+            "node",
+            if gone {
+                "removed: its network namespaces, veths and cgroups are gone"
+            } else {
+                "its namespace is still there"
+            },
+        );
         self.check(gone, || format!("network namespace {netns} still exists"));
         drop(agent);
 
@@ -583,10 +676,14 @@ impl Demo {
         }
         println!();
         // Freeing programs is asynchronous in the kernel: wait for ours to go.
-        let left = wait_until("the agent's eBPF programs to be freed", AGENT_DEADLINE, || {
-            let progs = mesh_programs().ok()?;
-            progs.iter().all(|p| !ours.contains(&p.id)).then_some(progs)
-        });
+        let left = wait_until(
+            "the agent's eBPF programs to be freed",
+            AGENT_DEADLINE,
+            || {
+                let progs = mesh_programs().ok()?;
+                progs.iter().all(|p| !ours.contains(&p.id)).then_some(progs)
+            },
+        );
         let result = match left {
             Ok(progs) if progs.is_empty() => {
                 println!("bpftool prog show: no mesh_* program is left in the kernel");
@@ -595,9 +692,17 @@ impl Demo {
             Ok(progs) => {
                 let holders: BTreeSet<String> = progs
                     .iter()
-                    .flat_map(|p| p.holders.iter().map(|(pid, comm)| format!("{comm} pid {pid}")))
+                    .flat_map(|p| {
+                        p.holders
+                            .iter()
+                            .map(|(pid, comm)| format!("{comm} pid {pid}"))
+                    })
                     .collect();
-                let holders = if holders.is_empty() { "no process".to_string() } else { holders.into_iter().collect::<Vec<_>>().join(", ") };
+                let holders = if holders.is_empty() {
+                    "no process".to_string()
+                } else {
+                    holders.into_iter().collect::<Vec<_>>().join(", ")
+                };
                 println!(
                     "bpftool prog show: none of this demo's {} mesh_* programs is left ({} other mesh_* programs belong to {holders}, not to this demo)",
                     ours.len(),
@@ -612,20 +717,36 @@ impl Demo {
                     .filter(|p| ours.contains(&p.id))
                     .map(|p| format!("{} (id {})", p.name, p.id))
                     .collect();
-                println!("bpftool prog show: the agent's programs are still loaded: {}", names.join(", "));
+                println!(
+                    "bpftool prog show: the agent's programs are still loaded: {}",
+                    names.join(", ")
+                );
                 Err(e.context("the agent's eBPF programs outlived it"))
             }
         };
         result?;
         if !self.problems.is_empty() {
-            bail!("the demo ran, but {} thing(s) were not as expected (see above)", self.problems.len());
+            bail!(
+                "the demo ran, but {} thing(s) were not as expected (see above)",
+                self.problems.len()
+            );
         }
         Ok(())
     }
 
-    fn introduce(&self, node: &Node, pods: [&DemoPod; 3], agent: &Agent, agent_pid: u32, programs: usize) {
+    fn introduce(
+        &self,
+        node: &Node,
+        pods: [&DemoPod; 3],
+        agent: &Agent,
+        agent_pid: u32,
+        programs: usize,
+    ) {
         let events = agent.events();
-        let enrolled: Vec<&Value> = events.iter().filter(|e| message(e) == "pod enrolled").collect();
+        let enrolled: Vec<&Value> = events
+            .iter()
+            .filter(|e| message(e) == "pod enrolled")
+            .collect();
         let ready = events.iter().find(|e| message(e) == "agent ready");
 
         header("The demo node");
@@ -635,7 +756,10 @@ impl Demo {
             node.gateway(),
         ));
         println!();
-        println!("   {:<10}{:<15}{:<9}identity (agent's \"pod enrolled\" log)", "pod", "address", "mesh");
+        println!(
+            "   {:<10}{:<15}{:<9}identity (agent's \"pod enrolled\" log)",
+            "pod", "address", "mesh"
+        );
         for p in pods {
             let event = enrolled.iter().find(|e| short(field(e, "pod")) == p.name());
             let (mesh, identity) = match event {
@@ -668,7 +792,9 @@ impl Demo {
             println!("{line}");
         }
         println!();
-        para("The agent is one process on the node; its \"sides\" are listening sockets it opened inside each enrolled pod's network namespace. A pod outside the mesh has no such sockets and no eBPF programs: its traffic goes straight through.");
+        para(
+            "The agent is one process on the node; its \"sides\" are listening sockets it opened inside each enrolled pod's network namespace. A pod outside the mesh has no such sockets and no eBPF programs: its traffic goes straight through.",
+        );
     }
 
     /// Sends one request and tells what the agent and the server saw.
@@ -680,24 +806,38 @@ impl Demo {
         let before = agent.events().len();
         let got = curl(&x.client.pod, &url).with_context(|| format!("sending {}", x.title))?;
         let redirected = got.local.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST);
-        say("curl", &format!(
-            "in {}: GET {url} -> HTTP {} in {}; its socket's local end: {}, {}",
-            x.client.name(),
-            got.status,
-            millis((got.seconds * 1000.0) as u64),
-            got.local,
-            if redirected { "so connect() was steered to the agent" } else { "a direct connection" },
-        ));
-        self.check(got.status == 200, || format!("{} got HTTP {}", x.title, got.status));
+        say(
+            "curl",
+            &format!(
+                "in {}: GET {url} -> HTTP {} in {}; its socket's local end: {}, {}",
+                x.client.name(),
+                got.status,
+                millis((got.seconds * 1000.0) as u64),
+                got.local,
+                if redirected {
+                    "so connect() was steered to the agent"
+                } else {
+                    "a direct connection"
+                },
+            ),
+        );
+        self.check(got.status == 200, || {
+            format!("{} got HTTP {}", x.title, got.status)
+        });
         self.check(redirected == x.outbound_captured, || {
-            format!("curl in {} was {}redirected to the agent", x.client.name(), if redirected { "" } else { "not " })
+            format!(
+                "curl in {} was {}redirected to the agent",
+                x.client.name(),
+                if redirected { "" } else { "not " }
+            )
         });
 
         // The log lines to expect: outbound from curl's own port, inbound at the server.
         let client_src = SocketAddr::new(IpAddr::V4(x.client.pod.ip), got.local.port()).to_string();
         let server_addr = x.server.addr().to_string();
         let client_ip = IpAddr::V4(x.client.pod.ip);
-        let outbound = |e: &Value| is_connection(e, "outbound") && field(e, "src.addr") == client_src;
+        let outbound =
+            |e: &Value| is_connection(e, "outbound") && field(e, "src.addr") == client_src;
         let inbound = |e: &Value| {
             is_connection(e, "inbound")
                 && field(e, "dst.original") == server_addr
@@ -710,7 +850,12 @@ impl Demo {
         if x.inbound_captured {
             wanted.push(&inbound);
         }
-        let events = wait_for_new_events(agent, before, &format!("the agent's log lines for {}", x.title), &wanted)?;
+        let events = wait_for_new_events(
+            agent,
+            before,
+            &format!("the agent's log lines for {}", x.title),
+            &wanted,
+        )?;
         let mut events = events.into_iter();
         if x.outbound_captured {
             let e = events.next().context("outbound event")?;
@@ -719,35 +864,67 @@ impl Demo {
                 pod if x.inbound_captured => pod.to_string(),
                 pod => format!("{pod}, outside the mesh"),
             };
-            say("outbound", &format!(
-                "{} ({}) connected to {} ({dst}); the agent's outbound side in {}'s pod caught it and relayed {}",
-                short(field(&e, "src.pod")),
-                field(&e, "src.identity"),
-                field(&e, "dst.original"),
-                x.client.name(),
-                traffic(&e),
-            ));
-            self.check(field(&e, "error").is_empty(), || format!("outbound relay for {} ended with {}", x.title, field(&e, "error")));
+            say(
+                "outbound",
+                &format!(
+                    "{} ({}) connected to {} ({dst}); the agent's outbound side in {}'s pod caught it and relayed {}",
+                    short(field(&e, "src.pod")),
+                    field(&e, "src.identity"),
+                    field(&e, "dst.original"),
+                    x.client.name(),
+                    traffic(&e),
+                ),
+            );
+            self.check(field(&e, "error").is_empty(), || {
+                format!(
+                    "outbound relay for {} ended with {}",
+                    x.title,
+                    field(&e, "error")
+                )
+            });
         } else {
-            say("outbound", &format!("not caught: {} is not enrolled, its connect() went straight out", x.client.name()));
+            say(
+                "outbound",
+                &format!(
+                    "not caught: {} is not enrolled, its connect() went straight out",
+                    x.client.name()
+                ),
+            );
         }
         if x.inbound_captured {
             let e = events.next().context("inbound event")?;
-            let src_ip = ip_of(field(&e, "src.addr")).map(|ip| ip.to_string()).unwrap_or_default();
+            let src_ip = ip_of(field(&e, "src.addr"))
+                .map(|ip| ip.to_string())
+                .unwrap_or_default();
             let from = match short(field(&e, "src.pod")) {
                 "" => format!("{src_ip}, no pod the agent knows"),
                 pod if x.outbound_captured => format!("{src_ip}, {pod}"),
                 pod => format!("{src_ip}, {pod}, not enrolled"),
             };
-            say("inbound", &format!(
-                "{}'s inbound side caught it{} (from {from}) and relayed {} to the app on :{APP_PORT}",
-                x.server.name(),
-                if x.outbound_captured { " again" } else { "" },
-                traffic(&e),
-            ));
-            self.check(field(&e, "error").is_empty(), || format!("inbound relay for {} ended with {}", x.title, field(&e, "error")));
+            say(
+                "inbound",
+                &format!(
+                    "{}'s inbound side caught it{} (from {from}) and relayed {} to the app on :{APP_PORT}",
+                    x.server.name(),
+                    if x.outbound_captured { " again" } else { "" },
+                    traffic(&e),
+                ),
+            );
+            self.check(field(&e, "error").is_empty(), || {
+                format!(
+                    "inbound relay for {} ended with {}",
+                    x.title,
+                    field(&e, "error")
+                )
+            });
         } else {
-            say("inbound", &format!("not caught: {} is not enrolled, the connection went straight to the app", x.server.name()));
+            say(
+                "inbound",
+                &format!(
+                    "not caught: {} is not enrolled, the connection went straight to the app",
+                    x.server.name()
+                ),
+            );
         }
 
         // peer-echo's answer: "peer=IP:PORT local=IP:PORT".
@@ -760,22 +937,39 @@ impl Demo {
         match (addr("peer="), addr("local=")) {
             (Some(peer), Some(local)) => {
                 let real = peer.ip() == client_ip;
-                say("server", &format!(
-                    "peer-echo in {} saw the client as {peer}{}{}",
-                    x.server.name(),
-                    if real { format!(": {}'s real address", x.client.name()) } else { format!(", not {}'s address {client_ip}!", x.client.name()) },
-                    if local.ip().is_loopback() && !self.loopback_explained {
-                        format!(" (and itself as {local}: the agent hands connections to the app over the pod's loopback)")
-                    } else {
-                        String::new()
-                    },
-                ));
+                say(
+                    "server",
+                    &format!(
+                        "peer-echo in {} saw the client as {peer}{}{}",
+                        x.server.name(),
+                        if real {
+                            format!(": {}'s real address", x.client.name())
+                        } else {
+                            format!(", not {}'s address {client_ip}!", x.client.name())
+                        },
+                        if local.ip().is_loopback() && !self.loopback_explained {
+                            format!(
+                                " (and itself as {local}: the agent hands connections to the app over the pod's loopback)"
+                            )
+                        } else {
+                            String::new()
+                        },
+                    ),
+                );
                 self.loopback_explained |= local.ip().is_loopback();
-                self.check(real, || format!("{} saw {} instead of {client_ip}", x.server.name(), peer.ip()));
+                self.check(real, || {
+                    format!(
+                        "{} saw {} instead of {client_ip}",
+                        x.server.name(),
+                        peer.ip()
+                    )
+                });
             }
             _ => {
                 say("server", &format!("answered {:?}", got.body));
-                self.check(false, || format!("unexpected answer from {}: {:?}", x.server.name(), got.body));
+                self.check(false, || {
+                    format!("unexpected answer from {}: {:?}", x.server.name(), got.body)
+                });
             }
         }
         Ok(())
@@ -783,7 +977,11 @@ impl Demo {
 }
 
 fn millis(ms: u64) -> String {
-    if ms == 0 { "under 1 ms".to_string() } else { format!("{ms} ms") }
+    if ms == 0 {
+        "under 1 ms".to_string()
+    } else {
+        format!("{ms} ms")
+    }
 }
 
 /// "79 B up / 127 B down in 1 ms", plus the error if the relay ended with one.

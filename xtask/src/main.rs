@@ -12,7 +12,10 @@ mod util;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Trellis build, test, demo and benchmark tasks")]
+#[command(
+    name = "cargo xtask",
+    about = "Trellis build, test, demo and benchmark tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,9 +1,5 @@
 //! Small helpers shared by the xtask commands.
-use std::{
-    ffi::OsStr,
-    path::PathBuf,
-    process::Command,
-};
+use std::{ffi::OsStr, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 
@@ -25,7 +21,9 @@ pub fn workspace_root() -> anyhow::Result<PathBuf> {
 pub fn cargo_bin_dir() -> PathBuf {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
+        });
     home.join("bin")
 }
 
@@ -46,11 +44,15 @@ pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
 pub fn cargo_with_env(args: &[&str], env: &[(&str, &OsStr)]) -> anyhow::Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(args).current_dir(workspace_root()?).env("PATH", path_with_cargo_bin());
+    cmd.args(args)
+        .current_dir(workspace_root()?)
+        .env("PATH", path_with_cargo_bin());
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let status = cmd.status().with_context(|| format!("running cargo {}", args.join(" ")))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
     if !status.success() {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }

@@ -31,7 +31,11 @@ fn main() {
     for stream in listener.incoming().flatten() {
         let mode = mode.clone();
         thread::spawn(move || {
-            let _ = if mode == "http" { serve_http(stream) } else { echo(stream) };
+            let _ = if mode == "http" {
+                serve_http(stream)
+            } else {
+                echo(stream)
+            };
         });
     }
 }
@@ -47,7 +51,11 @@ fn serve_http(mut stream: TcpStream) -> std::io::Result<()> {
         }
         request.extend_from_slice(&buf[..n]);
     }
-    let body = format!("peer={} local={}\n", stream.peer_addr()?, stream.local_addr()?);
+    let body = format!(
+        "peer={} local={}\n",
+        stream.peer_addr()?,
+        stream.local_addr()?
+    );
     let response = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
