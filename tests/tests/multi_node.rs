@@ -466,3 +466,90 @@ fn certificates_rotate_under_live_traffic() -> anyhow::Result<()> {
     ensure!(fresh >= 5, "only {fresh} new connections were tried");
     Ok(())
 }
+
+const HBONE_PROBE: &str = env!("CARGO_BIN_EXE_hbone-probe");
+
+fn probe(pod: &Pod, args: &[&str]) -> anyhow::Result<String> {
+    let out = pod.command(HBONE_PROBE)?.args(args).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn bad_hbone_input_is_refused_and_the_agent_keeps_serving() -> anyhow::Result<()> {
+    let t = two_nodes("badinput")?;
+    let _server = http_server(&t.server, APP_PORT)?;
+    let (_a1, mut a2) = t.agents("", "")?;
+    let target = format!("{}:15008", t.server.ip);
+    let ca_dir = t.fleet_ca.display().to_string();
+    let frontend = "spiffe://cluster.local/ns/shop/sa/frontend";
+    let refused = |a: &Agent| a.count_events(|e| message(e).starts_with("HBONE request refused"));
+
+    // Not TLS at all.
+    ensure!(
+        probe(&t.client, &["garbage", &target])? == "closed",
+        "the agent kept a garbage connection open"
+    );
+    a2.wait_for_event("the handshake failure log", |e| {
+        message(e) == "HBONE TLS handshake failed"
+    })?;
+
+    // A valid identity asking for a pod that is not on this node.
+    let elsewhere = format!("{}:{APP_PORT}", t.client.ip);
+    let out = probe(
+        &t.client,
+        &[
+            "connect",
+            &target,
+            &elsewhere,
+            "--ca-dir",
+            &ca_dir,
+            "--identity",
+            frontend,
+        ],
+    )?;
+    ensure!(out == "status=404", "CONNECT to a pod elsewhere: {out}");
+    ensure!(refused(&a2) == 1, "no refusal logged:\n{}", a2.log_text());
+
+    // An oversized header block.
+    let here = format!("{}:{APP_PORT}", t.server.ip);
+    let out = probe(
+        &t.client,
+        &[
+            "connect",
+            &target,
+            &here,
+            "--ca-dir",
+            &ca_dir,
+            "--identity",
+            frontend,
+            "--header-bytes",
+            "32768",
+        ],
+    )?;
+    ensure!(out == "status=431", "oversized headers: {out}");
+    ensure!(
+        refused(&a2) == 2,
+        "no refusal logged for the oversized header block"
+    );
+
+    // The same request with normal headers is served, and so is ordinary mesh traffic.
+    let out = probe(
+        &t.client,
+        &[
+            "connect",
+            &target,
+            &here,
+            "--ca-dir",
+            &ca_dir,
+            "--identity",
+            frontend,
+        ],
+    )?;
+    ensure!(out == "status=200", "a well-formed CONNECT: {out}");
+    let (code, body) = t.client.curl(&t.url())?;
+    ensure!(
+        code == 200 && seen_peer(&body)?.ip() == t.client.ip,
+        "{code} {body}"
+    );
+    Ok(())
+}

@@ -6,8 +6,8 @@
 //! Refusals (each answered on the stream and logged; the connection and the agent go on):
 //! not CONNECT → 405; an authority that is not `ip:port` → 400; a destination that is not
 //! this pod → 404 (including pods on other nodes); denied by policy → 403; app not
-//! answering → 503. A TLS handshake that fails (garbage, no or foreign certificate) closes
-//! the connection. Header blocks are capped at 16 KiB.
+//! answering → 503; a header block over 16 KiB → 431. A TLS handshake that fails (garbage,
+//! no or foreign certificate) closes the connection.
 use std::{
     net::SocketAddr,
     sync::Arc,
@@ -24,8 +24,11 @@ use tracing::{debug, warn};
 use super::{Direction, Path, Peers, PodContext, ProxyInputs, deliver, log_connection, relay};
 use crate::{state::Identity, tls};
 
-/// Largest accepted HTTP/2 header block.
-const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// Largest header block the agent serves (counted as HTTP/2 does: name + value + 32 per
+/// field); a larger one gets 431 and a log line.
+const MAX_HEADER_BLOCK: usize = 16 * 1024;
+/// Hard cap at the HTTP/2 layer, above which the codec refuses the stream by itself.
+const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 /// A client must finish the TLS handshake within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -103,6 +106,17 @@ async fn serve_stream(
         warn!(pod = %pod.workload.key, peer = %peer, src.identity = %peer_identity, uri = %request.uri(), status = code.as_u16(), "HBONE request refused: {why}");
         status(code)
     };
+    let header_block: usize = request
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 32)
+        .sum();
+    if header_block > MAX_HEADER_BLOCK {
+        return refuse(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "the header block is too large",
+        );
+    }
     if request.method() != Method::CONNECT {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served");
     }
