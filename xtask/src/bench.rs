@@ -5,9 +5,12 @@
 //! builds, like the agent. Each scenario is one [`Row`]:
 //!
 //! - `pod-direct`: no agent running, pods not enrolled: veth to bridge to veth.
-//! - `pod-agent`: the agent runs with both pods enrolled: client app -> connect4 redirect ->
-//!   agent outbound (in the client pod) -> server pod IP, captured by sk_lookup -> agent
-//!   inbound (in the server pod) -> server app on 127.0.0.1.
+//! - `pod-agent`: the agent runs with both pods enrolled: the client app's connect is
+//!   redirected (connect4) to the agent's outbound listener in the client pod, and the agent
+//!   carries it to the server app (which path it takes, e.g. in-process delivery to a local
+//!   pod or a second hop through the server pod's inbound listener, is the agent's business;
+//!   the notes under the table count the agent's logged connections per direction and path,
+//!   and the scenario fails if the agent relayed nothing).
 //!
 //! Measurements per scenario, each bounded by `--seconds` and a count:
 //!
@@ -30,6 +33,7 @@
 //! a scenario, write a function that sets it up and calls [`measure`], and list it in
 //! [`SCENARIOS`]; ratios are printed against `pod-direct`.
 use std::{
+    collections::BTreeMap,
     fs,
     io::{BufRead as _, BufReader, Read as _},
     net::SocketAddr,
@@ -53,6 +57,8 @@ const SERVER_PORT: u16 = 7070;
 const SERVER_START_DEADLINE: Duration = Duration::from_secs(10);
 /// Slack on top of `--seconds` before a client run is killed as hung.
 const CLIENT_SLACK: Duration = Duration::from_secs(45);
+/// Above this share of the machine's CPU used by other processes, a scenario is flagged.
+const NOISE_THRESHOLD: f64 = 0.10;
 /// Name of the reference scenario the others are compared with.
 const BASELINE: &str = "pod-direct";
 
@@ -92,6 +98,8 @@ pub struct Row {
 struct Measured {
     row: Row,
     notes: Vec<String>,
+    /// Share of the machine's CPU that processes outside the pods and the agent used.
+    others_share: f64,
 }
 
 /// What every scenario runs with.
@@ -158,11 +166,24 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     print_results(&args, &results);
+    let noisy: Vec<&str> = results
+        .iter()
+        .filter(|m| m.others_share > NOISE_THRESHOLD)
+        .map(|m| m.row.scenario.as_str())
+        .collect();
+    if !noisy.is_empty() {
+        println!(
+            "warning: other processes on this machine used more than {:.0}% of its CPU during {}: those figures are noisy",
+            NOISE_THRESHOLD * 100.0,
+            noisy.join(", ")
+        );
+    }
     let rows: Vec<Row> = results.iter().map(|m| m.row.clone()).collect();
     let out_dir = root.join("target/bench");
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let out = out_dir.join("latest.json");
-    fs::write(&out, serde_json::to_string_pretty(&rows)? + "\n").with_context(|| format!("writing {}", out.display()))?;
+    fs::write(&out, serde_json::to_string_pretty(&rows)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
     println!("\nwrote {}", out.display());
     Ok(())
 }
@@ -188,22 +209,44 @@ fn pod_agent(bench: &Bench) -> anyhow::Result<Measured> {
     let mut agent = Agent::start("bench", &config)?;
     let pid = agent.pid().context("the agent is not running")?;
     let measured = probe(bench).and_then(|()| measure(bench, "pod-agent", Some(pid)));
-    let mut measured = measured.map_err(|e| e.context(format!("agent log tail:\n{}", tail(&agent.log_text(), 20))))?;
+    let mut measured = measured
+        .map_err(|e| e.context(format!("agent log tail:\n{}", tail(&agent.log_text(), 20))))?;
     // Make sure the traffic really crossed the agent (a silent bypass would look great).
-    let relayed = |direction: &str| {
-        agent.count_events(|e| agent::message(e) == "connection closed" && agent::field(e, "direction") == direction)
-    };
-    let (outbound, inbound) = (relayed("outbound"), relayed("inbound"));
-    let failed = agent.count_events(|e| agent::message(e) == "connection closed" && !agent::field(e, "error").is_empty());
-    if outbound == 0 || inbound == 0 {
+    let closed: Vec<Value> = agent
+        .events()
+        .into_iter()
+        .filter(|e| agent::message(e) == "connection closed")
+        .collect();
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &closed {
+        let path = agent::field(e, "path");
+        let kind = if path.is_empty() {
+            agent::field(e, "direction").to_string()
+        } else {
+            format!("{} {path}", agent::field(e, "direction"))
+        };
+        *kinds.entry(kind).or_default() += 1;
+    }
+    let outbound: usize = kinds
+        .iter()
+        .filter(|(k, _)| k.starts_with("outbound"))
+        .map(|(_, n)| n)
+        .sum();
+    if outbound == 0 {
         bail!(
-            "the agent relayed {outbound} outbound and {inbound} inbound connections: traffic bypassed it\nagent log tail:\n{}",
+            "the agent relayed no outbound connection: traffic bypassed it\nagent log tail:\n{}",
             tail(&agent.log_text(), 20)
         );
     }
-    measured
-        .notes
-        .push(format!("agent relayed {outbound} outbound / {inbound} inbound connections, {failed} closed with an error"));
+    let failed = closed
+        .iter()
+        .filter(|e| !agent::field(e, "error").is_empty())
+        .count();
+    let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    measured.notes.push(format!(
+        "pod-agent: agent logged {}; {failed} closed with an error",
+        kinds.join(", ")
+    ));
     agent.terminate().context("stopping the agent")?;
     Ok(measured)
 }
@@ -215,14 +258,22 @@ fn pod_agent(bench: &Bench) -> anyhow::Result<Measured> {
 /// the agent's CPU per request and its memory.
 fn measure(bench: &Bench, scenario: &str, agent_pid: Option<u32>) -> anyhow::Result<Measured> {
     let mut notes = Vec::new();
+    // The pods' cgroups share a parent (the node's).
+    let pods_cgroup = bench
+        .client
+        .cgroup
+        .parent()
+        .context("the client pod's cgroup has no parent")?;
+    let start = CpuSnapshot::take(pods_cgroup, agent_pid)?;
 
     let cpu_before = agent_pid.map(cpu_ticks).transpose()?;
     let rr = request_response(bench)?;
     let cpu_after = agent_pid.map(cpu_ticks).transpose()?;
     let cpu_us_per_req = match (cpu_before, cpu_after) {
-        (Some(before), Some(after)) if rr.requests > 0 => {
-            Some(round((after - before) as f64 * 1e6 / clock_ticks_per_second() / rr.requests as f64, 2))
-        }
+        (Some(before), Some(after)) if rr.requests > 0 => Some(round(
+            (after - before) as f64 * 1e6 / clock_ticks_per_second() / rr.requests as f64,
+            2,
+        )),
         _ => None,
     };
     notes.push(format!(
@@ -230,9 +281,18 @@ fn measure(bench: &Bench, scenario: &str, agent_pid: Option<u32>) -> anyhow::Res
         rr.requests, bench.args.connections, rr.seconds, rr.max_us
     ));
 
+    let cpu_before = agent_pid.map(cpu_ticks).transpose()?;
     let conn = connection_rate(bench)?;
+    let cpu_after = agent_pid.map(cpu_ticks).transpose()?;
+    let agent_cpu_per_conn = match (cpu_before, cpu_after) {
+        (Some(before), Some(after)) => format!(
+            ", agent CPU {:.0} µs/connection",
+            (after - before) as f64 * 1e6 / clock_ticks_per_second() / conn.completed as f64
+        ),
+        _ => String::new(),
+    };
     notes.push(format!(
-        "conn: {} connections in {:.2} s, per connection p50 {:.0} µs p99 {:.0} µs max {:.0} µs, {} errors ({} EADDRNOTAVAIL){}",
+        "conn: {} connections in {:.2} s, per connection p50 {:.0} µs p99 {:.0} µs max {:.0} µs, {} errors ({} EADDRNOTAVAIL){}{agent_cpu_per_conn}",
         conn.completed,
         conn.seconds,
         conn.p50_us,
@@ -244,10 +304,20 @@ fn measure(bench: &Bench, scenario: &str, agent_pid: Option<u32>) -> anyhow::Res
     ));
 
     let stream = stream(bench)?;
-    notes.push(format!("stream: {:.2} GB in {:.2} s", stream.bytes as f64 / 1e9, stream.seconds));
+    notes.push(format!(
+        "stream: {:.2} GB in {:.2} s",
+        stream.bytes as f64 / 1e9,
+        stream.seconds
+    ));
 
     let rss_kb = agent_pid.map(rss_kb).transpose()?;
+    let others_share = start.others_share_since(&CpuSnapshot::take(pods_cgroup, agent_pid)?);
+    notes.push(format!(
+        "other processes used {:.0}% of the machine's CPU meanwhile",
+        others_share * 100.0
+    ));
     Ok(Measured {
+        others_share,
         row: Row {
             scenario: scenario.to_string(),
             rps: Some(round(rr.rps, 1)),
@@ -258,7 +328,10 @@ fn measure(bench: &Bench, scenario: &str, agent_pid: Option<u32>) -> anyhow::Res
             cpu_us_per_req,
             rss_kb,
         },
-        notes: notes.into_iter().map(|n| format!("{scenario}: {n}")).collect(),
+        notes: notes
+            .into_iter()
+            .map(|n| format!("{scenario}: {n}"))
+            .collect(),
     })
 }
 
@@ -276,7 +349,10 @@ fn request_response(bench: &Bench) -> anyhow::Result<RequestResponse> {
     let v = run_client(bench, "rr", bench.args.max_requests, bench.args.seconds)?;
     let requests = u(&v, "requests")?;
     if requests == 0 || u(&v, "errors")? > 0 {
-        bail!("request/response failed after {requests} requests: {}", v["first_error"]);
+        bail!(
+            "request/response failed after {requests} requests: {}",
+            v["first_error"]
+        );
     }
     Ok(RequestResponse {
         requests,
@@ -302,7 +378,12 @@ struct ConnectionRate {
 
 /// New connection per exchange; the server closes first.
 fn connection_rate(bench: &Bench) -> anyhow::Result<ConnectionRate> {
-    let v = run_client(bench, "conn", bench.args.max_connections, bench.args.seconds)?;
+    let v = run_client(
+        bench,
+        "conn",
+        bench.args.max_connections,
+        bench.args.seconds,
+    )?;
     let completed = u(&v, "completed")?;
     if completed == 0 {
         bail!("no connection completed: {}", v["first_error"]);
@@ -346,9 +427,14 @@ fn stream(bench: &Bench) -> anyhow::Result<Stream> {
 /// A short request/response run that fails the scenario early and clearly if the server
 /// cannot be reached; it also warms up whatever sits on the path.
 fn probe(bench: &Bench) -> anyhow::Result<()> {
-    let v = run_client(bench, "rr", 10_000, 0.3).context("probing the server from the client pod")?;
+    let v =
+        run_client(bench, "rr", 10_000, 0.3).context("probing the server from the client pod")?;
     if u(&v, "requests")? == 0 || u(&v, "errors")? > 0 {
-        bail!("the client pod cannot reach {}: {}", bench.target, v["first_error"]);
+        bail!(
+            "the client pod cannot reach {}: {}",
+            bench.target,
+            v["first_error"]
+        );
     }
     Ok(())
 }
@@ -364,12 +450,22 @@ fn run_client(bench: &Bench, mode: &str, max: u64, seconds: f64) -> anyhow::Resu
         cmd.args(["--max", &max.to_string()]);
     }
     let deadline = Duration::from_secs_f64(seconds) + CLIENT_SLACK;
-    let (status, stdout, stderr) = run_with_deadline(cmd, deadline).with_context(|| format!("meshbench client {mode}"))?;
+    let (status, stdout, stderr) =
+        run_with_deadline(cmd, deadline).with_context(|| format!("meshbench client {mode}"))?;
     if !status.success() {
-        bail!("meshbench client {mode} failed ({status}): {}", stderr.trim());
+        bail!(
+            "meshbench client {mode} failed ({status}): {}",
+            stderr.trim()
+        );
     }
-    let line = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or("");
-    serde_json::from_str(line).with_context(|| format!("meshbench client {mode} printed no JSON result: {stdout:?} {stderr:?}"))
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("");
+    serde_json::from_str(line).with_context(|| {
+        format!("meshbench client {mode} printed no JSON result: {stdout:?} {stderr:?}")
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -422,14 +518,21 @@ fn start_server(pod: &Pod, meshbench: &Path) -> anyhow::Result<Process> {
             bail!("the meshbench server exited before listening ({status})");
         }
         if Instant::now() >= deadline {
-            bail!("the meshbench server did not print `listening` within {SERVER_START_DEADLINE:?}");
+            bail!(
+                "the meshbench server did not print `listening` within {SERVER_START_DEADLINE:?}"
+            );
         }
     }
 }
 
 /// Runs `cmd` to completion, killing it if it outlives `deadline`; returns its status and output.
-fn run_with_deadline(mut cmd: Command, deadline: Duration) -> anyhow::Result<(std::process::ExitStatus, String, String)> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+fn run_with_deadline(
+    mut cmd: Command,
+    deadline: Duration,
+) -> anyhow::Result<(std::process::ExitStatus, String, String)> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut process = Process {
         child: cmd.spawn().context("starting the process")?,
     };
@@ -467,12 +570,85 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     // Fields after the command name (which may contain spaces) start at field 3 (state);
     // utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("unexpected /proc/PID/stat format")?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("unexpected /proc/PID/stat format")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let field = |i: usize| -> anyhow::Result<u64> {
-        fields.get(i).context("short /proc/PID/stat")?.parse().context("parsing /proc/PID/stat")
+        fields
+            .get(i)
+            .context("short /proc/PID/stat")?
+            .parse()
+            .context("parsing /proc/PID/stat")
     };
     Ok(field(11)? + field(12)?)
+}
+
+/// CPU time accounting over a scenario, to tell how much of the machine other processes
+/// (outside the pods and the agent) took while it ran.
+struct CpuSnapshot {
+    at: Instant,
+    machine_s: f64,
+    pods_s: f64,
+    agent_s: f64,
+}
+
+impl CpuSnapshot {
+    fn take(pods_cgroup: &Path, agent_pid: Option<u32>) -> anyhow::Result<Self> {
+        Ok(Self {
+            at: Instant::now(),
+            machine_s: machine_busy_seconds()?,
+            pods_s: cgroup_cpu_seconds(pods_cgroup)?,
+            agent_s: agent_pid.map(cpu_ticks).transpose()?.unwrap_or(0) as f64
+                / clock_ticks_per_second(),
+        })
+    }
+
+    /// Share of the machine's CPU capacity used by everything else since `self`.
+    fn others_share_since(&self, now: &CpuSnapshot) -> f64 {
+        let cpus = thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1) as f64;
+        let capacity = now.at.duration_since(self.at).as_secs_f64() * cpus;
+        let others = (now.machine_s - self.machine_s)
+            - (now.pods_s - self.pods_s)
+            - (now.agent_s - self.agent_s);
+        if capacity > 0.0 {
+            (others / capacity).max(0.0)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Busy CPU time of the whole machine (all CPUs) so far, in seconds, from /proc/stat.
+fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: everything but idle and iowait.
+    let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum();
+    Ok(busy as f64 / clock_ticks_per_second())
+}
+
+/// CPU time used so far by everything in a cgroup v2 subtree, in seconds.
+fn cgroup_cpu_seconds(dir: &Path) -> anyhow::Result<f64> {
+    let path = dir.join("cpu.stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let usec: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no usage_usec in {}", path.display()))?;
+    Ok(usec as f64 / 1e6)
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -524,12 +700,21 @@ fn print_results(args: &BenchArgs, results: &[Measured]) {
                 opt(r.conn_per_s, 0),
                 opt(r.gbit_s, 2),
                 opt(r.cpu_us_per_req, 1),
-                r.rss_kb.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+                r.rss_kb
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
     let widths: Vec<usize> = (0..header.len())
-        .map(|i| cells.iter().map(|c| c[i].chars().count()).chain([header[i].chars().count()]).max().unwrap_or(0))
+        .map(|i| {
+            cells
+                .iter()
+                .map(|c| c[i].chars().count())
+                .chain([header[i].chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let line = |cols: Vec<String>| {
         let padded: Vec<String> = cols
@@ -537,13 +722,24 @@ fn print_results(args: &BenchArgs, results: &[Measured]) {
             .enumerate()
             .map(|(i, c)| {
                 let pad = widths[i].saturating_sub(c.chars().count());
-                if i == 0 { format!("{c}{}", " ".repeat(pad)) } else { format!("{}{c}", " ".repeat(pad)) }
+                if i == 0 {
+                    format!("{c}{}", " ".repeat(pad))
+                } else {
+                    format!("{}{c}", " ".repeat(pad))
+                }
             })
             .collect();
         println!("{}", padded.join(" | "));
     };
     line(header.iter().map(|s| s.to_string()).collect());
-    println!("{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("-|-"));
+    println!(
+        "{}",
+        widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("-|-")
+    );
     for c in &cells {
         line(c.to_vec());
     }
@@ -568,7 +764,8 @@ fn print_results(args: &BenchArgs, results: &[Measured]) {
 }
 
 fn opt(v: Option<f64>, decimals: usize) -> String {
-    v.map(|v| format!("{v:.decimals$}")).unwrap_or_else(|| "-".into())
+    v.map(|v| format!("{v:.decimals$}"))
+        .unwrap_or_else(|| "-".into())
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> String {
@@ -589,9 +786,13 @@ fn tail(text: &str, lines: usize) -> String {
 }
 
 fn u(v: &Value, key: &str) -> anyhow::Result<u64> {
-    v.get(key).and_then(Value::as_u64).with_context(|| format!("no integer `{key}` in {v}"))
+    v.get(key)
+        .and_then(Value::as_u64)
+        .with_context(|| format!("no integer `{key}` in {v}"))
 }
 
 fn f(v: &Value, key: &str) -> anyhow::Result<f64> {
-    v.get(key).and_then(Value::as_f64).with_context(|| format!("no number `{key}` in {v}"))
+    v.get(key)
+        .and_then(Value::as_f64)
+        .with_context(|| format!("no number `{key}` in {v}"))
 }
