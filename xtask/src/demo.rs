@@ -1,15 +1,22 @@
-//! `cargo xtask demo`: one node, three pods, the real agent, a little traffic, and the story
-//! of what happened, told from the agent's own log.
+//! `cargo xtask demo`: two nodes, four pods, one real agent per node, a little traffic, a
+//! live policy change, and the story of what happened, told from the agents' own logs.
 //!
-//! - `frontend` (shop/frontend) and `backend` (shop/backend) are enrolled in the mesh;
-//!   `legacy` (shop/legacy) is listed but not enrolled. `backend` and `legacy` run
-//!   `peer-echo`, which answers with the client address it sees.
-//! - Traffic: frontend -> backend (captured at both ends), legacy -> backend (captured on
-//!   arrival only), frontend -> legacy (captured on departure only).
-//! - A live config change unenrols frontend; frontend -> backend is then captured on arrival
-//!   only. A config with a typo is rejected and the last good one keeps serving.
-//! - Teardown: SIGTERM to the agent, servers stopped, the node removed, and a `bpftool`
-//!   check that none of the agent's `mesh_*` programs are left in the kernel.
+//! - Node 1: `frontend` (shop/frontend) and `backend` (shop/backend) are enrolled in the mesh,
+//!   `legacy` (shop/legacy) is listed but not enrolled. Node 2, linked to node 1 by a veth (the
+//!   "node network"): `payments` (billing/payments), enrolled. Each node runs its own agent;
+//!   both use one state directory, so they share one local CA (one trust root). `backend`,
+//!   `legacy` and `payments` run `peer-echo`, which answers with the client address it sees.
+//! - Traffic: frontend -> backend (same node: handed over inside the agent, one log line),
+//!   legacy -> backend (captured on arrival, no identity), frontend -> legacy (captured on
+//!   departure, plain TCP), frontend -> payments (HBONE: HTTP/2 CONNECT over mTLS, logged by
+//!   both agents with the identities each side proved), then once more over the same pooled
+//!   mTLS connection.
+//! - A live policy change on node 2 (payments admits only shop/checkout) refuses
+//!   frontend -> payments; node 2's "connection denied" line says who and why.
+//! - A live config change unenrols frontend on node 1; a config with a typo is rejected and
+//!   the last good one keeps serving.
+//! - Teardown: SIGTERM to both agents, servers stopped, nodes removed, and a `bpftool` check
+//!   that none of either agent's `mesh_*` programs are left in the kernel.
 //!
 //! Every resource is owned by a drop guard, so a failure anywhere still cleans up; every wait
 //! has a deadline.
@@ -17,7 +24,7 @@ use std::{
     collections::BTreeSet,
     io::{BufRead as _, BufReader, Read as _},
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::{
         Arc,
@@ -32,18 +39,22 @@ use anyhow::{Context as _, anyhow, bail};
 use mesh_tests::{
     Agent, Node, Pod,
     agent::{AGENT_DEADLINE, config_doc, field, message, number},
+    node::NodeLink,
     wait_until,
 };
 use serde_json::Value;
 
 use crate::{setup, util};
 
-/// The port both demo servers listen on.
+/// The port the demo servers listen on.
 const APP_PORT: u16 = 8080;
-/// Kubernetes-style namespace of all three pods.
-const NAMESPACE: &str = "shop";
-/// Node name in the agent's config.
-const NODE_NAME: &str = "demo-node";
+/// The agents' HBONE port (mesh-common's `HBONE_PORT`), for the story.
+const HBONE_PORT: u16 = 15008;
+/// The trust domain `config_doc` writes.
+const TRUST_DOMAIN: &str = "cluster.local";
+/// The AuthorizationPolicy added on node 2, and the only principal it admits.
+const POLICY_NAME: &str = "payments-allow-checkout";
+const CHECKOUT: &str = "cluster.local/ns/shop/sa/checkout";
 /// Width the story is wrapped to when stdout is not a terminal.
 const DEFAULT_WIDTH: usize = 92;
 /// Label column of the story's per-connection lines.
@@ -64,20 +75,21 @@ pub fn run() -> anyhow::Result<()> {
     mesh_tests::require_privileges()
         .context("the demo needs the same privileges as the end-to-end tests")?;
     build()?;
-    for bin in [&agent_bin, &root.join("target/debug/peer-echo")] {
+    let peer_echo = root.join("target/debug/peer-echo");
+    for bin in [&agent_bin, &peer_echo] {
         if !bin.is_file() {
             bail!("{} is missing after the build", bin.display());
         }
     }
     // From here on, Ctrl-C must not skip the cleanup: the first one is only recorded (the
-    // agent, the servers and curl, in the same process group, receive it and stop, so the
+    // agents, the servers and curl, in the same process group, receive it and stop, so the
     // step in progress fails and the drop guards run); a second one ends the demo at once.
     // SAFETY: the handler only stores to an atomic and resets the disposition, both
     // async-signal-safe.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
-    let result = Demo::new().run(&root.join("target/debug/peer-echo"));
+    let result = Demo::new().run(&peer_echo);
     if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted (Ctrl-C); the demo's node, pods, servers and agent have been removed");
+        bail!("interrupted (Ctrl-C); the demo's nodes, pods, servers and agents have been removed");
     }
     result
 }
@@ -90,7 +102,8 @@ extern "C" fn on_sigint(_: libc::c_int) {
     unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
 }
 
-/// Builds the agent (with its eBPF programs) and the test binaries (peer-echo).
+/// Builds the agent (with its eBPF programs) and the peer-echo server; only the binaries the
+/// demo runs, so work in progress elsewhere in mesh-tests does not hold it up.
 fn build() -> anyhow::Result<()> {
     util::step(
         "building mesh-agent with its eBPF programs, and the peer-echo server (a few minutes the first time)",
@@ -117,13 +130,23 @@ fn build() -> anyhow::Result<()> {
             }
         })
     });
-    let result = util::cargo(&["build", "-p", "mesh-agent", "-p", "mesh-tests"]);
+    let result = util::cargo(&[
+        "build",
+        "-p",
+        "mesh-agent",
+        "-p",
+        "mesh-tests",
+        "--bin",
+        "mesh-agent",
+        "--bin",
+        "peer-echo",
+    ]);
     done.store(true, Ordering::Relaxed);
     if let Some(h) = heartbeat {
         h.thread().unpark();
         let _ = h.join();
     }
-    result.context("building the agent and the demo servers")
+    result.context("building the agent and the demo server")
 }
 
 /// A `peer-echo http` server running in a pod; killed when dropped.
@@ -180,10 +203,32 @@ impl Drop for Server {
     }
 }
 
+/// A directory removed (with its contents) when dropped: the fleet's shared CA lives here.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("trellis-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// One demo pod: the harness pod plus what the demo knows about it.
 struct DemoPod {
     pod: Pod,
+    /// "node 1" or "node 2", as the story calls them.
+    node: &'static str,
+    namespace: &'static str,
     service_account: &'static str,
+    /// Whether the pod starts out enrolled.
+    enrolled: bool,
 }
 
 impl DemoPod {
@@ -191,14 +236,94 @@ impl DemoPod {
         &self.pod.name
     }
 
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(self.pod.ip), APP_PORT)
+    fn ip(&self) -> IpAddr {
+        IpAddr::V4(self.pod.ip)
     }
 
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip(), APP_PORT)
+    }
+
+    /// `namespace/name`, as the agent logs pods.
+    fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name())
+    }
+
+    /// The SPIFFE identity the mesh gives the pod.
+    fn identity(&self) -> String {
+        format!(
+            "spiffe://{TRUST_DOMAIN}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
+    }
+
+    /// The entry in its own node's config.
     fn entry(&self, enrolled: bool) -> String {
         self.pod
-            .config_entry(NAMESPACE, self.service_account, enrolled)
+            .config_entry(self.namespace, self.service_account, enrolled)
     }
+
+    /// The entry in the other node's config: where it runs and who it is.
+    fn remote_entry(&self, runs_on: &Node) -> String {
+        self.pod
+            .remote_config_entry(self.namespace, self.service_account, runs_on)
+    }
+}
+
+/// One node's agent, as the story names it.
+#[derive(Clone, Copy)]
+struct Side<'a> {
+    agent: &'a Agent,
+    node: &'static str,
+}
+
+/// The kinds of "connection closed" line a connection can produce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hop {
+    /// Between two enrolled pods of one node: handed over inside the agent, one line.
+    Local,
+    /// From an enrolled pod to something outside the mesh.
+    OutboundPassthrough,
+    /// To an enrolled pod from a client outside the mesh.
+    InboundPassthrough,
+    /// To an enrolled pod on another node: the client side of the HBONE tunnel.
+    HboneOut,
+    /// From an enrolled pod on another node: the server side of the HBONE tunnel.
+    HboneIn,
+}
+
+impl Hop {
+    fn direction(self) -> &'static str {
+        match self {
+            Hop::Local | Hop::OutboundPassthrough | Hop::HboneOut => "outbound",
+            Hop::InboundPassthrough | Hop::HboneIn => "inbound",
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Hop::Local => "local",
+            Hop::OutboundPassthrough | Hop::InboundPassthrough => "passthrough",
+            Hop::HboneOut | Hop::HboneIn => "hbone",
+        }
+    }
+
+    fn security(self) -> &'static str {
+        match self {
+            Hop::HboneOut | Hop::HboneIn => "mutual_tls",
+            _ => "none",
+        }
+    }
+}
+
+/// One request the demo sends, and the log lines it should produce.
+struct Exchange<'a> {
+    title: &'a str,
+    client: &'a DemoPod,
+    server: &'a DemoPod,
+    hops: Vec<(Side<'a>, Hop)>,
+    /// Check everything, but leave the telling to the caller.
+    quiet: bool,
 }
 
 /// What curl in a pod saw.
@@ -210,7 +335,8 @@ struct CurlResult {
     seconds: f64,
 }
 
-fn curl(pod: &Pod, url: &str) -> anyhow::Result<CurlResult> {
+/// Runs curl in `pod`; the inner error is curl's own message when the request failed.
+fn curl(pod: &Pod, url: &str) -> anyhow::Result<Result<CurlResult, String>> {
     let out = pod
         .command("curl")?
         .args([
@@ -225,11 +351,7 @@ fn curl(pod: &Pod, url: &str) -> anyhow::Result<CurlResult> {
         .output()
         .context("running curl in the pod")?;
     if !out.status.success() {
-        bail!(
-            "curl {url} from pod {} failed: {}",
-            pod.name,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        return Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
     }
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, tail) = text
@@ -239,7 +361,7 @@ fn curl(pod: &Pod, url: &str) -> anyhow::Result<CurlResult> {
     let [status, ip, port, seconds] = parts[..] else {
         bail!("unexpected curl status line {tail:?}");
     };
-    Ok(CurlResult {
+    Ok(Ok(CurlResult {
         status: status.parse().context("curl's HTTP status")?,
         body: body.trim().to_string(),
         local: SocketAddr::new(
@@ -247,7 +369,7 @@ fn curl(pod: &Pod, url: &str) -> anyhow::Result<CurlResult> {
             port.parse().context("curl's local_port")?,
         ),
         seconds: seconds.parse().unwrap_or(0.0),
-    })
+    }))
 }
 
 /// A `mesh_*` eBPF program in the kernel, as `bpftool prog show` lists it.
@@ -305,6 +427,31 @@ fn log_tail(agent: &Agent) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
+/// Starts an agent on the fleet's shared state directory and returns it with the ids of the
+/// `mesh_*` programs it loaded: those its pid holds (bpftool shows holders when built with
+/// that support), else those that appeared since it started.
+fn start_agent(
+    name: &str,
+    config: &str,
+    state_dir: &Path,
+) -> anyhow::Result<(Agent, BTreeSet<u64>)> {
+    let before: BTreeSet<u64> = mesh_programs()?.into_iter().map(|p| p.id).collect();
+    let agent = Agent::start_with_state_dir(name, config, Some(state_dir))?;
+    let pid = u64::from(agent.pid().context("the agent is not running")?);
+    let ours = mesh_programs()?
+        .into_iter()
+        .filter(|p| {
+            if p.holders.is_empty() {
+                !before.contains(&p.id)
+            } else {
+                p.holders.iter().any(|(holder, _)| *holder == pid)
+            }
+        })
+        .map(|p| p.id)
+        .collect();
+    Ok((agent, ours))
+}
+
 /// Waits until the events logged after `from` contain, for each predicate, a distinct match;
 /// returns the matches in predicate order.
 fn wait_for_new_events(
@@ -344,6 +491,37 @@ fn wait_for_new_events(
             log_tail(agent)
         ))),
     }
+}
+
+/// Waits for one new event matching `wanted`.
+fn wait_for_new_event(
+    agent: &Agent,
+    from: usize,
+    what: &str,
+    wanted: &dyn Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    wait_for_new_events(agent, from, what, &[wanted])?
+        .pop()
+        .context("no event")
+}
+
+/// Rewrites the agent's config and waits until it is applied; fails if it is rejected.
+/// Returns the "config applied" event and how long the agent took to apply it.
+fn apply_config(agent: &Agent, config: &str, what: &str) -> anyhow::Result<(Value, Duration)> {
+    let before = agent.events().len();
+    let written = Instant::now();
+    agent.write_config(config)?;
+    let event = wait_for_new_event(agent, before, what, &|e: &Value| {
+        message(e) == "config applied" || message(e).starts_with("config rejected")
+    })?;
+    if message(&event) != "config applied" {
+        bail!(
+            "{what}: the agent rejected the config: {}: {}",
+            field(&event, "field"),
+            field(&event, "reason")
+        );
+    }
+    Ok((event, written.elapsed()))
 }
 
 fn is_connection(e: &Value, direction: &str) -> bool {
@@ -437,15 +615,6 @@ struct Demo {
     loopback_explained: bool,
 }
 
-/// One request the demo sends, and which of the agent's sides should catch it.
-struct Exchange<'a> {
-    title: &'a str,
-    client: &'a DemoPod,
-    server: &'a DemoPod,
-    outbound_captured: bool,
-    inbound_captured: bool,
-}
-
 impl Demo {
     fn new() -> Self {
         Self {
@@ -464,103 +633,209 @@ impl Demo {
     }
 
     fn run(mut self, peer_echo: &Path) -> anyhow::Result<()> {
-        util::step("creating the demo node: a network namespace with a bridge, and three pods");
-        let mut node = Node::new()?;
-        let frontend = DemoPod {
-            pod: node.add_pod("frontend")?,
-            service_account: "frontend",
+        util::step(
+            "creating two linked nodes (network namespaces with a bridge each) and four pods",
+        );
+        let mut n1 = Node::new()?;
+        let mut n2 = Node::new()?;
+        let link = n1.link(&n2)?;
+        let pod = |node: &mut Node, label, name, namespace, service_account, enrolled| {
+            Ok::<_, anyhow::Error>(DemoPod {
+                pod: node.add_pod(name)?,
+                node: label,
+                namespace,
+                service_account,
+                enrolled,
+            })
         };
-        let backend = DemoPod {
-            pod: node.add_pod("backend")?,
-            service_account: "backend",
-        };
-        let legacy = DemoPod {
-            pod: node.add_pod("legacy")?,
-            service_account: "legacy",
-        };
+        let frontend = pod(&mut n1, "node 1", "frontend", "shop", "frontend", true)?;
+        let backend = pod(&mut n1, "node 1", "backend", "shop", "backend", true)?;
+        let legacy = pod(&mut n1, "node 1", "legacy", "shop", "legacy", false)?;
+        let payments = pod(&mut n2, "node 2", "payments", "billing", "payments", true)?;
         util::step(&format!(
-            "starting peer-echo HTTP servers on :{APP_PORT} in backend and legacy"
+            "starting peer-echo HTTP servers on :{APP_PORT} in backend, legacy and payments"
         ));
         let backend_server = Server::start(&backend.pod, peer_echo)?;
         let legacy_server = Server::start(&legacy.pod, peer_echo)?;
+        let payments_server = Server::start(&payments.pod, peer_echo)?;
 
-        let config = |frontend_entry: String| {
+        // Each agent's config lists its own pods and, for routing, the other node's.
+        let config1 = |frontend_entry: String| {
             config_doc(
-                NODE_NAME,
-                &[frontend_entry, backend.entry(true), legacy.entry(false)],
+                &n1.id,
+                &[
+                    frontend_entry,
+                    backend.entry(true),
+                    legacy.entry(false),
+                    payments.remote_entry(&n2),
+                ],
             )
         };
-        let programs_before: BTreeSet<u64> = mesh_programs()?.into_iter().map(|p| p.id).collect();
-        util::step("starting mesh-agent with frontend and backend enrolled");
-        let mut agent = Agent::start("demo", &config(frontend.entry(true)))?;
-        let agent_pid = agent.pid().context("the agent is not running")?;
-        // The programs this agent loaded: held by its pid (bpftool shows holders when built
-        // with that support), else whatever appeared since it started.
-        let ours: BTreeSet<u64> = mesh_programs()?
-            .into_iter()
-            .filter(|p| {
-                if p.holders.is_empty() {
-                    !programs_before.contains(&p.id)
-                } else {
-                    p.holders
-                        .iter()
-                        .any(|(pid, _)| *pid == u64::from(agent_pid))
-                }
-            })
-            .map(|p| p.id)
-            .collect();
+        let config2 = |policies: &str| {
+            config_doc(
+                &n2.id,
+                &[
+                    payments.entry(true),
+                    frontend.remote_entry(&n1),
+                    backend.remote_entry(&n1),
+                ],
+            ) + policies
+        };
+        let fleet = TempDir::new("demo-fleet-ca")?;
+        util::step("starting one mesh-agent per node, both on one state directory (one shared CA)");
+        let (mut a1, ours1) = start_agent("demo-node1", &config1(frontend.entry(true)), &fleet.0)?;
+        let (mut a2, ours2) = start_agent("demo-node2", &config2(""), &fleet.0)?;
+        let ours: BTreeSet<u64> = ours1.union(&ours2).copied().collect();
+        let s1 = Side {
+            agent: &a1,
+            node: "node 1",
+        };
+        let s2 = Side {
+            agent: &a2,
+            node: "node 2",
+        };
 
         self.introduce(
-            &node,
-            [&frontend, &backend, &legacy],
-            &agent,
-            agent_pid,
-            ours.len(),
-        );
+            [&n1, &n2],
+            &link,
+            &[&frontend, &backend, &legacy, &payments],
+            [(s1, ours1.len()), (s2, ours2.len())],
+            &fleet.0,
+        )?;
 
         header("Traffic");
         para(
-            "Each request is one TCP connection. For each, the agent logs one \"connection closed\" line per side that caught it; here is what those lines say.",
+            "Each request is one TCP connection. The agents log one \"connection closed\" line per connection they carry: which way it went (outbound from the pod that called, or inbound to the pod called), its path (local, hbone or passthrough), its security, and who was at each end. Here is what those lines say.",
         );
-        self.exchange(
-            &agent,
-            Exchange {
-                title: "frontend -> backend   (both pods in the mesh)",
-                client: &frontend,
-                server: &backend,
-                outbound_captured: true,
-                inbound_captured: true,
+        self.exchange(Exchange {
+            title: "frontend -> backend    (same node, both in the mesh)",
+            client: &frontend,
+            server: &backend,
+            hops: vec![(s1, Hop::Local)],
+            quiet: false,
+        })?;
+        self.exchange(Exchange {
+            title: "legacy -> backend      (a client outside the mesh)",
+            client: &legacy,
+            server: &backend,
+            hops: vec![(s1, Hop::InboundPassthrough)],
+            quiet: false,
+        })?;
+        self.exchange(Exchange {
+            title: "frontend -> legacy     (a destination outside the mesh)",
+            client: &frontend,
+            server: &legacy,
+            hops: vec![(s1, Hop::OutboundPassthrough)],
+            quiet: false,
+        })?;
+        // Long after the first connection ended: the same-node handover must not have been
+        // captured a second time on arrival at backend.
+        let twice = a1
+            .events()
+            .iter()
+            .filter(|e| {
+                is_connection(e, "inbound") && ip_of(field(e, "src.addr")) == Some(frontend.ip())
+            })
+            .count();
+        self.check(twice == 0, || {
+            format!("{twice} connection(s) from frontend were also captured on arrival at node 1")
+        });
+        self.exchange(Exchange {
+            title: "frontend -> payments   (another node: HBONE over mutual TLS)",
+            client: &frontend,
+            server: &payments,
+            hops: vec![(s1, Hop::HboneOut), (s2, Hop::HboneIn)],
+            quiet: false,
+        })?;
+        let established = |a: &Agent| -> Vec<Value> {
+            a.events()
+                .into_iter()
+                .filter(|e| message(e) == "HBONE connection established")
+                .collect()
+        };
+        let tunnels = established(&a1);
+        if let Some(t) = tunnels.first() {
+            say(
+                "tunnel",
+                &format!(
+                    "node 1 logged \"HBONE connection established\": {} -> {}, to {} (payments' HBONE port), dialled from inside frontend's pod",
+                    field(t, "src.identity"),
+                    field(t, "dst.identity"),
+                    field(t, "peer"),
+                ),
+            );
+        }
+        self.check(
+            tunnels.len() == 1
+                && field(&tunnels[0], "src.identity") == frontend.identity()
+                && field(&tunnels[0], "dst.identity") == payments.identity(),
+            || {
+                format!(
+                    "node 1 logged {} \"HBONE connection established\" line(s) for frontend -> payments, expected one",
+                    tunnels.len()
+                )
             },
-        )?;
-        self.exchange(
-            &agent,
-            Exchange {
-                title: "legacy -> backend     (a client outside the mesh)",
-                client: &legacy,
-                server: &backend,
-                outbound_captured: false,
-                inbound_captured: true,
-            },
-        )?;
-        self.exchange(
-            &agent,
-            Exchange {
-                title: "frontend -> legacy    (a destination outside the mesh)",
-                client: &frontend,
-                server: &legacy,
-                outbound_captured: true,
-                inbound_captured: false,
-            },
+        );
+        self.exchange(Exchange {
+            title: "frontend -> payments   again",
+            client: &frontend,
+            server: &payments,
+            hops: vec![(s1, Hop::HboneOut), (s2, Hop::HboneIn)],
+            quiet: true,
+        })?;
+        let tunnels_after = established(&a1).len();
+        say(
+            "pool",
+            &format!(
+                "HTTP 200 again, logged by both agents over HBONE; node 1 logged \"HBONE connection established\" {} in all: {}",
+                times(tunnels_after),
+                if tunnels_after == 1 {
+                    "the second connection was one more HTTP/2 CONNECT stream on the pooled mTLS connection, no new handshake"
+                } else {
+                    "the pooled connection was not reused"
+                },
+            ),
+        );
+        self.check(tunnels_after == 1, || {
+            format!("the second request opened another HBONE connection ({tunnels_after} in all)")
+        });
+
+        header("A live policy change on node 2: payments admits checkout only");
+        let policy = format!(
+            "authorizationPolicies:\n  - name: {POLICY_NAME}\n    namespace: billing\n    selector: {{matchLabels: {{app: payments}}}}\n    action: ALLOW\n    rules:\n      - from: [{{source: {{principals: [\"{CHECKOUT}\"]}}}}]\n"
+        );
+        para(&format!(
+            "The demo appends an AuthorizationPolicy, in Istio's shape, to node 2's config ({}):",
+            a2.config_path.display()
+        ));
+        println!();
+        for line in policy.lines() {
+            println!("      {line}");
+        }
+        println!();
+        let (applied, took) = apply_config(&a2, &config2(&policy), "node 2 to apply the policy")?;
+        para(&format!(
+            "Node 2's agent, which watches the file, logged \"config applied\" {} ms later ({} pods, {} enrolled); nothing restarted. payments now has an ALLOW policy, so only the callers it names get in, and frontend is shop/frontend, not shop/checkout:",
+            took.as_millis(),
+            number(&applied, "pods").unwrap_or(0),
+            number(&applied, "enrolled").unwrap_or(0),
+        ));
+        self.refused(
+            "frontend -> payments   (after the policy change)",
+            &frontend,
+            &payments,
+            s1,
+            s2,
         )?;
 
         header("A live config change: frontend leaves the mesh");
-        let before = agent.events().len();
+        let before = a1.events().len();
         let written = Instant::now();
-        agent.write_config(&config(frontend.entry(false)))?;
+        a1.write_config(&config1(frontend.entry(false)))?;
         let [unenrolled, applied] = <[Value; 2]>::try_from(wait_for_new_events(
-            &agent,
+            &a1,
             before,
-            "the agent to unenrol frontend",
+            "node 1's agent to unenrol frontend",
             &[
                 &|e: &Value| message(e) == "pod unenrolled" && short(field(e, "pod")) == "frontend",
                 &|e: &Value| message(e) == "config applied",
@@ -568,56 +843,49 @@ impl Demo {
         )?)
         .map_err(|_| anyhow!("expected two events"))?;
         para(&format!(
-            "The demo rewrote {} with frontend's `enrolled: false`. The agent, which watches the file, logged \"pod unenrolled\" for {} {} ms later and then \"config applied\" ({} pods, {} enrolled): frontend's eBPF programs are detached; no restart, nothing else disturbed.",
-            agent.config_path.display(),
+            "The demo rewrote node 1's config ({}) with frontend's `enrolled: false`. Node 1's agent logged \"pod unenrolled\" for {} {} ms later and then \"config applied\" ({} pods, {} enrolled): frontend's eBPF programs are detached; no restart, nothing else disturbed. frontend is now a client from outside the mesh:",
+            a1.config_path.display(),
             field(&unenrolled, "pod"),
             written.elapsed().as_millis(),
             number(&applied, "pods").unwrap_or(0),
             number(&applied, "enrolled").unwrap_or(0),
         ));
-        let unenrol_index = agent.events().len();
-        self.exchange(
-            &agent,
-            Exchange {
-                title: "frontend -> backend again   (frontend no longer enrolled)",
-                client: &frontend,
-                server: &backend,
-                outbound_captured: false,
-                inbound_captured: true,
-            },
-        )?;
+        let unenrol_index = a1.events().len();
+        self.exchange(Exchange {
+            title: "frontend -> backend again   (frontend no longer enrolled)",
+            client: &frontend,
+            server: &backend,
+            hops: vec![(s1, Hop::InboundPassthrough)],
+            quiet: false,
+        })?;
 
         header("A bad config is rejected");
         let typo = frontend
             .entry(false)
             .replace("enrolled: false", "enrolled: ture");
-        let before = agent.events().len();
-        agent.write_config(&config(typo))?;
-        let [rejected] = <[Value; 1]>::try_from(wait_for_new_events(
-            &agent,
+        let before = a1.events().len();
+        a1.write_config(&config1(typo))?;
+        let rejected = wait_for_new_event(
+            &a1,
             before,
-            "the agent to reject the bad config",
-            &[&|e: &Value| message(e) == "config rejected; still serving the last good config"],
-        )?)
-        .map_err(|_| anyhow!("expected one event"))?;
+            "node 1's agent to reject the bad config",
+            &|e: &Value| message(e) == "config rejected; still serving the last good config",
+        )?;
         para(&format!(
-            "Someone tries to put frontend back but types `enrolled: ture`. The agent logs \"config rejected; still serving the last good config\" and names the field: {} ({}). Traffic is unaffected:",
+            "Someone tries to put frontend back but types `enrolled: ture`. Node 1's agent logs \"config rejected; still serving the last good config\" and names the field: {} ({}). Traffic is unaffected:",
             field(&rejected, "field"),
             field(&rejected, "reason"),
         ));
-        self.exchange(
-            &agent,
-            Exchange {
-                title: "frontend -> backend once more   (last good config still in force)",
-                client: &frontend,
-                server: &backend,
-                outbound_captured: false,
-                inbound_captured: true,
-            },
-        )?;
+        self.exchange(Exchange {
+            title: "frontend -> backend once more   (last good config still in force)",
+            client: &frontend,
+            server: &backend,
+            hops: vec![(s1, Hop::InboundPassthrough)],
+            quiet: false,
+        })?;
         // Long after those connections ended: the log must hold no outbound capture for
         // frontend since it was unenrolled.
-        let late = agent
+        let late = a1
             .events()
             .get(unenrol_index..)
             .unwrap_or_default()
@@ -631,42 +899,55 @@ impl Demo {
         });
 
         header("Teardown");
-        util::step("stopping the agent (SIGTERM)");
-        let status = agent.terminate()?;
-        let stopped =
-            agent.count_events(|e| message(e) == "agent stopped; all programs detached") > 0;
-        say(
-            "agent",
-            &match (status.success(), stopped) {
-                (true, true) => {
-                    "stopped cleanly after logging \"agent stopped; all programs detached\""
-                        .to_string()
-                }
-                (_, true) => format!(
-                    "logged \"agent stopped; all programs detached\" but exited with {status}"
-                ),
-                (_, false) => format!("exited with {status} without logging \"agent stopped\""),
-            },
-        );
-        self.check(status.success() && stopped, || {
-            format!("the agent did not stop cleanly ({status})")
-        });
-        util::step("stopping the servers and removing the node (namespaces, veths, cgroups)");
+        util::step("stopping both agents (SIGTERM)");
+        for (node, agent) in [("node 1", &mut a1), ("node 2", &mut a2)] {
+            let status = agent.terminate()?;
+            let stopped =
+                agent.count_events(|e| message(e) == "agent stopped; all programs detached") > 0;
+            say(
+                node,
+                &match (status.success(), stopped) {
+                    (true, true) => {
+                        "the agent stopped cleanly after logging \"agent stopped; all programs detached\""
+                            .to_string()
+                    }
+                    (_, true) => format!(
+                        "the agent logged \"agent stopped; all programs detached\" but exited with {status}"
+                    ),
+                    (_, false) => {
+                        format!("the agent exited with {status} without logging \"agent stopped\"")
+                    }
+                },
+            );
+            self.check(status.success() && stopped, || {
+                format!("{node}'s agent did not stop cleanly ({status})")
+            });
+        }
+        util::step("stopping the servers and removing both nodes (namespaces, veths, cgroups)");
         drop(backend_server);
         drop(legacy_server);
-        let netns = node.netns.clone();
-        drop(node);
-        let gone = !Path::new("/var/run/netns").join(&netns).exists();
+        drop(payments_server);
+        let namespaces = [n1.netns.clone(), n2.netns.clone()];
+        drop(n1);
+        drop(n2);
+        let left: Vec<&String> = namespaces
+            .iter()
+            .filter(|ns| Path::new("/var/run/netns").join(ns).exists())
+            .collect();
         say(
-            "node",
-            if gone {
-                "removed: its network namespaces, veths and cgroups are gone"
+            "nodes",
+            &if left.is_empty() {
+                "removed: their network namespaces, veths and cgroups are gone".to_string()
             } else {
-                "its namespace is still there"
+                format!("still there: {left:?}")
             },
         );
-        self.check(gone, || format!("network namespace {netns} still exists"));
-        drop(agent);
+        self.check(left.is_empty(), || {
+            format!("network namespace(s) {left:?} still exist")
+        });
+        drop(a1);
+        drop(a2);
+        drop(fleet);
 
         if !self.problems.is_empty() {
             header("Not as expected");
@@ -677,17 +958,16 @@ impl Demo {
         println!();
         // Freeing programs is asynchronous in the kernel: wait for ours to go.
         let left = wait_until(
-            "the agent's eBPF programs to be freed",
+            "the agents' eBPF programs to be freed",
             AGENT_DEADLINE,
             || {
                 let progs = mesh_programs().ok()?;
                 progs.iter().all(|p| !ours.contains(&p.id)).then_some(progs)
             },
         );
-        let result = match left {
+        match left {
             Ok(progs) if progs.is_empty() => {
                 println!("bpftool prog show: no mesh_* program is left in the kernel");
-                Ok(())
             }
             Ok(progs) => {
                 let holders: BTreeSet<String> = progs
@@ -708,7 +988,6 @@ impl Demo {
                     ours.len(),
                     progs.len()
                 );
-                Ok(())
             }
             Err(e) => {
                 let remaining = mesh_programs().unwrap_or_default();
@@ -718,13 +997,12 @@ impl Demo {
                     .map(|p| format!("{} (id {})", p.name, p.id))
                     .collect();
                 println!(
-                    "bpftool prog show: the agent's programs are still loaded: {}",
+                    "bpftool prog show: the agents' programs are still loaded: {}",
                     names.join(", ")
                 );
-                Err(e.context("the agent's eBPF programs outlived it"))
+                return Err(e.context("the agents' eBPF programs outlived them"));
             }
-        };
-        result?;
+        }
         if !self.problems.is_empty() {
             bail!(
                 "the demo ran, but {} thing(s) were not as expected (see above)",
@@ -735,96 +1013,191 @@ impl Demo {
     }
 
     fn introduce(
-        &self,
-        node: &Node,
-        pods: [&DemoPod; 3],
-        agent: &Agent,
-        agent_pid: u32,
-        programs: usize,
-    ) {
-        let events = agent.events();
-        let enrolled: Vec<&Value> = events
-            .iter()
-            .filter(|e| message(e) == "pod enrolled")
-            .collect();
-        let ready = events.iter().find(|e| message(e) == "agent ready");
-
-        header("The demo node");
+        &mut self,
+        nodes: [&Node; 2],
+        link: &NodeLink,
+        pods: &[&DemoPod],
+        sides: [(Side<'_>, usize); 2],
+        state_dir: &Path,
+    ) -> anyhow::Result<()> {
+        let side = |node: &str| {
+            sides
+                .iter()
+                .map(|(s, _)| *s)
+                .find(|s| s.node == node)
+                .context("no agent for the node")
+        };
+        header("The demo nodes");
         para(&format!(
-            "One node (network namespace {}, bridge br0 {}/24) with three pods, each a network namespace plus a cgroup. backend and legacy run peer-echo, an HTTP server on :{APP_PORT} that answers with the client address it sees.",
-            node.netns,
-            node.gateway(),
+            "Two nodes, each a network namespace with a bridge br0 (node 1: {}/24, node 2: {}/24), joined by a veth, the \"node network\" ({} <-> {}), with routes to each other's pods. Each pod is a network namespace plus a cgroup. backend, legacy and payments run peer-echo, an HTTP server on :{APP_PORT} that answers with the client address it sees.",
+            nodes[0].gateway(),
+            nodes[1].gateway(),
+            link.a,
+            link.b,
         ));
         println!();
         println!(
-            "   {:<10}{:<15}{:<9}identity (agent's \"pod enrolled\" log)",
-            "pod", "address", "mesh"
+            "   {:<10}{:<8}{:<15}{:<6}identity (its agent's \"pod enrolled\" log)",
+            "pod", "node", "address", "mesh"
         );
         for p in pods {
-            let event = enrolled.iter().find(|e| short(field(e, "pod")) == p.name());
-            let (mesh, identity) = match event {
+            let events = side(p.node)?.agent.events();
+            let enrolled = events
+                .iter()
+                .find(|e| message(e) == "pod enrolled" && field(e, "pod") == p.key());
+            let (mesh, identity) = match enrolled {
                 Some(e) => ("yes", field(e, "identity").to_string()),
                 None => ("no", "-".to_string()),
             };
-            println!("   {:<10}{:<15}{:<9}{}", p.name(), p.pod.ip, mesh, identity);
+            println!(
+                "   {:<10}{:<8}{:<15}{:<6}{}",
+                p.name(),
+                p.node,
+                p.pod.ip,
+                mesh,
+                identity
+            );
+            self.check(enrolled.is_some() == p.enrolled, || {
+                format!(
+                    "{} is {}enrolled",
+                    p.name(),
+                    if p.enrolled { "not " } else { "" }
+                )
+            });
+            if p.enrolled {
+                self.check(identity == p.identity(), || {
+                    format!("{} was enrolled as {identity}", p.name())
+                });
+                let issued = events
+                    .iter()
+                    .filter(|e| {
+                        message(e) == "certificate issued" && field(e, "identity") == p.identity()
+                    })
+                    .count();
+                self.check(issued == 1, || {
+                    format!(
+                        "{}'s agent issued {issued} certificates for {}",
+                        p.node,
+                        p.identity()
+                    )
+                });
+            }
         }
         println!();
-        let links: u64 = enrolled.iter().filter_map(|e| number(e, "bpf_links")).sum();
         para(&format!(
-            "mesh-agent (pid {agent_pid}) loaded {programs} eBPF programs, attached them to the enrolled pods ({links} BPF links) and logged \"agent ready\": {} of {} pods enrolled.",
-            ready.and_then(|e| number(e, "enrolled")).unwrap_or(0),
-            ready.and_then(|e| number(e, "pods")).unwrap_or(0),
+            "Each node runs its own mesh-agent. Both were started with --state-dir {}, where the local CA keeps its root: one CA signs both agents' certificates, so each trusts the other's, like a fleet with one trust root.",
+            state_dir.display()
         ));
+        println!();
+        for (s, programs) in sides {
+            let events = s.agent.events();
+            let enrolled: Vec<&str> = events
+                .iter()
+                .filter(|e| message(e) == "pod enrolled")
+                .map(|e| short(field(e, "pod")))
+                .collect();
+            let links: u64 = events
+                .iter()
+                .filter(|e| message(e) == "pod enrolled")
+                .filter_map(|e| number(e, "bpf_links"))
+                .sum();
+            let issued: Vec<String> = events
+                .iter()
+                .filter(|e| message(e) == "certificate issued")
+                .map(|e| {
+                    let id = field(e, "identity");
+                    id.strip_prefix(&format!("spiffe://{TRUST_DOMAIN}/"))
+                        .unwrap_or(id)
+                        .to_string()
+                })
+                .collect();
+            let ready = events.iter().find(|e| message(e) == "agent ready");
+            let known = ready.and_then(|e| number(e, "pods")).unwrap_or(0);
+            let ca = if events
+                .iter()
+                .any(|e| message(e) == "created a local root CA")
+            {
+                "created the local root CA in that directory"
+            } else {
+                "found the CA node 1's agent had created there and loaded it"
+            };
+            say(
+                s.node,
+                &format!(
+                    "mesh-agent (pid {}) loaded {programs} eBPF programs and attached them to {} ({links} BPF links); its \"agent ready\" line counts {} enrolled of the {known} pods in its config. It {ca}, and logged \"certificate issued\" for {}.",
+                    s.agent.pid().unwrap_or(0),
+                    and_list(&enrolled),
+                    ready.and_then(|e| number(e, "enrolled")).unwrap_or(0),
+                    and_list(&issued.iter().map(String::as_str).collect::<Vec<_>>()),
+                ),
+            );
+        }
+        let second_ca = sides[1]
+            .0
+            .agent
+            .count_events(|e| message(e) == "created a local root CA");
+        self.check(second_ca == 0, || {
+            "node 2's agent created its own CA instead of sharing node 1's".to_string()
+        });
 
-        header("How a connection between two enrolled pods travels");
+        header("How connections travel");
         for line in [
-            "        frontend pod                                backend pod",
-            "   +-----------------------------+           +-----------------------------+",
-            "   |  curl                       |           |  peer-echo :8080            |",
-            "   |    | connect(backend:8080)  |           |    ^  sees frontend's IP    |",
-            "   |    v  eBPF connect4 hook    |           |    |                        |",
-            "   |  agent, outbound side       |           |  agent, inbound side        |",
-            "   |    |  dials backend from    |           |    ^  eBPF sk_lookup hook   |",
-            "   |    |  frontend's own IP     |           |    |                        |",
-            "   +----|------------------------+           +----|------------------------+",
-            "        +------------------ bridge br0 -------------+",
+            "   node 1                                            node 2",
+            "   +--------------------------------------------+    +-------------------------------+",
+            "   |  frontend pod           backend pod        |    |  payments pod                 |",
+            "   |    curl                   peer-echo :8080  |    |    peer-echo :8080            |",
+            "   |     | connect()            ^ sees          |    |     ^ sees frontend's IP      |",
+            "   |     v eBPF connect4 hook   | frontend's IP |    |     |                         |",
+            "   |    mesh-agent              |               |    |    mesh-agent, HBONE side     |",
+            "   |     |  same node: handed --+               |    |     ^ verifies the client's   |",
+            "   |     |  over inside the agent: no TLS,      |    |     | certificate, checks     |",
+            "   |     |  backend's policies checked          |    |     | payments' policies      |",
+            "   +-----|--------------------------------------+    +-----|-------------------------+",
+            "         | other node: HBONE, an HTTP/2 CONNECT stream     |",
+            "         +======== over mTLS, across the node link ========+ to payments:15008",
         ] {
             println!("{line}");
         }
         println!();
         para(
-            "The agent is one process on the node; its \"sides\" are listening sockets it opened inside each enrolled pod's network namespace. A pod outside the mesh has no such sockets and no eBPF programs: its traffic goes straight through.",
+            "Each agent is one process per node; its \"sides\" are listening sockets it opened inside each enrolled pod's network namespace. Between two pods of one node, the agent hands the connection from one to the other itself. To a pod on another node, it opens an mTLS connection from the client's pod to the server pod's HBONE port, where the other agent checks the certificate and the policies. A pod outside the mesh has no such sockets and no eBPF programs: its traffic goes straight through.",
         );
+        Ok(())
     }
 
-    /// Sends one request and tells what the agent and the server saw.
-    fn exchange(&mut self, agent: &Agent, x: Exchange<'_>) -> anyhow::Result<()> {
+    /// Sends one request and tells what the agents and the server saw.
+    fn exchange(&mut self, x: Exchange<'_>) -> anyhow::Result<Vec<Value>> {
         self.connections += 1;
         println!();
         println!(" {}. {}", self.connections, x.title);
         let url = format!("http://{}/", x.server.addr());
-        let before = agent.events().len();
-        let got = curl(&x.client.pod, &url).with_context(|| format!("sending {}", x.title))?;
+        let befores: Vec<usize> = x.hops.iter().map(|(s, _)| s.agent.events().len()).collect();
+        let got = curl(&x.client.pod, &url)
+            .with_context(|| format!("sending {}", x.name()))?
+            .map_err(|e| anyhow!("{}: curl in {} failed: {e}", x.name(), x.client.name()))?;
+        let steered = x.hops.iter().any(|(_, h)| h.direction() == "outbound");
         let redirected = got.local.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST);
-        say(
-            "curl",
-            &format!(
-                "in {}: GET {url} -> HTTP {} in {}; its socket's local end: {}, {}",
-                x.client.name(),
-                got.status,
-                millis((got.seconds * 1000.0) as u64),
-                got.local,
-                if redirected {
-                    "so connect() was steered to the agent"
-                } else {
-                    "a direct connection"
-                },
-            ),
-        );
+        if !x.quiet {
+            say(
+                "curl",
+                &format!(
+                    "in {}: GET {url} -> HTTP {} in {}; its socket's local end: {}, {}",
+                    x.client.name(),
+                    got.status,
+                    millis((got.seconds * 1000.0) as u64),
+                    got.local,
+                    if redirected {
+                        "so connect() was steered to the agent"
+                    } else {
+                        "a direct connection"
+                    },
+                ),
+            );
+        }
         self.check(got.status == 200, || {
-            format!("{} got HTTP {}", x.title, got.status)
+            format!("{} got HTTP {}", x.name(), got.status)
         });
-        self.check(redirected == x.outbound_captured, || {
+        self.check(redirected == steered, || {
             format!(
                 "curl in {} was {}redirected to the agent",
                 x.client.name(),
@@ -832,99 +1205,26 @@ impl Demo {
             )
         });
 
-        // The log lines to expect: outbound from curl's own port, inbound at the server.
-        let client_src = SocketAddr::new(IpAddr::V4(x.client.pod.ip), got.local.port()).to_string();
+        let client_ip = x.client.ip();
         let server_addr = x.server.addr().to_string();
-        let client_ip = IpAddr::V4(x.client.pod.ip);
-        let outbound =
-            |e: &Value| is_connection(e, "outbound") && field(e, "src.addr") == client_src;
-        let inbound = |e: &Value| {
-            is_connection(e, "inbound")
-                && field(e, "dst.original") == server_addr
-                && ip_of(field(e, "src.addr")) == Some(client_ip)
-        };
-        let mut wanted: Vec<&dyn Fn(&Value) -> bool> = Vec::new();
-        if x.outbound_captured {
-            wanted.push(&outbound);
-        }
-        if x.inbound_captured {
-            wanted.push(&inbound);
-        }
-        let events = wait_for_new_events(
-            agent,
-            before,
-            &format!("the agent's log lines for {}", x.title),
-            &wanted,
-        )?;
-        let mut events = events.into_iter();
-        if x.outbound_captured {
-            let e = events.next().context("outbound event")?;
-            let dst = match short(field(&e, "dst.pod")) {
-                "" => "no pod the agent knows".to_string(),
-                pod if x.inbound_captured => pod.to_string(),
-                pod => format!("{pod}, outside the mesh"),
-            };
-            say(
-                "outbound",
-                &format!(
-                    "{} ({}) connected to {} ({dst}); the agent's outbound side in {}'s pod caught it and relayed {}",
-                    short(field(&e, "src.pod")),
-                    field(&e, "src.identity"),
-                    field(&e, "dst.original"),
-                    x.client.name(),
-                    traffic(&e),
-                ),
-            );
-            self.check(field(&e, "error").is_empty(), || {
-                format!(
-                    "outbound relay for {} ended with {}",
-                    x.title,
-                    field(&e, "error")
-                )
-            });
-        } else {
-            say(
-                "outbound",
-                &format!(
-                    "not caught: {} is not enrolled, its connect() went straight out",
-                    x.client.name()
-                ),
-            );
-        }
-        if x.inbound_captured {
-            let e = events.next().context("inbound event")?;
-            let src_ip = ip_of(field(&e, "src.addr"))
-                .map(|ip| ip.to_string())
-                .unwrap_or_default();
-            let from = match short(field(&e, "src.pod")) {
-                "" => format!("{src_ip}, no pod the agent knows"),
-                pod if x.outbound_captured => format!("{src_ip}, {pod}"),
-                pod => format!("{src_ip}, {pod}, not enrolled"),
-            };
-            say(
-                "inbound",
-                &format!(
-                    "{}'s inbound side caught it{} (from {from}) and relayed {} to the app on :{APP_PORT}",
-                    x.server.name(),
-                    if x.outbound_captured { " again" } else { "" },
-                    traffic(&e),
-                ),
-            );
-            self.check(field(&e, "error").is_empty(), || {
-                format!(
-                    "inbound relay for {} ended with {}",
-                    x.title,
-                    field(&e, "error")
-                )
-            });
-        } else {
-            say(
-                "inbound",
-                &format!(
-                    "not caught: {} is not enrolled, the connection went straight to the app",
-                    x.server.name()
-                ),
-            );
+        let mut events = Vec::new();
+        for ((side, hop), before) in x.hops.iter().zip(befores) {
+            let direction = hop.direction();
+            let e = wait_for_new_event(
+                side.agent,
+                before,
+                &format!("{}'s log line for {}", side.node, x.name()),
+                &|e: &Value| {
+                    is_connection(e, direction)
+                        && field(e, "dst.original") == server_addr
+                        && ip_of(field(e, "src.addr")) == Some(client_ip)
+                },
+            )?;
+            if !x.quiet {
+                say(side.node, &describe(&x, *hop, &e));
+            }
+            self.check_hop(&x, side.node, *hop, &e);
+            events.push(e);
         }
 
         // peer-echo's answer: "peer=IP:PORT local=IP:PORT".
@@ -937,26 +1237,30 @@ impl Demo {
         match (addr("peer="), addr("local=")) {
             (Some(peer), Some(local)) => {
                 let real = peer.ip() == client_ip;
-                say(
-                    "server",
-                    &format!(
-                        "peer-echo in {} saw the client as {peer}{}{}",
-                        x.server.name(),
-                        if real {
-                            format!(": {}'s real address", x.client.name())
-                        } else {
-                            format!(", not {}'s address {client_ip}!", x.client.name())
-                        },
-                        if local.ip().is_loopback() && !self.loopback_explained {
-                            format!(
-                                " (and itself as {local}: the agent hands connections to the app over the pod's loopback)"
-                            )
-                        } else {
-                            String::new()
-                        },
-                    ),
-                );
-                self.loopback_explained |= local.ip().is_loopback();
+                if !x.quiet {
+                    say(
+                        "server",
+                        &format!(
+                            "peer-echo in {} saw the client as {peer}{}{}",
+                            x.server.name(),
+                            if !real {
+                                format!(", not {} address {client_ip}!", poss(x.client.name()))
+                            } else if x.client.node != x.server.node {
+                                format!(": {} real address, across nodes", poss(x.client.name()))
+                            } else {
+                                format!(": {} real address", poss(x.client.name()))
+                            },
+                            if local.ip().is_loopback() && !self.loopback_explained {
+                                format!(
+                                    " (and itself as {local}: the agent hands connections to the app over the pod's loopback)"
+                                )
+                            } else {
+                                String::new()
+                            },
+                        ),
+                    );
+                    self.loopback_explained |= local.ip().is_loopback();
+                }
                 self.check(real, || {
                     format!(
                         "{} saw {} instead of {client_ip}",
@@ -972,7 +1276,228 @@ impl Demo {
                 });
             }
         }
+        Ok(events)
+    }
+
+    /// What every "connection closed" line of `hop` must say.
+    fn check_hop(&mut self, x: &Exchange<'_>, node: &str, hop: Hop, e: &Value) {
+        let src_identity = if hop == Hop::InboundPassthrough {
+            String::new()
+        } else {
+            x.client.identity()
+        };
+        let dst_identity = if hop == Hop::OutboundPassthrough {
+            String::new()
+        } else {
+            x.server.identity()
+        };
+        for (name, want) in [
+            ("path", hop.path()),
+            ("security", hop.security()),
+            ("src.identity", src_identity.as_str()),
+            ("dst.identity", dst_identity.as_str()),
+            ("error", ""),
+        ] {
+            let got = field(e, name);
+            self.check(got == want, || {
+                format!(
+                    "{node}'s {} line for {} has {name} {got:?}, expected {want:?}",
+                    hop.direction(),
+                    x.name()
+                )
+            });
+        }
+    }
+
+    /// Sends one request that a policy must refuse, and tells what each agent logged.
+    fn refused(
+        &mut self,
+        title: &str,
+        client: &DemoPod,
+        server: &DemoPod,
+        src: Side<'_>,
+        dst: Side<'_>,
+    ) -> anyhow::Result<()> {
+        self.connections += 1;
+        println!();
+        println!(" {}. {title}", self.connections);
+        let name = title.split("  ").next().unwrap_or(title).trim();
+        let url = format!("http://{}/", server.addr());
+        let src_before = src.agent.events().len();
+        let dst_before = dst.agent.events().len();
+        match curl(&client.pod, &url).with_context(|| format!("sending {name}"))? {
+            Ok(got) => {
+                say(
+                    "curl",
+                    &format!(
+                        "in {}: GET {url} -> HTTP {}: {}",
+                        client.name(),
+                        got.status,
+                        got.body
+                    ),
+                );
+                bail!("the policy on {} did not stop {name}", dst.node);
+            }
+            Err(error) => say(
+                "curl",
+                &format!(
+                    "in {}: GET {url} -> no HTTP answer ({error})",
+                    client.name()
+                ),
+            ),
+        }
+        let server_key = server.key();
+        let denial = wait_for_new_event(
+            dst.agent,
+            dst_before,
+            &format!("{}'s \"connection denied\" line", dst.node),
+            &|e: &Value| message(e) == "connection denied" && field(e, "dst.pod") == server_key,
+        )?;
+        let server_addr = server.addr().to_string();
+        let client_ip = client.ip();
+        let out = wait_for_new_event(
+            src.agent,
+            src_before,
+            &format!("{}'s outbound line for {name}", src.node),
+            &|e: &Value| {
+                is_connection(e, "outbound")
+                    && field(e, "dst.original") == server_addr
+                    && ip_of(field(e, "src.addr")) == Some(client_ip)
+            },
+        )?;
+
+        let policy = field(&denial, "policy");
+        let reason = field(&denial, "reason");
+        let why = if policy.is_empty() {
+            format!(
+                "The line names no policy, as none denied it outright; its reason: {reason} (the one ALLOW policy is billing/{POLICY_NAME}, which admits {CHECKOUT} only)"
+            )
+        } else {
+            format!("Policy {policy} decided it: {reason}")
+        };
+        say(
+            dst.node,
+            &format!(
+                "logged \"connection denied\": {}, the identity {} certificate proved (from {}), may not reach {} on port {}. {why}. The agent answered the HBONE stream with 403 Forbidden; {} app never saw the connection.",
+                field(&denial, "src.identity"),
+                poss(client.name()),
+                field(&denial, "src.addr"),
+                field(&denial, "dst.pod"),
+                number(&denial, "dst.port").unwrap_or(0),
+                poss(server.name()),
+            ),
+        );
+        say(
+            src.node,
+            &format!(
+                "its outbound line (path {}, security {}) ends with the refusal: \"{}\". So the agent closed {} connection without an answer, which is what curl reports.",
+                field(&out, "path"),
+                field(&out, "security"),
+                field(&out, "error"),
+                poss(client.name()),
+            ),
+        );
+        let want_identity = client.identity();
+        self.check(field(&denial, "src.identity") == want_identity, || {
+            format!(
+                "the denial names {:?}, expected {want_identity}",
+                field(&denial, "src.identity")
+            )
+        });
+        self.check(
+            number(&denial, "dst.port") == Some(u64::from(APP_PORT)),
+            || format!("the denial names port {:?}", number(&denial, "dst.port")),
+        );
+        self.check(
+            field(&out, "path") == "hbone" && field(&out, "error").contains("403"),
+            || {
+                format!(
+                    "{}'s outbound line for {name} has path {:?} and error {:?}, expected hbone and a 403",
+                    src.node,
+                    field(&out, "path"),
+                    field(&out, "error")
+                )
+            },
+        );
         Ok(())
+    }
+}
+
+impl Exchange<'_> {
+    /// The title without its parenthetical note, for messages.
+    fn name(&self) -> &str {
+        self.title.split("  ").next().unwrap_or(self.title).trim()
+    }
+}
+
+/// A "connection closed" line in plain English.
+fn describe(x: &Exchange<'_>, hop: Hop, e: &Value) -> String {
+    let client = x.client.name();
+    let server = x.server.name();
+    let (clients, servers) = (poss(client), poss(server));
+    match hop {
+        Hop::Local => format!(
+            "outbound, path local: both pods are on this node, so the agent checked {servers} policies for {clients} identity ({}) and handed the connection straight to {servers} app, from {clients} address: {}. No TLS inside one node (security {}), one log line, no second capture at {servers} end.",
+            field(e, "src.identity"),
+            traffic(e),
+            field(e, "security"),
+        ),
+        Hop::OutboundPassthrough => format!(
+            "outbound, path passthrough: {} is {server}, which is not in the mesh (no identity to verify), so the agent connected there as plain TCP from {clients} own address and relayed {}",
+            field(e, "dst.original"),
+            traffic(e),
+        ),
+        Hop::InboundPassthrough => format!(
+            "inbound, path passthrough: {servers} sk_lookup hook steered the connection from {} ({client}, outside the mesh) to the agent. Plain TCP proves no identity, so the line's source identity is empty; {servers} policies allowed it and the agent relayed {} to the app on :{APP_PORT}",
+            ip_of(field(e, "src.addr"))
+                .map(|ip| ip.to_string())
+                .unwrap_or_default(),
+            traffic(e),
+        ),
+        Hop::HboneOut => format!(
+            "outbound, path hbone, security {}: {client} presented its certificate ({}) and {server} had to prove {}; the connection rode an HTTP/2 CONNECT stream to {}:{HBONE_PORT} on {}: {}",
+            field(e, "security"),
+            field(e, "src.identity"),
+            field(e, "dst.identity"),
+            x.server.pod.ip,
+            x.server.node,
+            traffic(e),
+        ),
+        Hop::HboneIn => format!(
+            "inbound, path hbone: the caller's certificate proved {} ({}); {servers} policies allowed it, and the agent delivered {} to the app on :{APP_PORT}, from {clients} own address",
+            field(e, "src.identity"),
+            match field(e, "src.pod") {
+                "" => "a pod this node does not know".to_string(),
+                pod => format!("{pod} on {}", x.client.node),
+            },
+            traffic(e),
+        ),
+    }
+}
+
+/// "frontend's", "payments'".
+fn poss(name: &str) -> String {
+    if name.ends_with('s') {
+        format!("{name}'")
+    } else {
+        format!("{name}'s")
+    }
+}
+
+/// "a", "a and b", "a, b and c"; "nothing" when empty.
+fn and_list(items: &[&str]) -> String {
+    match items {
+        [] => "nothing".to_string(),
+        [one] => one.to_string(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
+fn times(n: usize) -> String {
+    match n {
+        1 => "once".to_string(),
+        2 => "twice".to_string(),
+        n => format!("{n} times"),
     }
 }
 
