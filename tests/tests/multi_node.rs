@@ -553,3 +553,42 @@ fn bad_hbone_input_is_refused_and_the_agent_keeps_serving() -> anyhow::Result<()
     );
     Ok(())
 }
+
+#[test]
+fn pods_sharing_an_identity_on_another_node_share_one_pooled_connection() -> anyhow::Result<()> {
+    let mut t = two_nodes("sharedid")?;
+    let replica = t.n2.add_pod("replica")?;
+    let _server = http_server(&t.server, APP_PORT)?;
+    let _replica = http_server(&replica, APP_PORT)?;
+    let n1 = format!(
+        "{}{}",
+        t.config_n1(""),
+        replica.remote_config_entry("shop", "backend", &t.n2)
+    );
+    let n2 = format!(
+        "{}{}",
+        t.config_n2(""),
+        replica.config_entry("shop", "backend", true)
+    );
+    let a1 = Agent::start_with_state_dir(&format!("{}-n1", t.n1.id), &n1, Some(&t.fleet_ca))?;
+    let _a2 = Agent::start_with_state_dir(&format!("{}-n2", t.n2.id), &n2, Some(&t.fleet_ca))?;
+    for pod in [&t.server, &replica, &t.server, &replica] {
+        let (code, body) = t.client.curl(&format!("http://{}:{APP_PORT}/", pod.ip))?;
+        ensure!(code == 200, "status {code} from {}", pod.name);
+        ensure!(
+            body.contains(&format!("local=127.0.0.1:{APP_PORT}"))
+                && seen_peer(&body)?.ip() == t.client.ip,
+            "{body}"
+        );
+    }
+    wait_until("four outbound logs", AGENT_DEADLINE, || {
+        (a1.count_events(|e| is_connection(e, "outbound") && field(e, "error").is_empty()) >= 4)
+            .then_some(())
+    })?;
+    let established = a1.count_events(|e| message(e) == "HBONE connection established");
+    ensure!(
+        established == 1,
+        "{established} pooled connections for one (source, destination identity, node)"
+    );
+    Ok(())
+}

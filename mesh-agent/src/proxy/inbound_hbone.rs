@@ -5,7 +5,8 @@
 //!
 //! Refusals (each answered on the stream and logged; the connection and the agent go on):
 //! not CONNECT → 405; an authority that is not `ip:port` → 400; a destination that is not
-//! this pod → 404 (including pods on other nodes); denied by policy → 403; app not
+//! an enrolled pod of this node with the identity the listener proved → 404 (including pods
+//! on other nodes); denied by policy → 403; app not
 //! answering → 503; a header block over 16 KiB → 431. A TLS handshake that fails (garbage,
 //! no or foreign certificate) closes the connection.
 use std::{
@@ -130,9 +131,22 @@ async fn serve_stream(
             "the CONNECT authority is not ip:port",
         );
     };
-    if target.ip() != pod.workload.ip {
-        return refuse(StatusCode::NOT_FOUND, "the destination is not this pod");
-    }
+    // The pooled connection a client uses for a (source, destination identity, node) may
+    // have been opened to another pod of that identity on this node: serve any enrolled pod
+    // here whose identity this listener proved, nothing else.
+    let local = inputs.local_pods.load();
+    let Some(dst) = local
+        .get(&target.ip())
+        .filter(|d| d.workload.identity == pod.workload.identity)
+        .cloned()
+    else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "the destination is not an enrolled pod of this node with the identity this connection proved",
+        );
+    };
+    drop(local);
+    let pod = dst;
     let mesh = inputs.mesh.load();
     if !deliver::authorize(&mesh, &pod, Some(&peer_identity), peer, target.port()) {
         return status(StatusCode::FORBIDDEN);
