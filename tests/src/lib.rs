@@ -35,9 +35,20 @@ pub fn require_privileges() -> anyhow::Result<()> {
             "this kernel exposes no BTF (/sys/kernel/btf/vmlinux); it cannot run the mesh's eBPF programs"
         );
     }
-    for tool in ["ip", "curl", "bpftool", "tcpdump", "python3"] {
+    for tool in ["ip", "curl", "bpftool", "tcpdump", "python3", "h2load"] {
         which(tool)
             .with_context(|| format!("`{tool}` is missing; `cargo xtask setup` installs it"))?;
+    }
+    // tests/fixtures/grpc_echo.py needs grpcio; checked once per test binary.
+    static GRPCIO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let grpcio = *GRPCIO.get_or_init(|| {
+        std::process::Command::new("python3")
+            .args(["-c", "import grpc"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !grpcio {
+        bail!("python3 cannot import grpc (grpcio); `cargo xtask setup` installs it");
     }
     Ok(())
 }

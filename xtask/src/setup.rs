@@ -1,6 +1,6 @@
 //! `cargo xtask setup`: nightly's rust-src, bpf-linker built against nightly's own libLLVM,
-//! and the Debian packages the tests, demo and benchmarks use. Each step checks first and
-//! does nothing when already done.
+//! the Debian packages the tests, demo and benchmarks use, and Python's grpcio (the gRPC test
+//! fixture). Each step checks first and does nothing when already done.
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
@@ -10,18 +10,33 @@ use crate::util::{cargo_bin_dir, output, path_with_cargo_bin, step};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages: iproute2 (ip, ss), bpftool (checks that nothing is left attached), curl
 /// (the HTTP client in tests and demo), tcpdump (proves the node link carries only TLS),
-/// python3 (socket-level test clients).
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "bpftool", "curl", "tcpdump", "python3"];
+/// python3 (socket-level test clients and tests/fixtures/grpc_echo.py), nghttp2-client (h2load,
+/// the HTTP/1.1 and HTTP/2 load generator), haproxy (a baseline proxy for the benchmarks).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "bpftool",
+    "curl",
+    "tcpdump",
+    "python3",
+    "nghttp2-client",
+    "haproxy",
+];
 
 pub fn run() -> anyhow::Result<()> {
     debian_packages()?;
+    python_grpcio()?;
     rust_src()?;
     bpf_linker()?;
     Ok(())
 }
 
 fn debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    install_debian_packages(DEBIAN_PACKAGES)
+}
+
+/// Installs those of `packages` that are not installed yet.
+fn install_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -58,6 +73,53 @@ fn debian_packages() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether `python3 -c CODE` runs successfully.
+fn python3_ok(code: &str) -> bool {
+    Command::new("python3")
+        .args(["-c", code])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// grpcio for the `python3` on PATH (the one the tests run), through pip.
+fn python_grpcio() -> anyhow::Result<()> {
+    if python3_ok("import grpc") {
+        return Ok(());
+    }
+    step("installing grpcio for python3 (pip)");
+    if !python3_ok("import pip") {
+        // Only helps when `python3` is Debian's own; any other Python brings its pip along.
+        install_debian_packages(&["python3-pip"])?;
+    }
+    let pip = |extra: &[&str]| {
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(extra)
+            .arg("grpcio")
+            .env("PIP_ROOT_USER_ACTION", "ignore")
+            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+            .output()
+            .context("running python3 -m pip")
+    };
+    let mut out = pip(&[])?;
+    // PEP 668: Debian's python3 refuses pip installs outside a virtualenv unless told to.
+    if !out.status.success()
+        && String::from_utf8_lossy(&out.stderr).contains("externally-managed-environment")
+    {
+        out = pip(&["--break-system-packages"])?;
+    }
+    if !out.status.success() {
+        bail!(
+            "pip install grpcio failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    if !python3_ok("import grpc") {
+        bail!("grpcio was installed but `python3 -c \"import grpc\"` still fails");
+    }
+    Ok(())
+}
+
 fn nightly_sysroot() -> anyhow::Result<PathBuf> {
     let sysroot = output("rustc", &["+nightly", "--print", "sysroot"])
         .context("the nightly toolchain is needed to build the eBPF programs")?;
@@ -79,11 +141,11 @@ fn rust_src() -> anyhow::Result<()> {
 
 fn bpf_linker() -> anyhow::Result<()> {
     let installed = cargo_bin_dir().join("bpf-linker");
-    if let Ok(out) = Command::new(&installed).arg("--version").output() {
-        if out.status.success() && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
-        {
-            return Ok(());
-        }
+    if let Ok(out) = Command::new(&installed).arg("--version").output()
+        && out.status.success()
+        && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
     }
     step(&format!(
         "building bpf-linker {BPF_LINKER_VERSION} against nightly's libLLVM (about a minute)"
