@@ -71,6 +71,10 @@ struct FileConfig {
     identity: Option<FileIdentity>,
     #[serde(default)]
     authorization_policies: Vec<crate::policy::FilePolicy>,
+    #[serde(default)]
+    services: Vec<crate::service::FileService>,
+    #[serde(default)]
+    http_routes: Vec<crate::route::FileHttpRoute>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -273,12 +277,16 @@ fn validate(file: FileConfig) -> Result<Mesh, ConfigError> {
     }
     let identity = validate_identity(file.identity)?;
     let policies = crate::policy::validate(file.authorization_policies)?;
+    let services = crate::service::validate_services(file.services)?;
+    let routes = crate::route::validate_routes(file.http_routes, &services)?;
     Ok(Mesh {
         node: file.node,
         trust_domain,
         pods,
         identity,
         policies,
+        services,
+        routes,
     })
 }
 

@@ -136,6 +136,7 @@ impl Enrolment {
         let pod = Arc::new(PodContext {
             workload: workload.clone(),
             netns,
+            http_clients: Default::default(),
         });
         let inputs = &self.inputs;
         let accept_loops = vec![

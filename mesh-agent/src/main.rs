@@ -8,6 +8,9 @@ mod inpod;
 mod policy;
 mod proxy;
 mod redirect;
+mod resilience;
+mod route;
+mod service;
 mod state;
 mod tls;
 
@@ -165,7 +168,11 @@ async fn run(
         tls: TlsConfigs::new(certs.clone()),
         certs,
         pool: HbonePool::default(),
+        services: ArcSwap::default(),
+        routes: ArcSwap::default(),
+        l7: Default::default(),
     });
+    inputs.publish(mesh.clone());
     let mut enrolment = Enrolment::new(redirector, inputs.clone());
     enrolment.apply(&mesh).await;
     info!(node = %mesh.node, pods = mesh.pods.len(), enrolled = enrolment.enrolled_count(), "agent ready");
@@ -189,7 +196,7 @@ async fn run(
                         if mesh.identity != inputs.mesh.load().identity {
                             warn!("identity settings changed; they take effect at the next restart");
                         }
-                        inputs.mesh.store(Arc::new(mesh.clone()));
+                        inputs.publish(mesh.clone());
                         enrolment.apply(&mesh).await;
                         info!(pods = mesh.pods.len(), enrolled = enrolment.enrolled_count(), "config applied");
                     }

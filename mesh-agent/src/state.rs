@@ -16,8 +16,12 @@ pub struct Mesh {
     pub pods: BTreeMap<PodKey, Workload>,
     /// Certificate settings (applied at start-up).
     pub identity: IdentitySettings,
-    /// L4 authorization policies.
+    /// L4 and L7 authorization policies.
     pub policies: Vec<crate::policy::AuthorizationPolicy>,
+    /// Services (VIPs, ports, endpoints by selector, traffic policy).
+    pub services: Vec<crate::service::Service>,
+    /// HTTP routes attached to services.
+    pub routes: Vec<crate::route::HttpRoute>,
 }
 
 /// How workload certificates are issued and rotated.

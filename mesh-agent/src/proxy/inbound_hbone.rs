@@ -148,6 +148,23 @@ async fn serve_stream(
     drop(local);
     let pod = dst;
     let mesh = inputs.mesh.load();
+    let workload = mesh.pods.get(&pod.workload.key).unwrap_or(&pod.workload);
+    if crate::policy::needs_http(&mesh.policies, workload) {
+        // HTTP rules select this pod: parse the tunnelled stream and authorize each request.
+        let on_upgrade = hyper::upgrade::on(&mut request);
+        let inbound_peer = super::http::inbound::InboundPeer {
+            addr: peer,
+            identity: Some((*peer_identity).clone()),
+        };
+        let inputs = inputs.clone();
+        tokio::spawn(async move {
+            match on_upgrade.await {
+                Ok(upgraded) => super::http::inbound::serve(TokioIo::new(upgraded), pod, inputs, inbound_peer, target.port()).await,
+                Err(e) => debug!(error = %e, "CONNECT stream failed before use"),
+            }
+        });
+        return status(StatusCode::OK);
+    }
     if !deliver::authorize(&mesh, &pod, Some(&peer_identity), peer, target.port()) {
         return status(StatusCode::FORBIDDEN);
     }

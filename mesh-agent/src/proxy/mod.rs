@@ -11,11 +11,13 @@
 //! - [`deliver`]: the last hop to the app and the authorization check before it.
 //! - [`pool`]: pooled HBONE connections. [`relay`]: the byte pump.
 pub mod deliver;
+pub mod http;
 pub mod inbound_hbone;
 pub mod inbound_plain;
 pub mod outbound;
 pub mod pool;
 pub mod relay;
+pub mod upstream;
 
 use std::{
     collections::HashMap,
@@ -32,6 +34,8 @@ use crate::{
     identity::CertManager,
     inpod::PodNetns,
     redirect::RedirectMaps,
+    route::RouteTable,
+    service::ServiceIndex,
     state::{Identity, Mesh, Workload},
     tls::TlsConfigs,
 };
@@ -53,12 +57,29 @@ pub struct ProxyInputs {
     pub tls: TlsConfigs,
     /// Pooled HBONE connections to other nodes.
     pub pool: pool::HbonePool,
+    /// Services by VIP and name (derived from the snapshot).
+    pub services: ArcSwap<ServiceIndex>,
+    /// HTTP routes by parent service (derived from the snapshot).
+    pub routes: ArcSwap<RouteTable>,
+    /// L7 runtime state: endpoint load, ejections, circuit breakers, budgets, rate limits.
+    pub l7: http::runtime::L7Runtime,
+}
+
+impl ProxyInputs {
+    /// Swaps in a new snapshot and the tables derived from it.
+    pub fn publish(&self, mesh: Mesh) {
+        self.services.store(Arc::new(ServiceIndex::new(&mesh.services)));
+        self.routes.store(Arc::new(RouteTable::new(&mesh.routes)));
+        self.mesh.store(Arc::new(mesh));
+    }
 }
 
 /// One enrolled pod as the data path sees it: who it is and how to open sockets in it.
 pub struct PodContext {
     pub workload: Workload,
     pub netns: PodNetns,
+    /// Upstream HTTP clients of this pod, created on its first L7 request.
+    pub http_clients: std::sync::OnceLock<Arc<http::client::PodClients>>,
 }
 
 /// Which way a relayed connection goes relative to the pod that captured it.

@@ -1,6 +1,9 @@
 //! Outbound: a connection an enrolled pod made, redirected by `connect4` to the in-pod
 //! listener 15001. The agent asks the eBPF map where it was going, then:
 //!
+//! - a Service VIP: HTTP ports (declared, or sniffed when undeclared) go to the L7 proxy
+//!   (routing, retries, load balancing per request); other ports are load-balanced per
+//!   connection over the service's endpoints;
 //! - an enrolled pod on this node: checks that pod's policies with the source's structural
 //!   identity and hands the connection to its app directly (no TLS needed on one node);
 //! - an enrolled pod on another node: HBONE to that pod's 15008 over a pooled mTLS
@@ -14,118 +17,86 @@ use tokio::net::{TcpSocket, TcpStream};
 use tracing::warn;
 
 use super::{
-    CONNECT_TIMEOUT, Direction, Path, Peers, PodContext, ProxyInputs, deliver, log_connection,
-    relay,
+    CONNECT_TIMEOUT, Direction, Path, Peers, PodContext, ProxyInputs, http, log_connection, relay,
+    upstream::{self, Authorization, UpstreamError},
 };
+use crate::service::AppProtocol;
 
-pub async fn handle(
-    mut client: TcpStream,
-    peer: SocketAddr,
-    pod: Arc<PodContext>,
-    inputs: Arc<ProxyInputs>,
-) {
+pub async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, inputs: Arc<ProxyInputs>) {
     let started = Instant::now();
-    let Some(original_dst) = inputs
-        .maps
-        .original_dst(pod.netns.netns_cookie(), peer.port())
-    else {
+    let Some(original_dst) = inputs.maps.original_dst(pod.netns.netns_cookie(), peer.port()) else {
         // Only a connect the app aimed at 127.0.0.1:15001 itself lands here.
         warn!(pod = %pod.workload.key, client = %peer, "no original destination recorded for connection; closing it");
         return;
     };
     let _ = client.set_nodelay(true);
-    let mesh = inputs.mesh.load();
-    let src_ip = pod.workload.ip;
+    let mesh = inputs.mesh.load_full();
+
+    // A Service VIP: L7 for HTTP ports, per-connection load balancing for the rest.
+    let mut target = original_dst;
+    if let Some((service, port)) = inputs.services.load().by_vip(original_dst.ip(), original_dst.port()) {
+        let protocol = match port.protocol {
+            AppProtocol::Unknown => http::detect::sniff(&client).await,
+            declared => declared,
+        };
+        if protocol.is_http() {
+            http::serve_outbound(client, pod, inputs.clone(), service.clone(), port.clone(), protocol, original_dst).await;
+            return;
+        }
+        match http::pick_l4_endpoint(&inputs, &mesh, service, port) {
+            Some(endpoint) => target = endpoint,
+            None => {
+                let outcome = relay::Outcome::failed(started, format!("service {}/{} has no endpoints", service.namespace, service.name));
+                let peers = peers_for(&pod, &mesh, peer, original_dst);
+                log_connection(Direction::Outbound, Path::Passthrough, &peers, &outcome);
+                return;
+            }
+        }
+    }
+
+    let mut peers = peers_for(&pod, &mesh, peer, original_dst);
+    let dst_pod = mesh.pod_by_ip(target.ip()).filter(|w| w.enrolled);
+    peers.dst_pod = dst_pod;
+    peers.dst_identity = dst_pod.map(|w| &w.identity);
+    let (path, outcome) = match upstream::open(&inputs, &mesh, &pod, target, Authorization::Connection).await {
+        Ok(mut up) => {
+            if let Some(source) = up.source {
+                peers.src = source;
+            }
+            let outcome = match &mut up.io {
+                upstream::UpstreamIo::Tcp(tcp) => relay::relay_tcp(&mut client, tcp, started).await,
+                upstream::UpstreamIo::Tunnel(tunnel) => relay::relay(&mut client, tunnel.as_mut(), started).await,
+            };
+            (up.path, outcome)
+        }
+        // Logged with the policy that decided it; the client's connection just closes.
+        Err(UpstreamError::Denied) => return,
+        Err(UpstreamError::Connect(e)) => {
+            let path = match dst_pod {
+                Some(w) if !w.is_on(&mesh.node) => Path::Hbone,
+                Some(_) => Path::Local,
+                None => Path::Passthrough,
+            };
+            (path, relay::Outcome::failed(started, format!("{e:#}")))
+        }
+    };
+    log_connection(Direction::Outbound, path, &peers, &outcome);
+}
+
+fn peers_for<'a>(pod: &'a PodContext, mesh: &'a crate::state::Mesh, peer: SocketAddr, original_dst: SocketAddr) -> Peers<'a> {
     let dst_pod = mesh.pod_by_ip(original_dst.ip()).filter(|w| w.enrolled);
-    let mut peers = Peers {
-        src: SocketAddr::new(src_ip, peer.port()),
+    Peers {
+        src: SocketAddr::new(pod.workload.ip, peer.port()),
         src_identity: Some(&pod.workload.identity),
         src_pod: Some(&pod.workload),
         original_dst,
         dst_identity: dst_pod.map(|w| &w.identity),
         dst_pod,
-    };
-
-    let (path, outcome) =
-        match dst_pod {
-            Some(dst) if dst.is_on(&mesh.node) => {
-                let local = inputs.local_pods.load();
-                match local.get(&dst.ip) {
-                    Some(dst_ctx) => {
-                        if !deliver::authorize(
-                            &mesh,
-                            dst_ctx,
-                            Some(&pod.workload.identity),
-                            peers.src,
-                            original_dst.port(),
-                        ) {
-                            return;
-                        }
-                        let outcome =
-                            match deliver::connect_to_app(dst_ctx, peers.src, original_dst.port())
-                                .await
-                            {
-                                Ok(mut app) => {
-                                    if let Ok(addr) = app.local_addr() {
-                                        peers.src = addr;
-                                    }
-                                    relay::relay_tcp(&mut client, &mut app, started).await
-                                }
-                                Err(e) => relay::Outcome::failed(
-                                    started,
-                                    format!("connect to {original_dst}: {e}"),
-                                ),
-                            };
-                        (Path::Local, outcome)
-                    }
-                    // Listed as enrolled but not (yet) enrolled here: plain TCP.
-                    None => (
-                        Path::Passthrough,
-                        passthrough(&mut client, &pod, original_dst, &mut peers, started).await,
-                    ),
-                }
-            }
-            Some(dst) => {
-                let outcome = match inputs.pool.connect(&inputs, &pod, dst, original_dst).await {
-                    Ok(mut tunnel) => relay::relay(&mut client, &mut tunnel, started).await,
-                    Err(e) => relay::Outcome::failed(
-                        started,
-                        format!("HBONE to {original_dst} ({}): {e:#}", dst.identity),
-                    ),
-                };
-                (Path::Hbone, outcome)
-            }
-            None => (
-                Path::Passthrough,
-                passthrough(&mut client, &pod, original_dst, &mut peers, started).await,
-            ),
-        };
-    log_connection(Direction::Outbound, path, &peers, &outcome);
-}
-
-async fn passthrough(
-    client: &mut TcpStream,
-    pod: &PodContext,
-    original_dst: SocketAddr,
-    peers: &mut Peers<'_>,
-    started: Instant,
-) -> relay::Outcome {
-    match connect_from_pod(pod, original_dst).await {
-        Ok(mut upstream) => {
-            if let Ok(addr) = upstream.local_addr() {
-                peers.src = addr;
-            }
-            relay::relay_tcp(client, &mut upstream, started).await
-        }
-        Err(e) => relay::Outcome::failed(started, format!("connect to {original_dst}: {e}")),
     }
 }
 
 /// A TCP connection to `dst` from a socket inside the pod's network namespace.
-pub(crate) async fn connect_from_pod(
-    pod: &PodContext,
-    dst: SocketAddr,
-) -> std::io::Result<TcpStream> {
+pub(crate) async fn connect_from_pod(pod: &PodContext, dst: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = pod.netns.socket(Domain::for_address(dst)).await?;
     socket.set_tcp_nodelay(true)?;
     let socket = TcpSocket::from_std_stream(socket.into());

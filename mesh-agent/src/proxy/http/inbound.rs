@@ -1,0 +1,223 @@
+//! Inbound L7: when a policy selecting the destination pod has HTTP rules (methods, paths,
+//! hosts, headers), the inbound side parses HTTP on the connection and authorizes every
+//! request; denied requests get 403. Without such rules the inbound side never parses HTTP.
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use http::{Request, StatusCode, Uri, Version, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{
+        Client,
+        connect::{Connected, Connection},
+    },
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+use tracing::{debug, info, warn};
+
+use super::{
+    HEADER_READ_TIMEOUT, MAX_HEADER_BYTES,
+    client::{Body, BoxError},
+    local_response, strip_hop_by_hop,
+};
+use crate::{
+    policy::{self, ConnectionAttrs, RequestAttrs},
+    proxy::{PodContext, ProxyInputs, deliver},
+    state::Identity,
+};
+
+/// Who is on the other end of an inbound connection.
+#[derive(Clone)]
+pub struct InboundPeer {
+    pub addr: SocketAddr,
+    /// Verified identity (HBONE), or `None` for plaintext.
+    pub identity: Option<Identity>,
+}
+
+/// Serves HTTP from `peer` to the app's `port` in `pod`, authorizing each request.
+pub async fn serve<I>(io: I, pod: Arc<PodContext>, inputs: Arc<ProxyInputs>, peer: InboundPeer, port: u16)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let connector = AppConnector {
+        pod: pod.clone(),
+        client: peer.addr,
+        port,
+    };
+    let http1 = Client::builder(TokioExecutor::new()).build(connector.clone());
+    let http2 = Client::builder(TokioExecutor::new()).http2_only(true).build(connector);
+    let clients = Arc::new((http1, http2));
+    let peer = Arc::new(peer);
+    let service = hyper::service::service_fn(move |req| {
+        let (pod, inputs, peer, clients) = (pod.clone(), inputs.clone(), peer.clone(), clients.clone());
+        async move { Ok::<_, Infallible>(handle(req, &pod, &inputs, &peer, port, &clients).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEADER_BYTES as u32);
+    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await {
+        debug!(error = %e, "inbound HTTP connection ended with an error");
+    }
+}
+
+type AppClient = Client<AppConnector, Body>;
+
+async fn handle(
+    req: Request<Incoming>,
+    pod: &PodContext,
+    inputs: &ProxyInputs,
+    peer: &InboundPeer,
+    port: u16,
+    clients: &(AppClient, AppClient),
+) -> http::Response<Body> {
+    let started = Instant::now();
+    let mesh = inputs.mesh.load();
+    let workload = mesh.pods.get(&pod.workload.key).unwrap_or(&pod.workload);
+    let (mut parts, body) = req.into_parts();
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("")
+        .to_string();
+    let conn = ConnectionAttrs {
+        src_identity: peer.identity.as_ref(),
+        src_ip: peer.addr.ip(),
+        dst_port: port,
+    };
+    let attrs = RequestAttrs {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        host: &host,
+        headers: &parts.headers,
+    };
+    let decision = policy::evaluate_request(&mesh.policies, workload, &conn, &attrs);
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_string();
+    let log = |status: StatusCode, flags: &str| {
+        info!(
+            direction = "inbound",
+            method = %method,
+            path = %path,
+            authority = %host,
+            status = status.as_u16(),
+            response_flags = flags,
+            src.addr = %peer.addr,
+            src.identity = %peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+            dst.pod = %workload.key,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "http request"
+        );
+    };
+    if let policy::Decision::Deny { policy, reason } = decision {
+        warn!(
+            src.addr = %peer.addr,
+            src.identity = %peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+            dst.pod = %workload.key,
+            method = %method,
+            path = %path,
+            policy = %policy.as_deref().unwrap_or(""),
+            reason = %reason,
+            "request denied"
+        );
+        log(StatusCode::FORBIDDEN, "RBAC");
+        return local_response(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
+    }
+    let http2 = parts.version == Version::HTTP_2;
+    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    match Uri::builder()
+        .scheme("http")
+        .authority(format!("127.0.0.1:{port}"))
+        .path_and_query(path_and_query)
+        .build()
+    {
+        Ok(uri) => parts.uri = uri,
+        Err(_) => return local_response(StatusCode::BAD_REQUEST, "-", "bad request target"),
+    }
+    strip_hop_by_hop(&mut parts.headers, false);
+    let request = Request::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed());
+    let client = if http2 { &clients.1 } else { &clients.0 };
+    match client.request(request).await {
+        Ok(response) => {
+            let status = response.status();
+            log(status, "-");
+            let (mut rp, rb) = response.into_parts();
+            strip_hop_by_hop(&mut rp.headers, false);
+            http::Response::from_parts(rp, rb.map_err(|e| Box::new(e) as BoxError).boxed())
+        }
+        Err(e) => {
+            log(StatusCode::SERVICE_UNAVAILABLE, "UF");
+            local_response(StatusCode::SERVICE_UNAVAILABLE, "UF", &format!("app error: {e}"))
+        }
+    }
+}
+
+/// Connects to the app in the pod as the client.
+#[derive(Clone)]
+struct AppConnector {
+    pod: Arc<PodContext>,
+    client: SocketAddr,
+    port: u16,
+}
+
+struct AppIo(TcpStream);
+
+impl Connection for AppIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for AppIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AppIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+impl tower_service::Service<Uri> for AppConnector {
+    type Response = TokioIo<AppIo>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let tcp = deliver::connect_to_app(&this.pod, this.client, this.port).await?;
+            Ok(TokioIo::new(AppIo(tcp)))
+        })
+    }
+}

@@ -1,0 +1,506 @@
+//! The L7 proxy for Service traffic: HTTP/1.1, h2c and gRPC from an enrolled pod to a
+//! Service VIP port that is declared (or sniffed) HTTP.
+//!
+//! A request's life, in order: request id and trace context → route (Gateway API HTTPRoute
+//! with the Service as parent) → redirect / filters → fault injection → backend service
+//! (weighted) → endpoint (power of two choices over least outstanding requests, ejected
+//! endpoints skipped) → circuit breaker → rate limit → authorization for endpoints this
+//! agent delivers to itself → upstream attempt with per-try timeout → retries (status or
+//! connect failure, budgeted, exponential backoff with jitter) → response filters → one
+//! access log line.
+pub mod client;
+pub mod detect;
+pub mod inbound;
+pub mod runtime;
+pub mod trace;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+
+use self::client::{Body, BoxError, PodClients};
+use super::{PodContext, ProxyInputs};
+use crate::{
+    policy::{self, ConnectionAttrs, RequestAttrs},
+    resilience::Backoff,
+    route::RouteDecision,
+    service::{AppProtocol, Service, ServicePort},
+    state::Mesh,
+};
+
+/// Largest request body buffered so that the request can be retried; bigger (or streaming)
+/// bodies are sent once.
+const MAX_RETRY_BODY: usize = 64 * 1024;
+/// How long a client may take to send a request head (slowloris guard).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest HTTP/1 request head; larger gets 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Header carrying Envoy-style response flags on responses the agent generated or shaped.
+pub const RESPONSE_FLAGS_HEADER: &str = "x-trellis-response-flags";
+
+/// What one proxied connection's requests share.
+struct Downstream {
+    inputs: Arc<ProxyInputs>,
+    pod: Arc<PodContext>,
+    clients: Arc<PodClients>,
+    service: Service,
+    port: ServicePort,
+    client_addr: SocketAddr,
+}
+
+/// Serves HTTP on a captured connection to `service:port` until the client closes it.
+pub async fn serve_outbound(
+    client: TcpStream,
+    pod: Arc<PodContext>,
+    inputs: Arc<ProxyInputs>,
+    service: Service,
+    port: ServicePort,
+    _protocol: AppProtocol,
+    _original_dst: SocketAddr,
+) {
+    let client_addr = SocketAddr::new(pod.workload.ip, client.peer_addr().map(|a| a.port()).unwrap_or(0));
+    let clients = pod.http_clients(&inputs);
+    let downstream = Arc::new(Downstream {
+        inputs,
+        pod,
+        clients,
+        service,
+        port,
+        client_addr,
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let downstream = downstream.clone();
+        async move { Ok::<_, Infallible>(handle(req, downstream).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEADER_BYTES as u32);
+    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(client), service).await {
+        debug!(error = %e, "downstream HTTP connection ended with an error");
+    }
+}
+
+/// A response the agent generates itself, flagged like Envoy's response flags.
+fn local_response(status: StatusCode, flags: &str, message: &str) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::from(format!("{message}\n"))));
+    *response.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(flags) {
+        response.headers_mut().insert(RESPONSE_FLAGS_HEADER, v);
+    }
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+fn empty() -> Body {
+    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
+}
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for name in listed {
+        if keep_upgrade && name == "upgrade" {
+            continue;
+        }
+        headers.remove(name.as_str());
+    }
+    for name in ["keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer"] {
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+struct AccessLog<'a> {
+    request_id: &'a str,
+    method: &'a str,
+    path: &'a str,
+    authority: &'a str,
+    route: String,
+    upstream: Option<SocketAddr>,
+    attempts: u32,
+}
+
+fn log_request(d: &Downstream, log: &AccessLog<'_>, status: StatusCode, flags: &str, started: Instant) {
+    info!(
+        direction = "outbound",
+        request_id = log.request_id,
+        method = log.method,
+        path = log.path,
+        authority = log.authority,
+        status = status.as_u16(),
+        response_flags = flags,
+        src.pod = %d.pod.workload.key,
+        src.identity = %d.pod.workload.identity,
+        dst.service = %format!("{}/{}:{}", d.service.namespace, d.service.name, d.port.port),
+        route = %log.route,
+        upstream = %log.upstream.map(|a| a.to_string()).unwrap_or_default(),
+        attempts = log.attempts,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "http request"
+    );
+}
+
+async fn handle(mut req: Request<Incoming>, d: Arc<Downstream>) -> Response<Body> {
+    let started = Instant::now();
+    let mut rng = fastrand::Rng::new();
+    let request_id = trace::ensure(req.headers_mut(), &mut rng);
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let mut log = AccessLog {
+        request_id: &request_id,
+        method: &method,
+        path: &path,
+        authority: &authority,
+        route: String::new(),
+        upstream: None,
+        attempts: 0,
+    };
+    let (status, flags, response) = route_and_forward(req, &d, &mut log, &mut rng, started).await;
+    log_request(&d, &log, status, flags, started);
+    response
+}
+
+/// Routes a request and forwards it; returns the status and response flags for the log.
+async fn route_and_forward(
+    req: Request<Incoming>,
+    d: &Downstream,
+    log: &mut AccessLog<'_>,
+    rng: &mut fastrand::Rng,
+    started: Instant,
+) -> (StatusCode, &'static str, Response<Body>) {
+    let inputs = &d.inputs;
+    let routes = inputs.routes.load();
+    let services = inputs.services.load();
+    let mesh = inputs.mesh.load();
+    let is_upgrade = req.headers().contains_key(header::UPGRADE) && req.version() == Version::HTTP_11;
+    let (mut parts, body) = req.into_parts();
+    let downstream_upgrade = if is_upgrade {
+        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+    } else {
+        None
+    };
+
+    let decision = routes.select(&d.service.namespace, &d.service.name, d.port.port, &parts);
+    let rule = match decision {
+        RouteDecision::NoRoutes => None,
+        RouteDecision::NoMatch => {
+            return (StatusCode::NOT_FOUND, "NR", local_response(StatusCode::NOT_FOUND, "NR", "no route matched"));
+        }
+        RouteDecision::Matched(rule, matched) => {
+            log.route = format!("{}#{}", rule.route, rule.index);
+            if let Some(redirect) = rule.redirect(&parts, &matched, d.port.port) {
+                let (rparts, ()) = redirect.into_parts();
+                let status = rparts.status;
+                return (status, "-", Response::from_parts(rparts, empty()));
+            }
+            rule.apply_request_filters(&mut parts, &matched);
+            Some(rule)
+        }
+    };
+
+    // Fault injection.
+    if let Some(fault) = rule.and_then(|r| r.fault.as_ref()) {
+        let decision = fault.sample(rng);
+        if let Some(delay) = decision.delay {
+            tokio::time::sleep(delay).await;
+        }
+        if let Some(status) = decision.abort {
+            return (status, "FI", local_response(status, "FI", "fault injected"));
+        }
+    }
+
+    // Backend service.
+    let (backend, backend_port) = match rule {
+        Some(rule) => match rule.pick_backend(rng) {
+            Some(b) => match services.by_name(&b.namespace, &b.name) {
+                Some(svc) => match svc.port(b.port) {
+                    Some(p) => (svc.clone(), p.clone()),
+                    None => return (StatusCode::INTERNAL_SERVER_ERROR, "NR", local_response(StatusCode::INTERNAL_SERVER_ERROR, "NR", "backend port missing")),
+                },
+                None => return (StatusCode::INTERNAL_SERVER_ERROR, "NR", local_response(StatusCode::INTERNAL_SERVER_ERROR, "NR", "backend service missing")),
+            },
+            // Every backend has weight 0: Gateway API says 500.
+            None => return (StatusCode::INTERNAL_SERVER_ERROR, "NR", local_response(StatusCode::INTERNAL_SERVER_ERROR, "NR", "no backend with weight")),
+        },
+        None => (d.service.clone(), d.port.clone()),
+    };
+    let runtime = inputs.l7.service(&backend);
+    let endpoints = crate::service::endpoints(&backend, mesh.pods.values());
+    if endpoints.is_empty() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "UH", local_response(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
+    }
+    let _request_permit = match runtime.circuit.try_request() {
+        Ok(p) => p,
+        Err(overflow) => {
+            let flag = overflow.response_flag();
+            return (StatusCode::SERVICE_UNAVAILABLE, flag, local_response(StatusCode::SERVICE_UNAVAILABLE, flag, "upstream overflow (circuit breaker open)"));
+        }
+    };
+
+    // The body: buffered when small enough to be retried, streamed otherwise.
+    let retry = rule.and_then(|r| r.retry.as_ref());
+    let replayable = retry.is_some() && body_fits(&parts.headers, &parts);
+    let (buffered, mut streaming_body): (Option<Bytes>, Option<Body>) = if replayable {
+        match http_body_util::Limited::new(body, MAX_RETRY_BODY).collect().await {
+            Ok(collected) => (Some(collected.to_bytes()), None),
+            Err(_) => {
+                return (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "-",
+                    local_response(StatusCode::PAYLOAD_TOO_LARGE, "-", "request body too large"),
+                );
+            }
+        }
+    } else {
+        (None, Some(body.map_err(|e| Box::new(e) as BoxError).boxed()))
+    };
+
+    let request_timeout = rule.and_then(|r| r.timeouts.request);
+    let per_try_timeout = retry
+        .and_then(|r| r.per_try_timeout)
+        .or_else(|| rule.and_then(|r| r.timeouts.backend_request));
+    let deadline = request_timeout.map(|t| started + t);
+    runtime.budget.deposit(Instant::now());
+    let max_attempts = 1 + retry.map(|r| r.attempts).unwrap_or(0);
+    let backoff = retry.map(|r| Backoff::new(r.backoff, r.backoff.saturating_mul(10)));
+    let upstream_http2 = matches!(backend_port.protocol, AppProtocol::Http2 | AppProtocol::Grpc)
+        || (backend_port.protocol != AppProtocol::Http && parts.version == Version::HTTP_2);
+    strip_hop_by_hop(&mut parts.headers, is_upgrade);
+
+    let mut last_failure: (StatusCode, &'static str, String) = (StatusCode::SERVICE_UNAVAILABLE, "UF", String::from("upstream connect failure"));
+    for attempt in 0..max_attempts {
+        log.attempts = attempt + 1;
+        let Some(endpoint) = runtime.pick(&endpoints, backend_port.target_port, rng) else {
+            return (StatusCode::SERVICE_UNAVAILABLE, "UH", local_response(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
+        };
+        log.upstream = Some(endpoint.addr);
+        if attempt == 0 {
+            if let (Some(rule), Some(limit)) = (rule, rule.and_then(|r| r.rate_limit.as_ref())) {
+                let key = format!("{}#{}", rule.route, rule.index);
+                if !inputs.l7.rate_limit(&key, &endpoint.addr, f64::from(limit.requests_per_second), limit.burst, Instant::now()) {
+                    return (StatusCode::TOO_MANY_REQUESTS, "RL", local_response(StatusCode::TOO_MANY_REQUESTS, "RL", "local rate limit"));
+                }
+            }
+        }
+        // Endpoints this agent delivers to itself are authorized here, per request.
+        if let Some(dst_pod) = mesh.pod_by_ip(endpoint.addr.ip()).filter(|w| w.enrolled && w.is_on(&mesh.node)) {
+            if !authorize_request(&mesh, d, dst_pod, endpoint.addr.port(), &parts) {
+                return (StatusCode::FORBIDDEN, "RBAC", local_response(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied"));
+            }
+        }
+
+        let body = match (&buffered, streaming_body.take()) {
+            (Some(bytes), _) => full(bytes.clone()),
+            (None, Some(body)) => body,
+            // A streamed body was consumed by the first attempt: no retry possible.
+            (None, None) => break,
+        };
+        let mut upstream_req = Request::from_parts(parts.clone(), body);
+        let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        match Uri::builder().scheme("http").authority(endpoint.addr.to_string()).path_and_query(path_and_query).build() {
+            Ok(uri) => *upstream_req.uri_mut() = uri,
+            Err(_) => return (StatusCode::BAD_REQUEST, "-", local_response(StatusCode::BAD_REQUEST, "-", "bad request target")),
+        }
+        *upstream_req.version_mut() = if upstream_http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+        if upstream_http2 {
+            upstream_req.headers_mut().remove(header::HOST);
+        }
+        let client = if upstream_http2 { &d.clients.http2 } else { &d.clients.http1 };
+
+        let outstanding = endpoint.stats.stats.start();
+        let attempt_started = Instant::now();
+        let try_timeout = match (per_try_timeout, deadline) {
+            (Some(t), Some(dl)) => Some(t.min(dl.saturating_duration_since(Instant::now()))),
+            (Some(t), None) => Some(t),
+            (None, Some(dl)) => Some(dl.saturating_duration_since(Instant::now())),
+            (None, None) => None,
+        };
+        let sent = client.request(upstream_req);
+        let result = match try_timeout {
+            Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| TimedOut),
+            None => Ok(sent.await),
+        };
+        let (outcome, retriable) = match result {
+            Ok(Ok(mut response)) => {
+                let status = response.status();
+                outstanding.finish(attempt_started.elapsed());
+                let is_5xx = status.is_server_error();
+                runtime.record(&endpoint, if is_5xx { EndpointOutcome::Http5xx } else { EndpointOutcome::Success }, endpoints.len());
+                let retriable = retry.is_some_and(|r| r.retries_status(status.as_u16()));
+                if !retriable || attempt + 1 == max_attempts || !runtime.budget.try_withdraw(Instant::now()) {
+                    if let Some(rule) = rule {
+                        rule.apply_response_filters(response.headers_mut());
+                    }
+                    strip_hop_by_hop(response.headers_mut(), is_upgrade && status == StatusCode::SWITCHING_PROTOCOLS);
+                    if let (Some(down), true) = (downstream_upgrade, status == StatusCode::SWITCHING_PROTOCOLS) {
+                        bridge_upgrade(down, &mut response);
+                    }
+                    let (rp, rb) = response.into_parts();
+                    return (status, "-", Response::from_parts(rp, rb.map_err(|e| Box::new(e) as BoxError).boxed()));
+                }
+                ((status, "URX", format!("upstream answered {status}")), true)
+            }
+            Ok(Err(e)) => {
+                drop(outstanding);
+                let connect_failure = e.is_connect();
+                runtime.record(&endpoint, if connect_failure { EndpointOutcome::ConnectFailure } else { EndpointOutcome::Http5xx }, endpoints.len());
+                // A reset before any response is retried like a connect failure.
+                let retriable = retry.is_some_and(|r| r.retry_on_connect_failure);
+                let detail = format!("upstream error: {e}");
+                ((StatusCode::SERVICE_UNAVAILABLE, if connect_failure { "UF" } else { "UR" }, detail), retriable)
+            }
+            Err(TimedOut) => {
+                drop(outstanding);
+                let whole_request_expired = deadline.is_some_and(|dl| Instant::now() >= dl);
+                if whole_request_expired {
+                    return (StatusCode::GATEWAY_TIMEOUT, "UT", local_response(StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout"));
+                }
+                ((StatusCode::GATEWAY_TIMEOUT, "UT", "upstream per-try timeout".to_string()), retry.is_some())
+            }
+        };
+        last_failure = outcome;
+        if !retriable || attempt + 1 == max_attempts || !runtime.budget.try_withdraw(Instant::now()) {
+            break;
+        }
+        let backoff = backoff.as_ref().map(|b| b.delay(attempt, rng)).unwrap_or_default();
+        if deadline.is_some_and(|dl| Instant::now() + backoff >= dl) {
+            return (StatusCode::GATEWAY_TIMEOUT, "UT", local_response(StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout"));
+        }
+        tokio::time::sleep(backoff).await;
+    }
+    let (status, flags, detail) = last_failure;
+    (status, flags, local_response(status, flags, &detail))
+}
+
+/// Whether a request body can be buffered for retries: no body, or a declared length under
+/// the limit.
+fn body_fits(headers: &HeaderMap, parts: &http::request::Parts) -> bool {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        return false;
+    }
+    match headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
+        Some(n) => n <= MAX_RETRY_BODY,
+        // HTTP/2 without content-length may stream (gRPC): only GET-like methods are safe.
+        None => parts.version != Version::HTTP_2 || matches!(parts.method, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::DELETE),
+    }
+}
+
+/// Evaluates the destination's policies for one request (L4 and L7 rules).
+fn authorize_request(mesh: &Mesh, d: &Downstream, dst: &crate::state::Workload, port: u16, parts: &http::request::Parts) -> bool {
+    let conn = ConnectionAttrs {
+        src_identity: Some(&d.pod.workload.identity),
+        src_ip: d.client_addr.ip(),
+        dst_port: port,
+    };
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let attrs = RequestAttrs {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        host,
+        headers: &parts.headers,
+    };
+    match policy::evaluate_request(&mesh.policies, dst, &conn, &attrs) {
+        policy::Decision::Allow { .. } => true,
+        policy::Decision::Deny { policy, reason } => {
+            tracing::warn!(
+                src.identity = %d.pod.workload.identity,
+                dst.pod = %dst.key,
+                method = %parts.method,
+                path = parts.uri.path(),
+                policy = %policy.as_deref().unwrap_or(""),
+                reason = %reason,
+                "request denied"
+            );
+            false
+        }
+    }
+}
+
+/// Joins the client's and the upstream's upgraded connections (WebSocket and friends).
+fn bridge_upgrade(downstream: hyper::upgrade::OnUpgrade, response: &mut Response<Incoming>) {
+    let upstream = hyper::upgrade::on(response);
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((down, up)) => {
+                let mut down = TokioIo::new(down);
+                let mut up = TokioIo::new(up);
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            }
+            Err(e) => debug!(error = %e, "upgrade failed"),
+        }
+    });
+}
+
+/// An attempt ran out of time.
+struct TimedOut;
+
+/// How an attempt went, for outlier detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointOutcome {
+    Success,
+    Http5xx,
+    ConnectFailure,
+}
+
+/// L4 load balancing for non-HTTP service ports: the endpoint address for a new connection.
+pub fn pick_l4_endpoint(inputs: &ProxyInputs, mesh: &Mesh, service: &Service, port: &ServicePort) -> Option<SocketAddr> {
+    let endpoints = crate::service::endpoints(service, mesh.pods.values());
+    let runtime = inputs.l7.service(service);
+    let mut rng = fastrand::Rng::new();
+    runtime.pick(&endpoints, port.target_port, &mut rng).map(|e| e.addr)
+}
+
+impl PodContext {
+    /// This pod's upstream HTTP clients, created on first use.
+    pub fn http_clients(self: &Arc<Self>, inputs: &Arc<ProxyInputs>) -> Arc<PodClients> {
+        self.http_clients
+            .get_or_init(|| Arc::new(PodClients::new(inputs, self)))
+            .clone()
+    }
+}

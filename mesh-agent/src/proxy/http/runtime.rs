@@ -1,0 +1,174 @@
+//! Per-service and per-endpoint runtime state of the L7 proxy (and of L4 service load
+//! balancing): outstanding requests, outlier ejections, circuit breaker, retry budget, rate
+//! limits. Keyed by service; rebuilt when a service's traffic policy changes.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, atomic::AtomicUsize},
+    time::{Duration, Instant},
+};
+
+use tracing::warn;
+
+use super::EndpointOutcome;
+use crate::{
+    resilience::{self, CircuitBreaker, CircuitLimits, EndpointStats, OutlierDetector, OutlierState, RateLimiters, RetryBudget},
+    service::{LoadBalancer, Service, TrafficPolicy},
+    state::Workload,
+};
+
+/// At most this many rate-limit buckets per route rule (one per destination workload).
+const MAX_RATE_LIMIT_KEYS: usize = 10_000;
+/// Longest outlier ejection.
+const MAX_EJECTION: Duration = Duration::from_secs(300);
+
+/// Retry budget: retries may add this fraction of the requests of the last window...
+const RETRY_BUDGET_RATIO: f64 = 0.2;
+/// ...plus this many per second, so quiet services can still retry.
+const RETRY_BUDGET_MIN_PER_SEC: u32 = 10;
+const RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// All L7 runtime state of this agent.
+#[derive(Default)]
+pub struct L7Runtime {
+    services: Mutex<HashMap<(String, String), Arc<ServiceRuntime>>>,
+    rate_limits: Mutex<HashMap<String, Arc<RateLimiters<std::net::IpAddr>>>>,
+}
+
+/// One endpoint as the balancer sees it.
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub stats: Arc<EndpointRuntime>,
+}
+
+pub struct EndpointRuntime {
+    pub stats: Arc<EndpointStats>,
+    outlier: OutlierState,
+}
+
+pub struct ServiceRuntime {
+    policy: TrafficPolicy,
+    pub circuit: CircuitBreaker,
+    pub budget: RetryBudget,
+    outlier: Option<OutlierDetector>,
+    round_robin: AtomicUsize,
+    endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointRuntime>>>,
+    name: String,
+}
+
+impl L7Runtime {
+    /// The runtime of `service`, created on first use or when its traffic policy changed.
+    pub fn service(&self, service: &Service) -> Arc<ServiceRuntime> {
+        let key = (service.namespace.clone(), service.name.clone());
+        let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rt) = services.get(&key) {
+            if rt.policy == service.traffic_policy {
+                return rt.clone();
+            }
+        }
+        let rt = Arc::new(ServiceRuntime::new(service));
+        services.insert(key, rt.clone());
+        rt
+    }
+
+    /// Takes a token from the bucket of (`route rule`, `endpoint`).
+    pub fn rate_limit(&self, rule: &str, endpoint: &SocketAddr, requests_per_second: f64, burst: u32, now: Instant) -> bool {
+        let limiters = {
+            let mut all = self.rate_limits.lock().unwrap_or_else(|p| p.into_inner());
+            all.entry(format!("{rule}@{requests_per_second}/{burst}"))
+                .or_insert_with(|| Arc::new(RateLimiters::new(requests_per_second, burst, MAX_RATE_LIMIT_KEYS)))
+                .clone()
+        };
+        limiters.try_take(&endpoint.ip(), now)
+    }
+}
+
+impl ServiceRuntime {
+    fn new(service: &Service) -> Self {
+        let pool = &service.traffic_policy.connection_pool;
+        Self {
+            policy: service.traffic_policy.clone(),
+            circuit: CircuitBreaker::new(CircuitLimits {
+                max_connections: pool.max_connections as usize,
+                max_pending_requests: pool.max_pending_requests as usize,
+                max_requests: pool.max_requests as usize,
+            }),
+            budget: RetryBudget::new(RETRY_BUDGET_RATIO, RETRY_BUDGET_MIN_PER_SEC, RETRY_BUDGET_WINDOW),
+            outlier: service.traffic_policy.outlier_detection.as_ref().map(|o| OutlierDetector {
+                consecutive_5xx: o.consecutive_5xx_errors,
+                consecutive_connect_failures: o.consecutive_connect_failures,
+                base_ejection: o.base_ejection_time,
+                max_ejection: MAX_EJECTION,
+                max_ejection_percent: o.max_ejection_percent,
+            }),
+            round_robin: AtomicUsize::new(0),
+            endpoints: Mutex::new(HashMap::new()),
+            name: format!("{}/{}", service.namespace, service.name),
+        }
+    }
+
+    fn endpoint(&self, addr: SocketAddr) -> Arc<EndpointRuntime> {
+        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        endpoints
+            .entry(addr)
+            .or_insert_with(|| {
+                Arc::new(EndpointRuntime {
+                    stats: Arc::new(EndpointStats::default()),
+                    outlier: OutlierState::new(),
+                })
+            })
+            .clone()
+    }
+
+    /// Picks an endpoint among `workloads` (at `port`), skipping ejected ones unless all are
+    /// ejected (then all are candidates, like Envoy's panic mode).
+    pub fn pick(&self, workloads: &[&Workload], port: u16, rng: &mut fastrand::Rng) -> Option<Endpoint> {
+        if workloads.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let all: Vec<Endpoint> = workloads
+            .iter()
+            .map(|w| {
+                let addr = SocketAddr::new(w.ip, port);
+                Endpoint { addr, stats: self.endpoint(addr) }
+            })
+            .collect();
+        let healthy: Vec<&Endpoint> = match &self.outlier {
+            Some(_) => all.iter().filter(|e| !e.stats.outlier.is_ejected(now)).collect(),
+            None => all.iter().collect(),
+        };
+        let candidates: Vec<&Endpoint> = if healthy.is_empty() { all.iter().collect() } else { healthy };
+        let index = match self.policy.load_balancer {
+            LoadBalancer::LeastRequest => {
+                let stats: Vec<&EndpointStats> = candidates.iter().map(|e| e.stats.stats.as_ref()).collect();
+                resilience::pick_p2c(&stats, rng)?
+            }
+            LoadBalancer::RoundRobin => resilience::pick_round_robin(candidates.len(), &self.round_robin)?,
+            LoadBalancer::Random => resilience::pick_random(candidates.len(), rng)?,
+        };
+        let chosen = candidates.get(index)?;
+        Some(Endpoint {
+            addr: chosen.addr,
+            stats: chosen.stats.clone(),
+        })
+    }
+
+    /// Feeds an attempt's outcome to outlier detection.
+    pub fn record(&self, endpoint: &Endpoint, outcome: EndpointOutcome, pool_size: usize) {
+        let Some(detector) = &self.outlier else { return };
+        let now = Instant::now();
+        let ejected_now = {
+            let endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+            endpoints.values().filter(|e| e.outlier.is_ejected(now)).count()
+        };
+        let outcome = match outcome {
+            EndpointOutcome::Success => resilience::Outcome::Success,
+            EndpointOutcome::Http5xx => resilience::Outcome::Http5xx,
+            EndpointOutcome::ConnectFailure => resilience::Outcome::ConnectFailure,
+        };
+        if let Some(ejection) = detector.record(&endpoint.stats.outlier, outcome, now, ejected_now, pool_size) {
+            warn!(service = %self.name, endpoint = %endpoint.addr, ejection = ?ejection, "endpoint ejected by outlier detection");
+        }
+    }
+}
