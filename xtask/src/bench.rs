@@ -1,16 +1,27 @@
-//! `cargo xtask bench`: pod-to-pod traffic directly and through the agent, side by side.
+//! `cargo xtask bench`: pod-to-pod traffic directly and through the agents, on one node and
+//! across two nodes, side by side.
 //!
-//! One node (harness network namespaces), two pods `client` and `server`; the `meshbench`
-//! server runs in the server pod and the `meshbench` client in the client pod, both release
-//! builds, like the agent. Each scenario is one [`Row`]:
+//! Two harness nodes (network namespaces) linked by a veth (the "node network"): node 1 has
+//! pods `client` and `server`, node 2 has pod `remote`. The `meshbench` server runs in
+//! `server` and `remote`, the `meshbench` client in `client`, all release builds, like the
+//! agent. Each scenario is one [`Row`]:
 //!
-//! - `pod-direct`: no agent running, pods not enrolled: veth to bridge to veth.
-//! - `pod-agent`: the agent runs with both pods enrolled: the client app's connect is
-//!   redirected (connect4) to the agent's outbound listener in the client pod, and the agent
-//!   carries it to the server app (which path it takes, e.g. in-process delivery to a local
-//!   pod or a second hop through the server pod's inbound listener, is the agent's business;
-//!   the notes under the table count the agent's logged connections per direction and path,
-//!   and the scenario fails if the agent relayed nothing).
+//! - `pod-direct`: client to server on node 1, no agent running, pods not enrolled: veth to
+//!   bridge to veth.
+//! - `pod-agent`: the same pods, node 1's agent running with both enrolled: the client app's
+//!   connect is redirected (connect4) to the agent's outbound listener in the client pod,
+//!   and the agent carries it to the server app (which path it takes, e.g. in-process
+//!   delivery to a local pod or a second hop through the server pod's inbound listener, is
+//!   the agent's business; the notes under the table count the agent's logged connections
+//!   per direction and path, and the scenario fails if the agent relayed nothing).
+//! - `cross-node-direct`: client (node 1) to remote (node 2), no agent running: veth,
+//!   bridge, node link, bridge, veth.
+//! - `cross-node-mtls`: the same pods, both enrolled, one agent per node sharing one CA
+//!   (each node's config lists its own pod as local and the other node's pod as remote):
+//!   client -> agent 1 (outbound) -> HBONE (HTTP/2 CONNECT over mTLS, pooled) over the node
+//!   link -> agent 2 (inbound, port 15008) -> remote app. The scenario fails unless agent 1
+//!   logged an outbound `path=hbone` connection for every connection the connection-rate
+//!   phase completed (and agent 2 inbound ones).
 //!
 //! Measurements per scenario, each bounded by `--seconds` and a count:
 //!
@@ -25,13 +36,16 @@
 //! - stream (`gbit_s`): one connection, the client writes for `--seconds` and half-closes,
 //!   the server discards and answers with the byte count; rate = bytes the server read /
 //!   time until its answer arrived.
-//! - agent cost (`cpu_us_per_req`, `rss_kb`; null without an agent): the agent's
+//! - agent cost (`cpu_us_per_req`, `rss_kb`; null without an agent): the agents'
 //!   utime+stime (/proc/PID/stat) over the request/response phase divided by the requests
-//!   made, and its VmRSS after all phases.
+//!   made, and their VmRSS after all phases. With two agents (`cross-node-mtls`) both are
+//!   SUMMED: CPU of agent 1 + agent 2 per request, RSS of agent 1 + agent 2.
 //!
 //! Results: a table on stdout and `target/bench/latest.json` (an array of [`Row`]s). To add
 //! a scenario, write a function that sets it up and calls [`measure`], and list it in
-//! [`SCENARIOS`]; ratios are printed against `pod-direct`.
+//! [`SCENARIOS`] with the scenario it is compared with; ratio lines are printed for each
+//! such pair, and the cross-node target (mTLS round-trip rate at least
+//! [`CROSS_NODE_RPS_TARGET`] times direct) is reported, informational only.
 use std::{
     collections::BTreeMap,
     fs,
@@ -51,16 +65,23 @@ use serde_json::Value;
 
 use crate::{setup, util};
 
-/// Port the meshbench server listens on in the server pod.
+/// Port the meshbench servers listen on in the server pods.
 const SERVER_PORT: u16 = 7070;
-/// How long the server may take to print `listening`.
+/// How long a server may take to print `listening`.
 const SERVER_START_DEADLINE: Duration = Duration::from_secs(10);
 /// Slack on top of `--seconds` before a client run is killed as hung.
 const CLIENT_SLACK: Duration = Duration::from_secs(45);
 /// Above this share of the machine's CPU used by other processes, a scenario is flagged.
 const NOISE_THRESHOLD: f64 = 0.10;
-/// Name of the reference scenario the others are compared with.
-const BASELINE: &str = "pod-direct";
+/// How long an agent may take to log the connections a scenario made.
+const LOG_DEADLINE: Duration = Duration::from_secs(10);
+/// The target: cross-node mTLS round-trip rate at least this times direct.
+const CROSS_NODE_RPS_TARGET: f64 = 0.4;
+
+const POD_DIRECT: &str = "pod-direct";
+const POD_AGENT: &str = "pod-agent";
+const CROSS_DIRECT: &str = "cross-node-direct";
+const CROSS_MTLS: &str = "cross-node-mtls";
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -98,24 +119,100 @@ pub struct Row {
 struct Measured {
     row: Row,
     notes: Vec<String>,
-    /// Share of the machine's CPU that processes outside the pods and the agent used.
+    /// Share of the machine's CPU that processes outside the pods and the agents used.
     others_share: f64,
+    /// Connections the connection-rate phase completed (each one crossed the agents, if any).
+    conn_completed: u64,
 }
 
-/// What every scenario runs with.
+/// What every scenario may use: two linked nodes and their pods (servers already running).
+struct Env<'a> {
+    args: &'a BenchArgs,
+    meshbench: PathBuf,
+    n1: &'a Node,
+    n2: &'a Node,
+    /// On node 1, runs the meshbench client.
+    client: Pod,
+    /// On node 1, runs a meshbench server.
+    server: Pod,
+    /// On node 2, runs a meshbench server.
+    remote: Pod,
+    /// State directory shared by the two cross-node agents: one CA, one trust root.
+    fleet_ca: PathBuf,
+}
+
+impl Env<'_> {
+    fn bench<'b>(&'b self, server: &'b Pod) -> Bench<'b> {
+        Bench {
+            args: self.args,
+            meshbench: &self.meshbench,
+            client: &self.client,
+            server,
+            target: SocketAddr::new(server.ip.into(), SERVER_PORT),
+        }
+    }
+
+    /// Client and server on node 1.
+    fn same_node(&self) -> Bench<'_> {
+        self.bench(&self.server)
+    }
+
+    /// Client on node 1, server on node 2.
+    fn cross_node(&self) -> Bench<'_> {
+        self.bench(&self.remote)
+    }
+}
+
+/// What the measurements of one scenario run with: who talks to whom.
 struct Bench<'a> {
     args: &'a BenchArgs,
-    node: &'a Node,
-    meshbench: PathBuf,
-    client: Pod,
-    server: Pod,
+    meshbench: &'a Path,
+    client: &'a Pod,
+    server: &'a Pod,
     target: SocketAddr,
 }
 
-type ScenarioFn = fn(&Bench) -> anyhow::Result<Measured>;
+type ScenarioFn = fn(&Env) -> anyhow::Result<Measured>;
 
-/// The scenarios, in the order they run; the first is the baseline.
-const SCENARIOS: &[(&str, ScenarioFn)] = &[(BASELINE, pod_direct), ("pod-agent", pod_agent)];
+struct Scenario {
+    name: &'static str,
+    run: ScenarioFn,
+    /// The scenario this one's ratios are printed against.
+    compare_with: Option<&'static str>,
+}
+
+/// The scenarios, in the order they run.
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: POD_DIRECT,
+        run: pod_direct,
+        compare_with: None,
+    },
+    Scenario {
+        name: POD_AGENT,
+        run: pod_agent,
+        compare_with: Some(POD_DIRECT),
+    },
+    Scenario {
+        name: CROSS_DIRECT,
+        run: cross_node_direct,
+        compare_with: None,
+    },
+    Scenario {
+        name: CROSS_MTLS,
+        run: cross_node_mtls,
+        compare_with: Some(CROSS_DIRECT),
+    },
+];
+
+/// Removes a directory when dropped.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !(args.seconds > 0.0 && args.seconds <= 600.0) {
@@ -142,26 +239,38 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // the agent.
     unsafe { std::env::set_var("MESH_AGENT_BIN", &agent_bin) };
 
-    util::step("building a node with pods `client` and `server`");
-    // Drop order (reverse of declaration): server process, then the node (its cgroups are
-    // killed and namespaces deleted). Agents live and die inside their scenario.
-    let mut node = Node::new()?;
-    let client = node.add_pod("client")?;
-    let server = node.add_pod("server")?;
+    util::step("building node 1 (pods `client`, `server`) and node 2 (pod `remote`), linked");
+    // Drop order (reverse of declaration): server processes, then the nodes (their cgroups
+    // are killed, namespaces and the link deleted), then the fleet CA directory. Agents live
+    // and die inside their scenario.
+    // The `trellis-PID-` prefix lets the harness remove it after a crash, like agent dirs.
+    let fleet_ca = std::env::temp_dir().join(format!("trellis-{}-bench-fleet", std::process::id()));
+    fs::create_dir_all(&fleet_ca).with_context(|| format!("creating {}", fleet_ca.display()))?;
+    let _fleet_ca = RemoveDir(fleet_ca.clone());
+    let mut n1 = Node::new()?;
+    let mut n2 = Node::new()?;
+    n1.link(&n2).context("linking the nodes")?;
+    let client = n1.add_pod("client")?;
+    let server = n1.add_pod("server")?;
+    let remote = n2.add_pod("remote")?;
     let _server_process = start_server(&server, &meshbench)?;
-    let bench = Bench {
+    let _remote_process = start_server(&remote, &meshbench)?;
+    let env = Env {
         args: &args,
-        node: &node,
+        n1: &n1,
+        n2: &n2,
         meshbench,
-        target: SocketAddr::new(server.ip.into(), SERVER_PORT),
         client,
         server,
+        remote,
+        fleet_ca,
     };
 
     let mut results = Vec::new();
-    for (name, scenario) in SCENARIOS {
-        util::step(&format!("scenario {name}"));
-        let measured = scenario(&bench).with_context(|| format!("scenario {name}"))?;
+    for scenario in SCENARIOS {
+        util::step(&format!("scenario {}", scenario.name));
+        let measured =
+            (scenario.run)(&env).with_context(|| format!("scenario {}", scenario.name))?;
         results.push(measured);
     }
 
@@ -191,43 +300,32 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------
 // Scenarios
 
-/// Pod to pod with no agent running and nothing enrolled.
-fn pod_direct(bench: &Bench) -> anyhow::Result<Measured> {
-    probe(bench)?;
-    measure(bench, BASELINE, None)
+/// Pod to pod on one node with no agent running and nothing enrolled.
+fn pod_direct(env: &Env) -> anyhow::Result<Measured> {
+    let bench = env.same_node();
+    probe(&bench)?;
+    measure(&bench, POD_DIRECT, &[])
 }
 
-/// Both pods enrolled: every connection crosses the agent twice (outbound, then inbound).
-fn pod_agent(bench: &Bench) -> anyhow::Result<Measured> {
+/// Both pods enrolled: every connection crosses the agent.
+fn pod_agent(env: &Env) -> anyhow::Result<Measured> {
+    let bench = env.same_node();
     let config = agent::config_doc(
-        &bench.node.id,
+        &env.n1.id,
         &[
-            bench.client.config_entry("default", "client", true),
-            bench.server.config_entry("default", "server", true),
+            env.client.config_entry("default", "client", true),
+            env.server.config_entry("default", "server", true),
         ],
     );
     let mut agent = Agent::start("bench", &config)?;
     let pid = agent.pid().context("the agent is not running")?;
-    let measured = probe(bench).and_then(|()| measure(bench, "pod-agent", Some(pid)));
+    let measured = probe(&bench).and_then(|()| measure(&bench, POD_AGENT, &[pid]));
     let mut measured = measured
         .map_err(|e| e.context(format!("agent log tail:\n{}", tail(&agent.log_text(), 20))))?;
     // Make sure the traffic really crossed the agent (a silent bypass would look great).
-    let closed: Vec<Value> = agent
-        .events()
-        .into_iter()
-        .filter(|e| agent::message(e) == "connection closed")
-        .collect();
-    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
-    for e in &closed {
-        let path = agent::field(e, "path");
-        let kind = if path.is_empty() {
-            agent::field(e, "direction").to_string()
-        } else {
-            format!("{} {path}", agent::field(e, "direction"))
-        };
-        *kinds.entry(kind).or_default() += 1;
-    }
-    let outbound: usize = kinds
+    let log = ConnectionLog::read(&agent);
+    let outbound: usize = log
+        .kinds
         .iter()
         .filter(|(k, _)| k.starts_with("outbound"))
         .map(|(_, n)| n)
@@ -238,40 +336,181 @@ fn pod_agent(bench: &Bench) -> anyhow::Result<Measured> {
             tail(&agent.log_text(), 20)
         );
     }
-    let failed = closed
-        .iter()
-        .filter(|e| !agent::field(e, "error").is_empty())
-        .count();
-    let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
-    measured.notes.push(format!(
-        "pod-agent: agent logged {}; {failed} closed with an error",
-        kinds.join(", ")
-    ));
+    measured
+        .notes
+        .push(format!("{POD_AGENT}: agent logged {}", log.summary()));
     agent.terminate().context("stopping the agent")?;
     Ok(measured)
+}
+
+/// Client on node 1 to a pod on node 2 with no agent running and nothing enrolled.
+fn cross_node_direct(env: &Env) -> anyhow::Result<Measured> {
+    let bench = env.cross_node();
+    probe(&bench)?;
+    measure(&bench, CROSS_DIRECT, &[])
+}
+
+/// Client on node 1 to a pod on node 2, both enrolled, one agent per node: client ->
+/// agent 1 -> HBONE over the node link -> agent 2 -> server app.
+fn cross_node_mtls(env: &Env) -> anyhow::Result<Measured> {
+    let bench = env.cross_node();
+    let config1 = agent::config_doc(
+        &env.n1.id,
+        &[
+            env.client.config_entry("default", "client", true),
+            env.remote.remote_config_entry("default", "remote", env.n2),
+        ],
+    );
+    let config2 = agent::config_doc(
+        &env.n2.id,
+        &[
+            env.remote.config_entry("default", "remote", true),
+            env.client.remote_config_entry("default", "client", env.n1),
+        ],
+    );
+    // Dropped (killed) in reverse order on any error below.
+    let mut a1 = Agent::start_with_state_dir("bench-n1", &config1, Some(&env.fleet_ca))
+        .context("starting node 1's agent")?;
+    let mut a2 = Agent::start_with_state_dir("bench-n2", &config2, Some(&env.fleet_ca))
+        .context("starting node 2's agent")?;
+    let pids = [
+        a1.pid().context("node 1's agent is not running")?,
+        a2.pid().context("node 2's agent is not running")?,
+    ];
+    let tails = |a1: &Agent, a2: &Agent| {
+        format!(
+            "node 1 agent log tail:\n{}\nnode 2 agent log tail:\n{}",
+            tail(&a1.log_text(), 20),
+            tail(&a2.log_text(), 20)
+        )
+    };
+    let measured = probe(&bench).and_then(|()| measure(&bench, CROSS_MTLS, &pids));
+    let mut measured = measured.map_err(|e| e.context(tails(&a1, &a2)))?;
+
+    // Make sure the traffic really went client -> agent 1 -> HBONE -> agent 2: every
+    // connection the connection-rate phase completed must be in agent 1's log as outbound
+    // over HBONE (they are logged when they close, so give the agent a moment).
+    let want = measured.conn_completed as usize;
+    let deadline = Instant::now() + LOG_DEADLINE;
+    let (log1, log2) = loop {
+        let (log1, log2) = (ConnectionLog::read(&a1), ConnectionLog::read(&a2));
+        if log1.count("outbound hbone") >= want || Instant::now() >= deadline {
+            break (log1, log2);
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    let outbound_hbone = log1.count("outbound hbone");
+    if outbound_hbone == 0 {
+        bail!(
+            "node 1's agent logged no outbound connection over HBONE (path=hbone): traffic bypassed the mesh\n{}",
+            tails(&a1, &a2)
+        );
+    }
+    if outbound_hbone < want {
+        bail!(
+            "node 1's agent logged {outbound_hbone} outbound HBONE connections, fewer than the {want} the connection-rate phase completed: some traffic bypassed it\n{}",
+            tails(&a1, &a2)
+        );
+    }
+    if log2.count("inbound hbone") == 0 {
+        bail!(
+            "node 2's agent logged no inbound HBONE connection\n{}",
+            tails(&a1, &a2)
+        );
+    }
+    let established = a1.count_events(|e| agent::message(e) == "HBONE connection established");
+    measured.notes.push(format!(
+        "{CROSS_MTLS}: node 1 agent logged {}; {established} HBONE (mTLS) connection(s) established",
+        log1.summary()
+    ));
+    measured.notes.push(format!(
+        "{CROSS_MTLS}: node 2 agent logged {}",
+        log2.summary()
+    ));
+    measured.notes.push(format!(
+        "{CROSS_MTLS}: agent CPU and RSS are the SUM of both agents (node 1 + node 2)"
+    ));
+    a2.terminate().context("stopping node 2's agent")?;
+    a1.terminate().context("stopping node 1's agent")?;
+    Ok(measured)
+}
+
+/// An agent's "connection closed" events, counted by direction and path.
+struct ConnectionLog {
+    /// "outbound hbone", "inbound local", ... -> count.
+    kinds: BTreeMap<String, usize>,
+    /// Connections logged with an error.
+    failed: usize,
+}
+
+impl ConnectionLog {
+    fn read(agent: &Agent) -> Self {
+        let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+        let mut failed = 0;
+        for e in agent
+            .events()
+            .iter()
+            .filter(|e| agent::message(e) == "connection closed")
+        {
+            let path = agent::field(e, "path");
+            let kind = if path.is_empty() {
+                agent::field(e, "direction").to_string()
+            } else {
+                format!("{} {path}", agent::field(e, "direction"))
+            };
+            *kinds.entry(kind).or_default() += 1;
+            if !agent::field(e, "error").is_empty() {
+                failed += 1;
+            }
+        }
+        Self { kinds, failed }
+    }
+
+    fn count(&self, kind: &str) -> usize {
+        self.kinds.get(kind).copied().unwrap_or(0)
+    }
+
+    fn summary(&self) -> String {
+        let kinds: Vec<String> = self.kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        format!(
+            "{} connection(s); {} closed with an error",
+            if kinds.is_empty() {
+                "no".to_string()
+            } else {
+                kinds.join(", ")
+            },
+            self.failed
+        )
+    }
 }
 
 // ---------------------------------------------------------------------------------------
 // Measurements
 
-/// Runs the three measurements from the client pod to the server; with `agent_pid`, also
-/// the agent's CPU per request and its memory.
-fn measure(bench: &Bench, scenario: &str, agent_pid: Option<u32>) -> anyhow::Result<Measured> {
+/// Runs the three measurements from the client pod to the server; with `agent_pids`, also
+/// the agents' CPU per request and their memory (summed over all of them).
+fn measure(bench: &Bench, scenario: &str, agent_pids: &[u32]) -> anyhow::Result<Measured> {
     let mut notes = Vec::new();
-    // The pods' cgroups share a parent (the node's).
-    let pods_cgroup = bench
-        .client
-        .cgroup
-        .parent()
-        .context("the client pod's cgroup has no parent")?;
-    let start = CpuSnapshot::take(pods_cgroup, agent_pid)?;
+    // The pods' cgroups are children of their node's.
+    let mut pods_cgroups: Vec<&Path> = Vec::new();
+    for pod in [bench.client, bench.server] {
+        let parent = pod
+            .cgroup
+            .parent()
+            .with_context(|| format!("pod {}'s cgroup has no parent", pod.name))?;
+        if !pods_cgroups.contains(&parent) {
+            pods_cgroups.push(parent);
+        }
+    }
+    let start = CpuSnapshot::take(&pods_cgroups, agent_pids)?;
+    let ticks_to_us = 1e6 / clock_ticks_per_second();
 
-    let cpu_before = agent_pid.map(cpu_ticks).transpose()?;
+    let cpu_before = agents_cpu_ticks(agent_pids)?;
     let rr = request_response(bench)?;
-    let cpu_after = agent_pid.map(cpu_ticks).transpose()?;
+    let cpu_after = agents_cpu_ticks(agent_pids)?;
     let cpu_us_per_req = match (cpu_before, cpu_after) {
         (Some(before), Some(after)) if rr.requests > 0 => Some(round(
-            (after - before) as f64 * 1e6 / clock_ticks_per_second() / rr.requests as f64,
+            after.saturating_sub(before) as f64 * ticks_to_us / rr.requests as f64,
             2,
         )),
         _ => None,
@@ -281,13 +520,13 @@ fn measure(bench: &Bench, scenario: &str, agent_pid: Option<u32>) -> anyhow::Res
         rr.requests, bench.args.connections, rr.seconds, rr.max_us
     ));
 
-    let cpu_before = agent_pid.map(cpu_ticks).transpose()?;
+    let cpu_before = agents_cpu_ticks(agent_pids)?;
     let conn = connection_rate(bench)?;
-    let cpu_after = agent_pid.map(cpu_ticks).transpose()?;
+    let cpu_after = agents_cpu_ticks(agent_pids)?;
     let agent_cpu_per_conn = match (cpu_before, cpu_after) {
         (Some(before), Some(after)) => format!(
             ", agent CPU {:.0} µs/connection",
-            (after - before) as f64 * 1e6 / clock_ticks_per_second() / conn.completed as f64
+            after.saturating_sub(before) as f64 * ticks_to_us / conn.completed as f64
         ),
         _ => String::new(),
     };
@@ -303,21 +542,40 @@ fn measure(bench: &Bench, scenario: &str, agent_pid: Option<u32>) -> anyhow::Res
         conn.first_error.as_deref().map(|e| format!(", first: {e}")).unwrap_or_default()
     ));
 
+    let cpu_before = agents_cpu_ticks(agent_pids)?;
     let stream = stream(bench)?;
+    let cpu_after = agents_cpu_ticks(agent_pids)?;
+    let agent_cpu_per_gb = match (cpu_before, cpu_after) {
+        (Some(before), Some(after)) if stream.bytes > 0 => format!(
+            ", agent CPU {:.2} s/GB",
+            after.saturating_sub(before) as f64 * ticks_to_us / 1e6 / (stream.bytes as f64 / 1e9)
+        ),
+        _ => String::new(),
+    };
     notes.push(format!(
-        "stream: {:.2} GB in {:.2} s",
+        "stream: {:.2} GB in {:.2} s{agent_cpu_per_gb}",
         stream.bytes as f64 / 1e9,
         stream.seconds
     ));
 
-    let rss_kb = agent_pid.map(rss_kb).transpose()?;
-    let others_share = start.others_share_since(&CpuSnapshot::take(pods_cgroup, agent_pid)?);
+    let rss_kb = if agent_pids.is_empty() {
+        None
+    } else {
+        Some(
+            agent_pids
+                .iter()
+                .map(|&pid| rss_kb(pid))
+                .sum::<anyhow::Result<u64>>()?,
+        )
+    };
+    let others_share = start.others_share_since(&CpuSnapshot::take(&pods_cgroups, agent_pids)?);
     notes.push(format!(
         "other processes used {:.0}% of the machine's CPU meanwhile",
         others_share * 100.0
     ));
     Ok(Measured {
         others_share,
+        conn_completed: conn.completed,
         row: Row {
             scenario: scenario.to_string(),
             rps: Some(round(rr.rps, 1)),
@@ -333,6 +591,17 @@ fn measure(bench: &Bench, scenario: &str, agent_pid: Option<u32>) -> anyhow::Res
             .map(|n| format!("{scenario}: {n}"))
             .collect(),
     })
+}
+
+/// The summed user + system CPU time of `pids`, in clock ticks; `None` for no pids.
+fn agents_cpu_ticks(pids: &[u32]) -> anyhow::Result<Option<u64>> {
+    if pids.is_empty() {
+        return Ok(None);
+    }
+    pids.iter()
+        .map(|&pid| cpu_ticks(pid))
+        .sum::<anyhow::Result<u64>>()
+        .map(Some)
 }
 
 struct RequestResponse {
@@ -441,7 +710,7 @@ fn probe(bench: &Bench) -> anyhow::Result<()> {
 
 /// Runs `meshbench client MODE` in the client pod and returns its JSON result line.
 fn run_client(bench: &Bench, mode: &str, max: u64, seconds: f64) -> anyhow::Result<Value> {
-    let mut cmd = bench.client.command(&bench.meshbench)?;
+    let mut cmd = bench.client.command(bench.meshbench)?;
     cmd.args(["client", mode, &bench.target.to_string()])
         .args(["--seconds", &seconds.to_string()])
         .args(["--connections", &bench.args.connections.to_string()])
@@ -586,7 +855,7 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// CPU time accounting over a scenario, to tell how much of the machine other processes
-/// (outside the pods and the agent) took while it ran.
+/// (outside the scenario's pods and agents) took while it ran.
 struct CpuSnapshot {
     at: Instant,
     machine_s: f64,
@@ -595,13 +864,15 @@ struct CpuSnapshot {
 }
 
 impl CpuSnapshot {
-    fn take(pods_cgroup: &Path, agent_pid: Option<u32>) -> anyhow::Result<Self> {
+    fn take(pods_cgroups: &[&Path], agent_pids: &[u32]) -> anyhow::Result<Self> {
         Ok(Self {
             at: Instant::now(),
             machine_s: machine_busy_seconds()?,
-            pods_s: cgroup_cpu_seconds(pods_cgroup)?,
-            agent_s: agent_pid.map(cpu_ticks).transpose()?.unwrap_or(0) as f64
-                / clock_ticks_per_second(),
+            pods_s: pods_cgroups
+                .iter()
+                .map(|c| cgroup_cpu_seconds(c))
+                .sum::<anyhow::Result<f64>>()?,
+            agent_s: agents_cpu_ticks(agent_pids)?.unwrap_or(0) as f64 / clock_ticks_per_second(),
         })
     }
 
@@ -675,7 +946,7 @@ fn rss_kb(pid: u32) -> anyhow::Result<u64> {
 fn print_results(args: &BenchArgs, results: &[Measured]) {
     println!();
     println!(
-        "pod to pod, {} B messages, {} connection(s), {} s per measurement",
+        "pod to pod (one node, and node 1 to node 2), {} B messages, {} connection(s), {} s per measurement",
         args.size, args.connections, args.seconds
     );
     let header = [
@@ -685,8 +956,8 @@ fn print_results(args: &BenchArgs, results: &[Measured]) {
         "p99 µs",
         "conn/s",
         "Gbit/s",
-        "agent CPU µs/req",
-        "agent RSS kB",
+        "agent(s) CPU µs/req",
+        "agent(s) RSS kB",
     ];
     let cells: Vec<[String; 8]> = results
         .iter()
@@ -744,16 +1015,38 @@ fn print_results(args: &BenchArgs, results: &[Measured]) {
         line(c.to_vec());
     }
 
-    if let Some(base) = results.iter().find(|m| m.row.scenario == BASELINE) {
-        for m in results.iter().filter(|m| m.row.scenario != BASELINE) {
-            println!(
-                "{} / {BASELINE}: rps {}, conn/s {}, Gbit/s {}",
-                m.row.scenario,
-                ratio(m.row.rps, base.row.rps),
-                ratio(m.row.conn_per_s, base.row.conn_per_s),
-                ratio(m.row.gbit_s, base.row.gbit_s),
-            );
-        }
+    let find = |name: &str| results.iter().find(|m| m.row.scenario == name);
+    for scenario in SCENARIOS {
+        let Some(base_name) = scenario.compare_with else {
+            continue;
+        };
+        let (Some(m), Some(base)) = (find(scenario.name), find(base_name)) else {
+            continue;
+        };
+        println!(
+            "{} / {base_name}: rps {}, conn/s {}, Gbit/s {}",
+            scenario.name,
+            ratio(m.row.rps, base.row.rps),
+            ratio(m.row.conn_per_s, base.row.conn_per_s),
+            ratio(m.row.gbit_s, base.row.gbit_s),
+        );
+    }
+    let cross_rps = (
+        find(CROSS_MTLS).and_then(|m| m.row.rps),
+        find(CROSS_DIRECT).and_then(|m| m.row.rps),
+    );
+    if let (Some(mtls), Some(direct)) = cross_rps
+        && direct > 0.0
+    {
+        let r = mtls / direct;
+        println!(
+            "target {CROSS_MTLS} round-trip rate >= {CROSS_NODE_RPS_TARGET:.2}x {CROSS_DIRECT}: {} ({r:.2}x; informational)",
+            if r >= CROSS_NODE_RPS_TARGET {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
     }
     println!();
     for m in results {
