@@ -159,7 +159,16 @@ async fn serve_stream(
         let inputs = inputs.clone();
         tokio::spawn(async move {
             match on_upgrade.await {
-                Ok(upgraded) => super::http::inbound::serve(TokioIo::new(upgraded), pod, inputs, inbound_peer, target.port()).await,
+                Ok(upgraded) => {
+                    super::http::inbound::serve(
+                        TokioIo::new(upgraded),
+                        pod,
+                        inputs,
+                        inbound_peer,
+                        target.port(),
+                    )
+                    .await
+                }
                 Err(e) => debug!(error = %e, "CONNECT stream failed before use"),
             }
         });

@@ -6,7 +6,9 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::TcpStream;
 
-use super::{Direction, Path, Peers, PodContext, ProxyInputs, deliver, http, log_connection, relay};
+use super::{
+    Direction, Path, Peers, PodContext, ProxyInputs, deliver, http, log_connection, relay,
+};
 
 pub async fn handle(
     mut client: TcpStream,
@@ -31,8 +33,18 @@ pub async fn handle(
     let workload = mesh.pods.get(&pod.workload.key).unwrap_or(&pod.workload);
     if crate::policy::needs_http(&mesh.policies, workload) {
         // HTTP rules select this pod: authorize request by request.
-        let peer = http::inbound::InboundPeer { addr: peer, identity: None };
-        http::inbound::serve(client, pod.clone(), inputs.clone(), peer, original_dst.port()).await;
+        let peer = http::inbound::InboundPeer {
+            addr: peer,
+            identity: None,
+        };
+        http::inbound::serve(
+            client,
+            pod.clone(),
+            inputs.clone(),
+            peer,
+            original_dst.port(),
+        )
+        .await;
         return;
     }
     if !deliver::authorize(&mesh, &pod, None, peer, original_dst.port()) {

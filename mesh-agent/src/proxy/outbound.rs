@@ -22,9 +22,17 @@ use super::{
 };
 use crate::service::AppProtocol;
 
-pub async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, inputs: Arc<ProxyInputs>) {
+pub async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    inputs: Arc<ProxyInputs>,
+) {
     let started = Instant::now();
-    let Some(original_dst) = inputs.maps.original_dst(pod.netns.netns_cookie(), peer.port()) else {
+    let Some(original_dst) = inputs
+        .maps
+        .original_dst(pod.netns.netns_cookie(), peer.port())
+    else {
         // Only a connect the app aimed at 127.0.0.1:15001 itself lands here.
         warn!(pod = %pod.workload.key, client = %peer, "no original destination recorded for connection; closing it");
         return;
@@ -34,19 +42,38 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext
 
     // A Service VIP: L7 for HTTP ports, per-connection load balancing for the rest.
     let mut target = original_dst;
-    if let Some((service, port)) = inputs.services.load().by_vip(original_dst.ip(), original_dst.port()) {
+    if let Some((service, port)) = inputs
+        .services
+        .load()
+        .by_vip(original_dst.ip(), original_dst.port())
+    {
         let protocol = match port.protocol {
             AppProtocol::Unknown => http::detect::sniff(&client).await,
             declared => declared,
         };
         if protocol.is_http() {
-            http::serve_outbound(client, pod, inputs.clone(), service.clone(), port.clone(), protocol, original_dst).await;
+            http::serve_outbound(
+                client,
+                pod,
+                inputs.clone(),
+                service.clone(),
+                port.clone(),
+                protocol,
+                original_dst,
+            )
+            .await;
             return;
         }
         match http::pick_l4_endpoint(&inputs, &mesh, service, port) {
             Some(endpoint) => target = endpoint,
             None => {
-                let outcome = relay::Outcome::failed(started, format!("service {}/{} has no endpoints", service.namespace, service.name));
+                let outcome = relay::Outcome::failed(
+                    started,
+                    format!(
+                        "service {}/{} has no endpoints",
+                        service.namespace, service.name
+                    ),
+                );
                 let peers = peers_for(&pod, &mesh, peer, original_dst);
                 log_connection(Direction::Outbound, Path::Passthrough, &peers, &outcome);
                 return;
@@ -58,32 +85,42 @@ pub async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<PodContext
     let dst_pod = mesh.pod_by_ip(target.ip()).filter(|w| w.enrolled);
     peers.dst_pod = dst_pod;
     peers.dst_identity = dst_pod.map(|w| &w.identity);
-    let (path, outcome) = match upstream::open(&inputs, &mesh, &pod, target, Authorization::Connection).await {
-        Ok(mut up) => {
-            if let Some(source) = up.source {
-                peers.src = source;
+    let (path, outcome) =
+        match upstream::open(&inputs, &mesh, &pod, target, Authorization::Connection).await {
+            Ok(mut up) => {
+                if let Some(source) = up.source {
+                    peers.src = source;
+                }
+                let outcome = match &mut up.io {
+                    upstream::UpstreamIo::Tcp(tcp) => {
+                        relay::relay_tcp(&mut client, tcp, started).await
+                    }
+                    upstream::UpstreamIo::Tunnel(tunnel) => {
+                        relay::relay(&mut client, tunnel.as_mut(), started).await
+                    }
+                };
+                (up.path, outcome)
             }
-            let outcome = match &mut up.io {
-                upstream::UpstreamIo::Tcp(tcp) => relay::relay_tcp(&mut client, tcp, started).await,
-                upstream::UpstreamIo::Tunnel(tunnel) => relay::relay(&mut client, tunnel.as_mut(), started).await,
-            };
-            (up.path, outcome)
-        }
-        // Logged with the policy that decided it; the client's connection just closes.
-        Err(UpstreamError::Denied) => return,
-        Err(UpstreamError::Connect(e)) => {
-            let path = match dst_pod {
-                Some(w) if !w.is_on(&mesh.node) => Path::Hbone,
-                Some(_) => Path::Local,
-                None => Path::Passthrough,
-            };
-            (path, relay::Outcome::failed(started, format!("{e:#}")))
-        }
-    };
+            // Logged with the policy that decided it; the client's connection just closes.
+            Err(UpstreamError::Denied) => return,
+            Err(UpstreamError::Connect(e)) => {
+                let path = match dst_pod {
+                    Some(w) if !w.is_on(&mesh.node) => Path::Hbone,
+                    Some(_) => Path::Local,
+                    None => Path::Passthrough,
+                };
+                (path, relay::Outcome::failed(started, format!("{e:#}")))
+            }
+        };
     log_connection(Direction::Outbound, path, &peers, &outcome);
 }
 
-fn peers_for<'a>(pod: &'a PodContext, mesh: &'a crate::state::Mesh, peer: SocketAddr, original_dst: SocketAddr) -> Peers<'a> {
+fn peers_for<'a>(
+    pod: &'a PodContext,
+    mesh: &'a crate::state::Mesh,
+    peer: SocketAddr,
+    original_dst: SocketAddr,
+) -> Peers<'a> {
     let dst_pod = mesh.pod_by_ip(original_dst.ip()).filter(|w| w.enrolled);
     Peers {
         src: SocketAddr::new(pod.workload.ip, peer.port()),
@@ -96,7 +133,10 @@ fn peers_for<'a>(pod: &'a PodContext, mesh: &'a crate::state::Mesh, peer: Socket
 }
 
 /// A TCP connection to `dst` from a socket inside the pod's network namespace.
-pub(crate) async fn connect_from_pod(pod: &PodContext, dst: SocketAddr) -> std::io::Result<TcpStream> {
+pub(crate) async fn connect_from_pod(
+    pod: &PodContext,
+    dst: SocketAddr,
+) -> std::io::Result<TcpStream> {
     let socket = pod.netns.socket(Domain::for_address(dst)).await?;
     socket.set_tcp_nodelay(true)?;
     let socket = TcpSocket::from_std_stream(socket.into());

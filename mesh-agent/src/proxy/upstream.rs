@@ -49,7 +49,13 @@ pub enum UpstreamError {
 }
 
 /// Connects `src` to `dst` through the mesh (see module docs).
-pub async fn open(inputs: &ProxyInputs, mesh: &Mesh, src: &PodContext, dst: SocketAddr, authz: Authorization) -> Result<Upstream, UpstreamError> {
+pub async fn open(
+    inputs: &ProxyInputs,
+    mesh: &Mesh,
+    src: &PodContext,
+    dst: SocketAddr,
+    authz: Authorization,
+) -> Result<Upstream, UpstreamError> {
     let src_addr = SocketAddr::new(src.workload.ip, 0);
     match mesh.pod_by_ip(dst.ip()).filter(|w| w.enrolled) {
         Some(dst_pod) if dst_pod.is_on(&mesh.node) => {
@@ -59,7 +65,13 @@ pub async fn open(inputs: &ProxyInputs, mesh: &Mesh, src: &PodContext, dst: Sock
                 return passthrough(src, dst).await;
             };
             if authz == Authorization::Connection
-                && !deliver::authorize(mesh, dst_ctx, Some(&src.workload.identity), src_addr, dst.port())
+                && !deliver::authorize(
+                    mesh,
+                    dst_ctx,
+                    Some(&src.workload.identity),
+                    src_addr,
+                    dst.port(),
+                )
             {
                 return Err(UpstreamError::Denied);
             }
@@ -74,9 +86,15 @@ pub async fn open(inputs: &ProxyInputs, mesh: &Mesh, src: &PodContext, dst: Sock
             })
         }
         Some(dst_pod) => {
-            let tunnel = inputs.pool.connect(inputs, src, dst_pod, dst).await.map_err(|e| {
-                UpstreamError::Connect(e.context(format!("HBONE to {dst} ({})", dst_pod.identity)))
-            })?;
+            let tunnel = inputs
+                .pool
+                .connect(inputs, src, dst_pod, dst)
+                .await
+                .map_err(|e| {
+                    UpstreamError::Connect(
+                        e.context(format!("HBONE to {dst} ({})", dst_pod.identity)),
+                    )
+                })?;
             Ok(Upstream {
                 io: UpstreamIo::Tunnel(Box::new(tunnel)),
                 path: Path::Hbone,
@@ -100,7 +118,11 @@ async fn passthrough(src: &PodContext, dst: SocketAddr) -> Result<Upstream, Upst
 }
 
 impl AsyncRead for UpstreamIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamIo::Tunnel(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
@@ -109,7 +131,11 @@ impl AsyncRead for UpstreamIo {
 }
 
 impl AsyncWrite for UpstreamIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamIo::Tunnel(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
@@ -130,7 +156,11 @@ impl AsyncWrite for UpstreamIo {
         }
     }
 
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             UpstreamIo::Tunnel(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),

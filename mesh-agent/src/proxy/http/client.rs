@@ -83,13 +83,21 @@ impl Connection for MeshIo {
 }
 
 impl tokio::io::AsyncRead for MeshIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
     }
 }
 
 impl tokio::io::AsyncWrite for MeshIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -122,7 +130,8 @@ impl tower_service::Service<Uri> for MeshConnector {
                 .ok_or_else(|| format!("upstream URI {uri} has no ip:port authority"))?;
             let mesh = inputs.mesh.load();
             // The L7 proxy authorizes each request itself.
-            let up = upstream::open(&inputs, &mesh, &pod, target, Authorization::PerRequest).await?;
+            let up =
+                upstream::open(&inputs, &mesh, &pod, target, Authorization::PerRequest).await?;
             Ok(TokioIo::new(MeshIo(up.io)))
         })
     }

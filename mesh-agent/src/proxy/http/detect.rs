@@ -13,7 +13,15 @@ pub const SNIFF_TIMEOUT: Duration = Duration::from_millis(100);
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const METHODS: [&[u8]; 9] = [
-    b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"CONNECT ",
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"TRACE ",
+    b"CONNECT ",
 ];
 
 /// What the first bytes on `client` look like.
@@ -51,7 +59,11 @@ pub fn classify(prefix: &[u8]) -> Option<AppProtocol> {
         return None;
     }
     if H2_PREFACE.starts_with(prefix) {
-        return if prefix.len() >= H2_PREFACE.len() { Some(AppProtocol::Http2) } else { None };
+        return if prefix.len() >= H2_PREFACE.len() {
+            Some(AppProtocol::Http2)
+        } else {
+            None
+        };
     }
     if prefix.starts_with(H2_PREFACE) {
         return Some(AppProtocol::Http2);
@@ -65,7 +77,11 @@ pub fn classify(prefix: &[u8]) -> Option<AppProtocol> {
             could_be_http1 = true;
         }
     }
-    if could_be_http1 { None } else { Some(AppProtocol::Tcp) }
+    if could_be_http1 {
+        None
+    } else {
+        Some(AppProtocol::Tcp)
+    }
 }
 
 #[cfg(test)]

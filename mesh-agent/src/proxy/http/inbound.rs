@@ -48,8 +48,13 @@ pub struct InboundPeer {
 }
 
 /// Serves HTTP from `peer` to the app's `port` in `pod`, authorizing each request.
-pub async fn serve<I>(io: I, pod: Arc<PodContext>, inputs: Arc<ProxyInputs>, peer: InboundPeer, port: u16)
-where
+pub async fn serve<I>(
+    io: I,
+    pod: Arc<PodContext>,
+    inputs: Arc<ProxyInputs>,
+    peer: InboundPeer,
+    port: u16,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let connector = AppConnector {
@@ -58,11 +63,14 @@ where
         port,
     };
     let http1 = Client::builder(TokioExecutor::new()).build(connector.clone());
-    let http2 = Client::builder(TokioExecutor::new()).http2_only(true).build(connector);
+    let http2 = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(connector);
     let clients = Arc::new((http1, http2));
     let peer = Arc::new(peer);
     let service = hyper::service::service_fn(move |req| {
-        let (pod, inputs, peer, clients) = (pod.clone(), inputs.clone(), peer.clone(), clients.clone());
+        let (pod, inputs, peer, clients) =
+            (pod.clone(), inputs.clone(), peer.clone(), clients.clone());
         async move { Ok::<_, Infallible>(handle(req, &pod, &inputs, &peer, port, &clients).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -71,8 +79,14 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEADER_BYTES as u32);
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(io), service).await {
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
+    {
         debug!(error = %e, "inbound HTTP connection ended with an error");
     }
 }
@@ -142,7 +156,12 @@ async fn handle(
         return local_response(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
     }
     let http2 = parts.version == Version::HTTP_2;
-    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
     match Uri::builder()
         .scheme("http")
         .authority(format!("127.0.0.1:{port}"))
@@ -165,7 +184,11 @@ async fn handle(
         }
         Err(e) => {
             log(StatusCode::SERVICE_UNAVAILABLE, "UF");
-            local_response(StatusCode::SERVICE_UNAVAILABLE, "UF", &format!("app error: {e}"))
+            local_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UF",
+                &format!("app error: {e}"),
+            )
         }
     }
 }
@@ -187,13 +210,21 @@ impl Connection for AppIo {
 }
 
 impl AsyncRead for AppIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for AppIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

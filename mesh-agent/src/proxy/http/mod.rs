@@ -49,6 +49,8 @@ const MAX_RETRY_BODY: usize = 64 * 1024;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest HTTP/1 request head; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The latency a failed attempt is recorded with for load balancing.
+const FAILURE_LATENCY_PENALTY: Duration = Duration::from_secs(1);
 /// Header carrying Envoy-style response flags on responses the agent generated or shaped.
 pub const RESPONSE_FLAGS_HEADER: &str = "x-trellis-response-flags";
 
@@ -72,7 +74,10 @@ pub async fn serve_outbound(
     _protocol: AppProtocol,
     _original_dst: SocketAddr,
 ) {
-    let client_addr = SocketAddr::new(pod.workload.ip, client.peer_addr().map(|a| a.port()).unwrap_or(0));
+    let client_addr = SocketAddr::new(
+        pod.workload.ip,
+        client.peer_addr().map(|a| a.port()).unwrap_or(0),
+    );
     let clients = pod.http_clients(&inputs);
     let downstream = Arc::new(Downstream {
         inputs,
@@ -92,8 +97,14 @@ pub async fn serve_outbound(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEADER_BYTES as u32);
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(client), service).await {
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(client), service)
+        .await
+    {
         debug!(error = %e, "downstream HTTP connection ended with an error");
     }
 }
@@ -116,7 +127,9 @@ fn full(bytes: Bytes) -> Body {
 }
 
 fn empty() -> Body {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
@@ -135,8 +148,25 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         headers.remove(name.as_str());
     }
-    for name in ["keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer"] {
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "trailer",
+    ] {
         headers.remove(name);
+    }
+    // `TE: trailers` is the one TE value HTTP/2 allows, and gRPC needs it end to end.
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     if !keep_upgrade {
         headers.remove(header::CONNECTION);
@@ -154,7 +184,13 @@ struct AccessLog<'a> {
     attempts: u32,
 }
 
-fn log_request(d: &Downstream, log: &AccessLog<'_>, status: StatusCode, flags: &str, started: Instant) {
+fn log_request(
+    d: &Downstream,
+    log: &AccessLog<'_>,
+    status: StatusCode,
+    flags: &str,
+    started: Instant,
+) {
     info!(
         direction = "outbound",
         request_id = log.request_id,
@@ -176,6 +212,10 @@ fn log_request(d: &Downstream, log: &AccessLog<'_>, status: StatusCode, flags: &
 
 async fn handle(mut req: Request<Incoming>, d: Arc<Downstream>) -> Response<Body> {
     let started = Instant::now();
+    // Request smuggling shapes never reach this point: hyper refuses differing
+    // Content-Lengths and a Transfer-Encoding not ending in chunked (400), and for
+    // Content-Length with Transfer-Encoding it drops the length and closes the connection
+    // after the response (RFC 9112 §6.3), so nothing hidden in the body is served.
     let mut rng = fastrand::Rng::new();
     let request_id = trace::ensure(req.headers_mut(), &mut rng);
     let method = req.method().to_string();
@@ -213,7 +253,8 @@ async fn route_and_forward(
     let routes = inputs.routes.load();
     let services = inputs.services.load();
     let mesh = inputs.mesh.load();
-    let is_upgrade = req.headers().contains_key(header::UPGRADE) && req.version() == Version::HTTP_11;
+    let is_upgrade =
+        req.headers().contains_key(header::UPGRADE) && req.version() == Version::HTTP_11;
     let (mut parts, body) = req.into_parts();
     let downstream_upgrade = if is_upgrade {
         parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
@@ -225,7 +266,11 @@ async fn route_and_forward(
     let rule = match decision {
         RouteDecision::NoRoutes => None,
         RouteDecision::NoMatch => {
-            return (StatusCode::NOT_FOUND, "NR", local_response(StatusCode::NOT_FOUND, "NR", "no route matched"));
+            return (
+                StatusCode::NOT_FOUND,
+                "NR",
+                local_response(StatusCode::NOT_FOUND, "NR", "no route matched"),
+            );
         }
         RouteDecision::Matched(rule, matched) => {
             log.route = format!("{}#{}", rule.route, rule.index);
@@ -256,25 +301,67 @@ async fn route_and_forward(
             Some(b) => match services.by_name(&b.namespace, &b.name) {
                 Some(svc) => match svc.port(b.port) {
                     Some(p) => (svc.clone(), p.clone()),
-                    None => return (StatusCode::INTERNAL_SERVER_ERROR, "NR", local_response(StatusCode::INTERNAL_SERVER_ERROR, "NR", "backend port missing")),
+                    None => {
+                        return (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "NR",
+                            local_response(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "NR",
+                                "backend port missing",
+                            ),
+                        );
+                    }
                 },
-                None => return (StatusCode::INTERNAL_SERVER_ERROR, "NR", local_response(StatusCode::INTERNAL_SERVER_ERROR, "NR", "backend service missing")),
+                None => {
+                    return (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "NR",
+                        local_response(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "NR",
+                            "backend service missing",
+                        ),
+                    );
+                }
             },
             // Every backend has weight 0: Gateway API says 500.
-            None => return (StatusCode::INTERNAL_SERVER_ERROR, "NR", local_response(StatusCode::INTERNAL_SERVER_ERROR, "NR", "no backend with weight")),
+            None => {
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "NR",
+                    local_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "NR",
+                        "no backend with weight",
+                    ),
+                );
+            }
         },
         None => (d.service.clone(), d.port.clone()),
     };
     let runtime = inputs.l7.service(&backend);
     let endpoints = crate::service::endpoints(&backend, mesh.pods.values());
     if endpoints.is_empty() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "UH", local_response(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UH",
+            local_response(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"),
+        );
     }
     let _request_permit = match runtime.circuit.try_request() {
         Ok(p) => p,
         Err(overflow) => {
             let flag = overflow.response_flag();
-            return (StatusCode::SERVICE_UNAVAILABLE, flag, local_response(StatusCode::SERVICE_UNAVAILABLE, flag, "upstream overflow (circuit breaker open)"));
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                flag,
+                local_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    flag,
+                    "upstream overflow (circuit breaker open)",
+                ),
+            );
         }
     };
 
@@ -282,7 +369,10 @@ async fn route_and_forward(
     let retry = rule.and_then(|r| r.retry.as_ref());
     let replayable = retry.is_some() && body_fits(&parts.headers, &parts);
     let (buffered, mut streaming_body): (Option<Bytes>, Option<Body>) = if replayable {
-        match http_body_util::Limited::new(body, MAX_RETRY_BODY).collect().await {
+        match http_body_util::Limited::new(body, MAX_RETRY_BODY)
+            .collect()
+            .await
+        {
             Ok(collected) => (Some(collected.to_bytes()), None),
             Err(_) => {
                 return (
@@ -293,7 +383,10 @@ async fn route_and_forward(
             }
         }
     } else {
-        (None, Some(body.map_err(|e| Box::new(e) as BoxError).boxed()))
+        (
+            None,
+            Some(body.map_err(|e| Box::new(e) as BoxError).boxed()),
+        )
     };
 
     let request_timeout = rule.and_then(|r| r.timeouts.request);
@@ -304,29 +397,57 @@ async fn route_and_forward(
     runtime.budget.deposit(Instant::now());
     let max_attempts = 1 + retry.map(|r| r.attempts).unwrap_or(0);
     let backoff = retry.map(|r| Backoff::new(r.backoff, r.backoff.saturating_mul(10)));
-    let upstream_http2 = matches!(backend_port.protocol, AppProtocol::Http2 | AppProtocol::Grpc)
-        || (backend_port.protocol != AppProtocol::Http && parts.version == Version::HTTP_2);
+    let upstream_http2 = matches!(
+        backend_port.protocol,
+        AppProtocol::Http2 | AppProtocol::Grpc
+    ) || (backend_port.protocol != AppProtocol::Http
+        && parts.version == Version::HTTP_2);
     strip_hop_by_hop(&mut parts.headers, is_upgrade);
 
-    let mut last_failure: (StatusCode, &'static str, String) = (StatusCode::SERVICE_UNAVAILABLE, "UF", String::from("upstream connect failure"));
+    let mut last_failure: (StatusCode, &'static str, String) = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "UF",
+        String::from("upstream connect failure"),
+    );
     for attempt in 0..max_attempts {
         log.attempts = attempt + 1;
         let Some(endpoint) = runtime.pick(&endpoints, backend_port.target_port, rng) else {
-            return (StatusCode::SERVICE_UNAVAILABLE, "UH", local_response(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UH",
+                local_response(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"),
+            );
         };
         log.upstream = Some(endpoint.addr);
         if attempt == 0 {
             if let (Some(rule), Some(limit)) = (rule, rule.and_then(|r| r.rate_limit.as_ref())) {
                 let key = format!("{}#{}", rule.route, rule.index);
-                if !inputs.l7.rate_limit(&key, &endpoint.addr, f64::from(limit.requests_per_second), limit.burst, Instant::now()) {
-                    return (StatusCode::TOO_MANY_REQUESTS, "RL", local_response(StatusCode::TOO_MANY_REQUESTS, "RL", "local rate limit"));
+                if !inputs.l7.rate_limit(
+                    &key,
+                    &endpoint.addr,
+                    f64::from(limit.requests_per_second),
+                    limit.burst,
+                    Instant::now(),
+                ) {
+                    return (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "RL",
+                        local_response(StatusCode::TOO_MANY_REQUESTS, "RL", "local rate limit"),
+                    );
                 }
             }
         }
         // Endpoints this agent delivers to itself are authorized here, per request.
-        if let Some(dst_pod) = mesh.pod_by_ip(endpoint.addr.ip()).filter(|w| w.enrolled && w.is_on(&mesh.node)) {
+        if let Some(dst_pod) = mesh
+            .pod_by_ip(endpoint.addr.ip())
+            .filter(|w| w.enrolled && w.is_on(&mesh.node))
+        {
             if !authorize_request(&mesh, d, dst_pod, endpoint.addr.port(), &parts) {
-                return (StatusCode::FORBIDDEN, "RBAC", local_response(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied"));
+                return (
+                    StatusCode::FORBIDDEN,
+                    "RBAC",
+                    local_response(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied"),
+                );
             }
         }
 
@@ -337,16 +458,39 @@ async fn route_and_forward(
             (None, None) => break,
         };
         let mut upstream_req = Request::from_parts(parts.clone(), body);
-        let path_and_query = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        match Uri::builder().scheme("http").authority(endpoint.addr.to_string()).path_and_query(path_and_query).build() {
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        match Uri::builder()
+            .scheme("http")
+            .authority(endpoint.addr.to_string())
+            .path_and_query(path_and_query)
+            .build()
+        {
             Ok(uri) => *upstream_req.uri_mut() = uri,
-            Err(_) => return (StatusCode::BAD_REQUEST, "-", local_response(StatusCode::BAD_REQUEST, "-", "bad request target")),
+            Err(_) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    "-",
+                    local_response(StatusCode::BAD_REQUEST, "-", "bad request target"),
+                );
+            }
         }
-        *upstream_req.version_mut() = if upstream_http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+        *upstream_req.version_mut() = if upstream_http2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
         if upstream_http2 {
             upstream_req.headers_mut().remove(header::HOST);
         }
-        let client = if upstream_http2 { &d.clients.http2 } else { &d.clients.http1 };
+        let client = if upstream_http2 {
+            &d.clients.http2
+        } else {
+            &d.clients.http1
+        };
 
         let outstanding = endpoint.stats.stats.start();
         let attempt_started = Instant::now();
@@ -364,53 +508,146 @@ async fn route_and_forward(
         let (outcome, retriable) = match result {
             Ok(Ok(mut response)) => {
                 let status = response.status();
-                outstanding.finish(attempt_started.elapsed());
                 let is_5xx = status.is_server_error();
-                runtime.record(&endpoint, if is_5xx { EndpointOutcome::Http5xx } else { EndpointOutcome::Success }, endpoints.len());
+                // A failing endpoint must not look fast to least-request balancing: a 5xx
+                // counts as a slow answer.
+                outstanding.finish(if is_5xx {
+                    FAILURE_LATENCY_PENALTY
+                } else {
+                    attempt_started.elapsed()
+                });
+                runtime.record(
+                    &endpoint,
+                    if is_5xx {
+                        EndpointOutcome::Http5xx
+                    } else {
+                        EndpointOutcome::Success
+                    },
+                    endpoints.len(),
+                );
                 let retriable = retry.is_some_and(|r| r.retries_status(status.as_u16()));
-                if !retriable || attempt + 1 == max_attempts || !runtime.budget.try_withdraw(Instant::now()) {
+                if !retriable
+                    || attempt + 1 == max_attempts
+                    || !runtime.budget.try_withdraw(Instant::now())
+                {
                     if let Some(rule) = rule {
                         rule.apply_response_filters(response.headers_mut());
                     }
-                    strip_hop_by_hop(response.headers_mut(), is_upgrade && status == StatusCode::SWITCHING_PROTOCOLS);
-                    if let (Some(down), true) = (downstream_upgrade, status == StatusCode::SWITCHING_PROTOCOLS) {
+                    strip_hop_by_hop(
+                        response.headers_mut(),
+                        is_upgrade && status == StatusCode::SWITCHING_PROTOCOLS,
+                    );
+                    if let (Some(down), true) = (
+                        downstream_upgrade,
+                        status == StatusCode::SWITCHING_PROTOCOLS,
+                    ) {
                         bridge_upgrade(down, &mut response);
                     }
                     let (rp, rb) = response.into_parts();
-                    return (status, "-", Response::from_parts(rp, rb.map_err(|e| Box::new(e) as BoxError).boxed()));
+                    return (
+                        status,
+                        "-",
+                        Response::from_parts(rp, rb.map_err(|e| Box::new(e) as BoxError).boxed()),
+                    );
                 }
                 ((status, "URX", format!("upstream answered {status}")), true)
             }
-            Ok(Err(e)) => {
+            Ok(Err(e)) if is_request_body_error(&e) => {
                 drop(outstanding);
+                let mut response =
+                    local_response(StatusCode::BAD_REQUEST, "DPE", "malformed request body");
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return (StatusCode::BAD_REQUEST, "DPE", response);
+            }
+            Ok(Err(e)) => {
+                outstanding.finish(FAILURE_LATENCY_PENALTY);
                 let connect_failure = e.is_connect();
-                runtime.record(&endpoint, if connect_failure { EndpointOutcome::ConnectFailure } else { EndpointOutcome::Http5xx }, endpoints.len());
+                runtime.record(
+                    &endpoint,
+                    if connect_failure {
+                        EndpointOutcome::ConnectFailure
+                    } else {
+                        EndpointOutcome::Http5xx
+                    },
+                    endpoints.len(),
+                );
                 // A reset before any response is retried like a connect failure.
                 let retriable = retry.is_some_and(|r| r.retry_on_connect_failure);
                 let detail = format!("upstream error: {e}");
-                ((StatusCode::SERVICE_UNAVAILABLE, if connect_failure { "UF" } else { "UR" }, detail), retriable)
+                (
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        if connect_failure { "UF" } else { "UR" },
+                        detail,
+                    ),
+                    retriable,
+                )
             }
             Err(TimedOut) => {
                 drop(outstanding);
                 let whole_request_expired = deadline.is_some_and(|dl| Instant::now() >= dl);
                 if whole_request_expired {
-                    return (StatusCode::GATEWAY_TIMEOUT, "UT", local_response(StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout"));
+                    return (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "UT",
+                        local_response(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "UT",
+                            "upstream request timeout",
+                        ),
+                    );
                 }
-                ((StatusCode::GATEWAY_TIMEOUT, "UT", "upstream per-try timeout".to_string()), retry.is_some())
+                (
+                    (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "UT",
+                        "upstream per-try timeout".to_string(),
+                    ),
+                    retry.is_some(),
+                )
             }
         };
         last_failure = outcome;
-        if !retriable || attempt + 1 == max_attempts || !runtime.budget.try_withdraw(Instant::now()) {
+        if !retriable || attempt + 1 == max_attempts || !runtime.budget.try_withdraw(Instant::now())
+        {
             break;
         }
-        let backoff = backoff.as_ref().map(|b| b.delay(attempt, rng)).unwrap_or_default();
+        let backoff = backoff
+            .as_ref()
+            .map(|b| b.delay(attempt, rng))
+            .unwrap_or_default();
         if deadline.is_some_and(|dl| Instant::now() + backoff >= dl) {
-            return (StatusCode::GATEWAY_TIMEOUT, "UT", local_response(StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout"));
+            return (
+                StatusCode::GATEWAY_TIMEOUT,
+                "UT",
+                local_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "UT",
+                    "upstream request timeout",
+                ),
+            );
         }
         tokio::time::sleep(backoff).await;
     }
     let (status, flags, detail) = last_failure;
     (status, flags, local_response(status, flags, &detail))
+}
+
+/// Whether the client's own request body broke (bad chunking, early close) rather than the
+/// upstream: that is the client's error (400), not the upstream's (503).
+fn is_request_body_error(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_user() || h.is_parse() || h.is_incomplete_message() {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Whether a request body can be buffered for retries: no body, or a declared length under
@@ -419,15 +656,34 @@ fn body_fits(headers: &HeaderMap, parts: &http::request::Parts) -> bool {
     if headers.contains_key(header::TRANSFER_ENCODING) {
         return false;
     }
-    match headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
+    match headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         Some(n) => n <= MAX_RETRY_BODY,
         // HTTP/2 without content-length may stream (gRPC): only GET-like methods are safe.
-        None => parts.version != Version::HTTP_2 || matches!(parts.method, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::DELETE),
+        None => {
+            parts.version != Version::HTTP_2
+                || matches!(
+                    parts.method,
+                    http::Method::GET
+                        | http::Method::HEAD
+                        | http::Method::OPTIONS
+                        | http::Method::DELETE
+                )
+        }
     }
 }
 
 /// Evaluates the destination's policies for one request (L4 and L7 rules).
-fn authorize_request(mesh: &Mesh, d: &Downstream, dst: &crate::state::Workload, port: u16, parts: &http::request::Parts) -> bool {
+fn authorize_request(
+    mesh: &Mesh,
+    d: &Downstream,
+    dst: &crate::state::Workload,
+    port: u16,
+    parts: &http::request::Parts,
+) -> bool {
     let conn = ConnectionAttrs {
         src_identity: Some(&d.pod.workload.identity),
         src_ip: d.client_addr.ip(),
@@ -489,11 +745,18 @@ pub enum EndpointOutcome {
 }
 
 /// L4 load balancing for non-HTTP service ports: the endpoint address for a new connection.
-pub fn pick_l4_endpoint(inputs: &ProxyInputs, mesh: &Mesh, service: &Service, port: &ServicePort) -> Option<SocketAddr> {
+pub fn pick_l4_endpoint(
+    inputs: &ProxyInputs,
+    mesh: &Mesh,
+    service: &Service,
+    port: &ServicePort,
+) -> Option<SocketAddr> {
     let endpoints = crate::service::endpoints(service, mesh.pods.values());
     let runtime = inputs.l7.service(service);
     let mut rng = fastrand::Rng::new();
-    runtime.pick(&endpoints, port.target_port, &mut rng).map(|e| e.addr)
+    runtime
+        .pick(&endpoints, port.target_port, &mut rng)
+        .map(|e| e.addr)
 }
 
 impl PodContext {

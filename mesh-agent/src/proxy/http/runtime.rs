@@ -12,7 +12,10 @@ use tracing::warn;
 
 use super::EndpointOutcome;
 use crate::{
-    resilience::{self, CircuitBreaker, CircuitLimits, EndpointStats, OutlierDetector, OutlierState, RateLimiters, RetryBudget},
+    resilience::{
+        self, CircuitBreaker, CircuitLimits, EndpointStats, OutlierDetector, OutlierState,
+        RateLimiters, RetryBudget,
+    },
     service::{LoadBalancer, Service, TrafficPolicy},
     state::Workload,
 };
@@ -72,11 +75,24 @@ impl L7Runtime {
     }
 
     /// Takes a token from the bucket of (`route rule`, `endpoint`).
-    pub fn rate_limit(&self, rule: &str, endpoint: &SocketAddr, requests_per_second: f64, burst: u32, now: Instant) -> bool {
+    pub fn rate_limit(
+        &self,
+        rule: &str,
+        endpoint: &SocketAddr,
+        requests_per_second: f64,
+        burst: u32,
+        now: Instant,
+    ) -> bool {
         let limiters = {
             let mut all = self.rate_limits.lock().unwrap_or_else(|p| p.into_inner());
             all.entry(format!("{rule}@{requests_per_second}/{burst}"))
-                .or_insert_with(|| Arc::new(RateLimiters::new(requests_per_second, burst, MAX_RATE_LIMIT_KEYS)))
+                .or_insert_with(|| {
+                    Arc::new(RateLimiters::new(
+                        requests_per_second,
+                        burst,
+                        MAX_RATE_LIMIT_KEYS,
+                    ))
+                })
                 .clone()
         };
         limiters.try_take(&endpoint.ip(), now)
@@ -93,14 +109,22 @@ impl ServiceRuntime {
                 max_pending_requests: pool.max_pending_requests as usize,
                 max_requests: pool.max_requests as usize,
             }),
-            budget: RetryBudget::new(RETRY_BUDGET_RATIO, RETRY_BUDGET_MIN_PER_SEC, RETRY_BUDGET_WINDOW),
-            outlier: service.traffic_policy.outlier_detection.as_ref().map(|o| OutlierDetector {
-                consecutive_5xx: o.consecutive_5xx_errors,
-                consecutive_connect_failures: o.consecutive_connect_failures,
-                base_ejection: o.base_ejection_time,
-                max_ejection: MAX_EJECTION,
-                max_ejection_percent: o.max_ejection_percent,
-            }),
+            budget: RetryBudget::new(
+                RETRY_BUDGET_RATIO,
+                RETRY_BUDGET_MIN_PER_SEC,
+                RETRY_BUDGET_WINDOW,
+            ),
+            outlier: service
+                .traffic_policy
+                .outlier_detection
+                .as_ref()
+                .map(|o| OutlierDetector {
+                    consecutive_5xx: o.consecutive_5xx_errors,
+                    consecutive_connect_failures: o.consecutive_connect_failures,
+                    base_ejection: o.base_ejection_time,
+                    max_ejection: MAX_EJECTION,
+                    max_ejection_percent: o.max_ejection_percent,
+                }),
             round_robin: AtomicUsize::new(0),
             endpoints: Mutex::new(HashMap::new()),
             name: format!("{}/{}", service.namespace, service.name),
@@ -122,7 +146,12 @@ impl ServiceRuntime {
 
     /// Picks an endpoint among `workloads` (at `port`), skipping ejected ones unless all are
     /// ejected (then all are candidates, like Envoy's panic mode).
-    pub fn pick(&self, workloads: &[&Workload], port: u16, rng: &mut fastrand::Rng) -> Option<Endpoint> {
+    pub fn pick(
+        &self,
+        workloads: &[&Workload],
+        port: u16,
+        rng: &mut fastrand::Rng,
+    ) -> Option<Endpoint> {
         if workloads.is_empty() {
             return None;
         }
@@ -131,20 +160,33 @@ impl ServiceRuntime {
             .iter()
             .map(|w| {
                 let addr = SocketAddr::new(w.ip, port);
-                Endpoint { addr, stats: self.endpoint(addr) }
+                Endpoint {
+                    addr,
+                    stats: self.endpoint(addr),
+                }
             })
             .collect();
         let healthy: Vec<&Endpoint> = match &self.outlier {
-            Some(_) => all.iter().filter(|e| !e.stats.outlier.is_ejected(now)).collect(),
+            Some(_) => all
+                .iter()
+                .filter(|e| !e.stats.outlier.is_ejected(now))
+                .collect(),
             None => all.iter().collect(),
         };
-        let candidates: Vec<&Endpoint> = if healthy.is_empty() { all.iter().collect() } else { healthy };
+        let candidates: Vec<&Endpoint> = if healthy.is_empty() {
+            all.iter().collect()
+        } else {
+            healthy
+        };
         let index = match self.policy.load_balancer {
             LoadBalancer::LeastRequest => {
-                let stats: Vec<&EndpointStats> = candidates.iter().map(|e| e.stats.stats.as_ref()).collect();
+                let stats: Vec<&EndpointStats> =
+                    candidates.iter().map(|e| e.stats.stats.as_ref()).collect();
                 resilience::pick_p2c(&stats, rng)?
             }
-            LoadBalancer::RoundRobin => resilience::pick_round_robin(candidates.len(), &self.round_robin)?,
+            LoadBalancer::RoundRobin => {
+                resilience::pick_round_robin(candidates.len(), &self.round_robin)?
+            }
             LoadBalancer::Random => resilience::pick_random(candidates.len(), rng)?,
         };
         let chosen = candidates.get(index)?;
@@ -156,18 +198,29 @@ impl ServiceRuntime {
 
     /// Feeds an attempt's outcome to outlier detection.
     pub fn record(&self, endpoint: &Endpoint, outcome: EndpointOutcome, pool_size: usize) {
-        let Some(detector) = &self.outlier else { return };
+        let Some(detector) = &self.outlier else {
+            return;
+        };
         let now = Instant::now();
         let ejected_now = {
             let endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-            endpoints.values().filter(|e| e.outlier.is_ejected(now)).count()
+            endpoints
+                .values()
+                .filter(|e| e.outlier.is_ejected(now))
+                .count()
         };
         let outcome = match outcome {
             EndpointOutcome::Success => resilience::Outcome::Success,
             EndpointOutcome::Http5xx => resilience::Outcome::Http5xx,
             EndpointOutcome::ConnectFailure => resilience::Outcome::ConnectFailure,
         };
-        if let Some(ejection) = detector.record(&endpoint.stats.outlier, outcome, now, ejected_now, pool_size) {
+        if let Some(ejection) = detector.record(
+            &endpoint.stats.outlier,
+            outcome,
+            now,
+            ejected_now,
+            pool_size,
+        ) {
             warn!(service = %self.name, endpoint = %endpoint.addr, ejection = ?ejection, "endpoint ejected by outlier detection");
         }
     }

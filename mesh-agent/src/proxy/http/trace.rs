@@ -56,7 +56,14 @@ fn uuid_v4(rng: &mut fastrand::Rng) -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
-    format!("{}-{}-{}-{}-{}", h(0..4), h(4..6), h(6..8), h(8..10), h(10..16))
+    format!(
+        "{}-{}-{}-{}-{}",
+        h(0..4),
+        h(4..6),
+        h(6..8),
+        h(8..10),
+        h(10..16)
+    )
 }
 
 /// `version-traceid-parentid-flags`, lower-case hex, ids not all zero, version not ff.
@@ -65,7 +72,11 @@ pub fn is_valid_traceparent(v: &str) -> bool {
     if parts.len() < 4 {
         return false;
     }
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    };
     let (version, trace, parent, flags) = (parts[0], parts[1], parts[2], parts[3]);
     hex(version, 2)
         && version != "ff"
@@ -87,7 +98,12 @@ mod tests {
         let mut h = HeaderMap::new();
         let id = ensure(&mut h, &mut rng);
         assert_eq!(id.len(), 36);
-        let tp = h.get(TRACEPARENT).expect("traceparent").to_str().expect("ascii").to_string();
+        let tp = h
+            .get(TRACEPARENT)
+            .expect("traceparent")
+            .to_str()
+            .expect("ascii")
+            .to_string();
         assert!(is_valid_traceparent(&tp), "{tp}");
 
         let mut h = HeaderMap::new();
