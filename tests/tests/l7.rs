@@ -757,3 +757,96 @@ fn across_two_nodes_routing_grpc_and_l7_authorization_work_over_hbone() -> anyho
     let _ = std::fs::remove_dir_all(&fleet_ca);
     Ok(())
 }
+
+#[test]
+fn tcp_service_ports_are_balanced_per_connection() -> anyhow::Result<()> {
+    let shop = Shop::new(&[
+        ("one", &[("app", "backend")]),
+        ("two", &[("app", "backend")]),
+    ])?;
+    let _one = backend(&shop.backends[0].0, "one", &[])?;
+    let _two = backend(&shop.backends[1].0, "two", &[])?;
+    let extra = format!(
+        "services:\n  - name: backend\n    namespace: shop\n    vips: [{}]\n    selector: {{app: backend}}\n    ports: [{{name: tcp, port: 80, targetPort: {APP_PORT}, appProtocol: tcp}}]\n",
+        shop.vip
+    );
+    let mut agent = Agent::start("l4lb", &shop.config(&extra))?;
+    let mut seen = BTreeMap::new();
+    for _ in 0..30 {
+        let (code, resp) = curl(&shop.client, &[&shop.url("/")])?;
+        ensure!(code == 200, "{code}");
+        *seen
+            .entry(
+                json_body(&resp)?["name"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_string(),
+            )
+            .or_insert(0) += 1;
+    }
+    ensure!(
+        seen.get("one").copied().unwrap_or(0) > 0 && seen.get("two").copied().unwrap_or(0) > 0,
+        "one endpoint never chosen: {seen:?}"
+    );
+    // Balanced at L4: connection logs, no HTTP request logs.
+    agent.wait_for_event("a connection log", |e| message(e) == "connection closed")?;
+    ensure!(
+        agent.count_events(is_http_log) == 0,
+        "a tcp port was proxied at L7"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_circuit_breaker_sheds_excess_requests_with_503_uo() -> anyhow::Result<()> {
+    let shop = Shop::new(&[("b", &[("app", "backend")])])?;
+    let _b = backend(&shop.backends[0].0, "b", &[])?;
+    let extra = format!(
+        "services:\n{}",
+        service(
+            "backend",
+            &shop.vip.to_string(),
+            "app: backend",
+            "    trafficPolicy: {connectionPool: {maxRequests: 2}}\n"
+        )
+    );
+    let _agent = Agent::start("circuit", &shop.config(&extra))?;
+    let script = format!(
+        r#"
+import http.client, json, threading
+results = []
+def call():
+    c = http.client.HTTPConnection("{vip}", 80, timeout=20)
+    c.request("GET", "/delay/4000")
+    r = c.getresponse()
+    r.read()
+    results.append((r.status, r.getheader("x-trellis-response-flags", "-")))
+threads = [threading.Thread(target=call) for _ in range(6)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps(results))
+"#,
+        vip = shop.vip
+    );
+    let out = shop
+        .client
+        .command("python3")?
+        .args(["-c", &script])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<(u16, String)> = serde_json::from_slice(&out.stdout)?;
+    let ok = results.iter().filter(|(s, _)| *s == 200).count();
+    let shed = results
+        .iter()
+        .filter(|(s, f)| *s == 503 && f == "UO")
+        .count();
+    ensure!(
+        ok + shed == 6 && (1..=2).contains(&ok) && shed >= 4,
+        "{results:?}"
+    );
+    Ok(())
+}

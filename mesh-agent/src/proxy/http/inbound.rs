@@ -105,6 +105,7 @@ async fn handle(
     let mesh = inputs.mesh.load();
     let workload = mesh.pods.get(&pod.workload.key).unwrap_or(&pod.workload);
     let (mut parts, body) = req.into_parts();
+    super::trace::ensure(&mut parts.headers, &mut fastrand::Rng::new());
     let host = parts
         .headers
         .get(header::HOST)
