@@ -31,7 +31,6 @@ mod backoff;
 mod balancer;
 mod budget;
 mod circuit;
-mod fault;
 mod outlier;
 mod ratelimit;
 
@@ -46,7 +45,6 @@ pub use self::{
     circuit::{
         CircuitBreaker, CircuitLimits, ConnectionPermit, Overflow, PendingPermit, RequestPermit,
     },
-    fault::{AbortFault, DelayFault, FaultDecision, FaultInjection},
     outlier::{Ejection, EjectionReason, Outcome, OutlierDetector, OutlierState},
     ratelimit::{RATE_LIMITED_FLAG, RATE_LIMITED_STATUS, RateLimit, RateLimiters, TokenBucket},
 };
