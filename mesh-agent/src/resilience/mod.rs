@@ -8,7 +8,7 @@
 //!
 //! 1. **Admission.** [`RateLimiters`] / [`TokenBucket`]: a request over its local rate limit
 //!    is answered 429, flag `RL`.
-//! 2. **Faults.** [`FaultInjection::decide`] on the matched route: wait the injected delay,
+//! 2. **Faults.** `route::Fault::sample` on the matched route: wait the injected delay,
 //!    then answer with the injected status (flags `DI`, `FI`), or go on.
 //! 3. **Retry accounting.** [`RetryBudget::deposit`] once per original request, so that the
 //!    budget grows with real traffic only.
