@@ -452,16 +452,19 @@ fn sigterm_detaches_everything() -> anyhow::Result<()> {
         agent.log_text()
     );
 
-    let live_progs = bpf_ids("prog")?;
-    let live_maps = bpf_ids("map")?;
-    ensure!(
-        progs.iter().all(|id| !live_progs.contains(id)),
-        "programs {progs:?} still loaded"
-    );
-    ensure!(
-        maps.iter().all(|id| !live_maps.contains(id)),
-        "maps {maps:?} still exist"
-    );
+    // The kernel frees programs and maps asynchronously after their last reference goes.
+    mesh_tests::wait_until(
+        "the agent's programs and maps to be freed",
+        mesh_tests::agent::AGENT_DEADLINE,
+        || {
+            let live_progs = bpf_ids("prog").ok()?;
+            let live_maps = bpf_ids("map").ok()?;
+            let gone = progs.iter().all(|id| !live_progs.contains(id))
+                && maps.iter().all(|id| !live_maps.contains(id));
+            gone.then_some(())
+        },
+    )
+    .with_context(|| format!("programs {progs:?} or maps {maps:?} still exist"))?;
     for pod in [&t.client, &t.server] {
         ensure!(
             cgroup_programs(&pod.cgroup)?.is_empty(),
