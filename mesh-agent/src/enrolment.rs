@@ -34,6 +34,8 @@ struct EnrolledPod {
 
 pub struct Enrolment {
     redirector: Redirector,
+    /// Why pods that should be enrolled are not, for the admin API.
+    pub failures: Arc<std::sync::Mutex<BTreeMap<PodKey, String>>>,
     inputs: Arc<ProxyInputs>,
     pods: BTreeMap<PodKey, EnrolledPod>,
     netns_threads: Vec<JoinHandle<()>>,
@@ -43,6 +45,7 @@ impl Enrolment {
     pub fn new(redirector: Redirector, inputs: Arc<ProxyInputs>) -> Self {
         Self {
             redirector,
+            failures: Default::default(),
             inputs,
             pods: BTreeMap::new(),
             netns_threads: Vec::new(),
@@ -77,9 +80,29 @@ impl Enrolment {
                 pod.workload = workload.clone();
                 continue;
             }
-            if let Err(e) = self.enrol(workload).await {
-                error!(pod = %key, error = format!("{e:#}"), "pod enrolment failed; its traffic is not captured");
+            match self.enrol(workload).await {
+                Ok(()) => {
+                    self.failures
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(key);
+                }
+                Err(e) => {
+                    error!(pod = %key, error = format!("{e:#}"), "pod enrolment failed; its traffic is not captured");
+                    self.failures
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key.clone(), format!("{e:#}"));
+                }
             }
+        }
+        {
+            let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+            failures.retain(|key, _| {
+                mesh.pods
+                    .get(key)
+                    .is_some_and(|w| w.enrolled && w.is_on(&mesh.node))
+            });
         }
         self.publish();
         self.netns_threads.retain(|t| !t.is_finished());
@@ -93,6 +116,14 @@ impl Enrolment {
             .values()
             .map(|p| (p.workload.ip, p.context.clone()))
             .collect();
+        self.inputs.metrics.set_enrolled_pods(local.len() as i64);
+        let links: usize = self
+            .pods
+            .values()
+            .filter_map(|p| p.attachment.as_ref())
+            .map(|a| a.link_count())
+            .sum();
+        self.inputs.metrics.set_ebpf_links(links as i64);
         self.inputs.local_pods.store(Arc::new(local));
         let held: HashSet<_> = self
             .pods
@@ -136,6 +167,7 @@ impl Enrolment {
         let pod = Arc::new(PodContext {
             workload: workload.clone(),
             netns,
+            active_connections: Default::default(),
             http_clients: Default::default(),
         });
         let inputs = &self.inputs;

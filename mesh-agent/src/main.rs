@@ -1,10 +1,13 @@
 //! `mesh-agent`: the Trellis node agent.
 //!
 //! `mesh-agent run --config FILE` serves the pods the file lists (standalone mode).
+mod admin;
 mod config;
 mod enrolment;
 mod identity;
 mod inpod;
+mod live;
+mod metrics;
 mod policy;
 mod proxy;
 mod redirect;
@@ -12,11 +15,16 @@ mod resilience;
 mod route;
 mod service;
 mod state;
+mod status;
 mod tls;
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -29,6 +37,8 @@ use tracing::{error, info, warn};
 use crate::{
     enrolment::Enrolment,
     identity::{CertManager, CertificateAuthority},
+    live::LiveState,
+    metrics::Metrics,
     proxy::{ProxyInputs, pool::HbonePool},
     redirect::Redirector,
     tls::TlsConfigs,
@@ -66,7 +76,37 @@ enum Command {
         /// Where the local CA keeps its root key and certificate (created on first run).
         #[arg(long, default_value = "/var/lib/trellis")]
         state_dir: PathBuf,
+        /// Admin API (/healthz, /ready, /config_dump, /pods, /certs); keep it on localhost.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin_addr: SocketAddr,
+        /// Prometheus metrics (/metrics).
+        #[arg(long, default_value = "0.0.0.0:15020")]
+        metrics_addr: SocketAddr,
+        /// Metrics and access logs for every connection and request (`off` for benchmarks).
+        #[arg(long, value_enum, default_value_t = Switch::On)]
+        telemetry: Switch,
     },
+    /// Show this node's pods, identities and certificates, from the agent's admin API.
+    Status {
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin_addr: SocketAddr,
+        #[arg(long, value_enum, default_value_t = status::Output::Table)]
+        output: status::Output,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
+/// What `run` needs besides the config file.
+struct RunOptions {
+    state_dir: PathBuf,
+    admin_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    telemetry: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -78,12 +118,28 @@ enum LogFormat {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Status { admin_addr, output } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("building the tokio runtime")?;
+            runtime.block_on(status::run(admin_addr, output))
+        }
         Command::Run {
             config,
             log_format,
             workers,
             state_dir,
+            admin_addr,
+            metrics_addr,
+            telemetry,
         } => {
+            let options = RunOptions {
+                state_dir,
+                admin_addr,
+                metrics_addr,
+                telemetry: telemetry == Switch::On,
+            };
             init_logging(log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(workers.max(1))
@@ -91,7 +147,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("building the tokio runtime")?;
-            let threads = runtime.block_on(run(&config, &state_dir))?;
+            let threads = runtime.block_on(run(&config, &options))?;
             // Dropping the runtime drops every relay task, so the pods' netns threads lose
             // their last users and remove their routes.
             runtime.shutdown_timeout(Duration::from_secs(1));
@@ -148,8 +204,9 @@ fn certificate_authority(
 
 async fn run(
     config_path: &Path,
-    state_dir: &Path,
+    options: &RunOptions,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+    let state_dir = options.state_dir.as_path();
     let mesh = config::load(config_path)
         .with_context(|| format!("invalid config {}", config_path.display()))?;
     let mut last_config_text = std::fs::read(config_path).unwrap_or_default();
@@ -171,10 +228,21 @@ async fn run(
         services: ArcSwap::default(),
         routes: ArcSwap::default(),
         l7: Default::default(),
+        metrics: Arc::new(Metrics::new()),
+        telemetry: options.telemetry,
     });
     inputs.publish(mesh.clone());
     let mut enrolment = Enrolment::new(redirector, inputs.clone());
+    let live = Arc::new(LiveState {
+        inputs: inputs.clone(),
+        failures: enrolment.failures.clone(),
+        started: AtomicBool::new(false),
+    });
+    let admin = admin::spawn(options.admin_addr, options.metrics_addr, live.clone())
+        .context("starting the admin and metrics servers")?;
+    info!(admin = %admin.admin_addr, metrics = %admin.metrics_addr, "admin API and metrics listening");
     enrolment.apply(&mesh).await;
+    live.started.store(true, Ordering::Release);
     info!(node = %mesh.node, pods = mesh.pods.len(), enrolled = enrolment.enrolled_count(), "agent ready");
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -198,9 +266,11 @@ async fn run(
                         }
                         inputs.publish(mesh.clone());
                         enrolment.apply(&mesh).await;
+                        inputs.metrics.config_reload(true);
                         info!(pods = mesh.pods.len(), enrolled = enrolment.enrolled_count(), "config applied");
                     }
                     Err(e) => {
+                        inputs.metrics.config_reload(false);
                         error!(field = %e.field, reason = %e.message, "config rejected; still serving the last good config");
                     }
                 }
@@ -215,5 +285,6 @@ async fn run(
         .map(|(name, value)| format!("{name}={value}"))
         .collect();
     info!(counters = %counters.join(" "), "eBPF counters");
+    drop(admin);
     Ok(enrolment.shutdown())
 }

@@ -69,6 +69,13 @@ impl Agent {
             .arg(&config_path)
             .args(["--log-format", "json", "--state-dir"])
             .arg(&state_dir)
+            // Ephemeral ports: several agents run side by side in tests.
+            .args([
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -83,6 +90,25 @@ impl Agent {
         };
         agent.wait_for_event("agent ready", |e| message(e) == "agent ready")?;
         Ok(agent)
+    }
+
+    /// The admin API's address (from the agent's start-up log).
+    pub fn admin_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        self.listening("admin")
+    }
+
+    /// The metrics endpoint's address (from the agent's start-up log).
+    pub fn metrics_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        self.listening("metrics")
+    }
+
+    fn listening(&self, which: &str) -> anyhow::Result<std::net::SocketAddr> {
+        let event = self
+            .events()
+            .into_iter()
+            .find(|e| message(e) == "admin API and metrics listening")
+            .context("the agent logged no admin/metrics addresses")?;
+        Ok(field(&event, which).parse()?)
     }
 
     /// Every JSON log line so far.

@@ -16,6 +16,7 @@ use tracing::warn;
 
 use super::{CONNECT_TIMEOUT, PodContext};
 use crate::{
+    metrics::{Layer, Metrics},
     policy::{self, ConnectionAttrs, Decision},
     state::{Identity, Mesh},
 };
@@ -24,6 +25,7 @@ use crate::{
 /// denial is logged with the policy that decided it.
 pub fn authorize(
     mesh: &Mesh,
+    metrics: &Metrics,
     dst: &PodContext,
     src_identity: Option<&Identity>,
     src: SocketAddr,
@@ -36,7 +38,9 @@ pub fn authorize(
         src_ip: src.ip(),
         dst_port,
     };
-    match policy::evaluate(&mesh.policies, workload, &attrs) {
+    let decision = policy::evaluate(&mesh.policies, workload, &attrs);
+    metrics.policy_decision(decision.is_allowed(), Layer::L4);
+    match decision {
         Decision::Allow { .. } => true,
         Decision::Deny { policy, reason } => {
             warn!(

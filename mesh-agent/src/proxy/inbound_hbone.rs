@@ -174,7 +174,14 @@ async fn serve_stream(
         });
         return status(StatusCode::OK);
     }
-    if !deliver::authorize(&mesh, &pod, Some(&peer_identity), peer, target.port()) {
+    if !deliver::authorize(
+        &mesh,
+        &inputs.metrics,
+        &pod,
+        Some(&peer_identity),
+        peer,
+        target.port(),
+    ) {
         return status(StatusCode::FORBIDDEN);
     }
     let app = match deliver::connect_to_app(&pod, peer, target.port()).await {
@@ -185,6 +192,7 @@ async fn serve_stream(
                 format!("connect to app port {}: {e}", target.port()),
             );
             log_connection(
+                &inputs,
                 Direction::Inbound,
                 Path::Hbone,
                 &hbone_peers(peer, &peer_identity, target, &pod, &mesh),
@@ -202,6 +210,7 @@ async fn serve_stream(
         };
         let mesh = inputs.mesh.load();
         log_connection(
+            &inputs,
             Direction::Inbound,
             Path::Hbone,
             &hbone_peers(peer, &peer_identity, target, &pod, &mesh),
@@ -227,5 +236,6 @@ fn hbone_peers<'a>(
         original_dst: target,
         dst_identity: Some(&pod.workload.identity),
         dst_pod: Some(&pod.workload),
+        service: None,
     }
 }

@@ -29,6 +29,7 @@ pub async fn handle(
         original_dst,
         dst_identity: Some(&pod.workload.identity),
         dst_pod: Some(&pod.workload),
+        service: None,
     };
     let workload = mesh.pods.get(&pod.workload.key).unwrap_or(&pod.workload);
     if crate::policy::needs_http(&mesh.policies, workload) {
@@ -47,7 +48,14 @@ pub async fn handle(
         .await;
         return;
     }
-    if !deliver::authorize(&mesh, &pod, None, peer, original_dst.port()) {
+    if !deliver::authorize(
+        &mesh,
+        &inputs.metrics,
+        &pod,
+        None,
+        peer,
+        original_dst.port(),
+    ) {
         return;
     }
     let outcome = match deliver::connect_to_app(&pod, peer, original_dst.port()).await {
@@ -57,5 +65,11 @@ pub async fn handle(
             format!("connect to app port {}: {e}", original_dst.port()),
         ),
     };
-    log_connection(Direction::Inbound, Path::Passthrough, &peers, &outcome);
+    log_connection(
+        &inputs,
+        Direction::Inbound,
+        Path::Passthrough,
+        &peers,
+        &outcome,
+    );
 }

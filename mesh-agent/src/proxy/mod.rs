@@ -33,6 +33,7 @@ use tracing::{info, warn};
 use crate::{
     identity::CertManager,
     inpod::PodNetns,
+    metrics::{ConnectionLabels, Metrics, Reporter},
     redirect::RedirectMaps,
     route::RouteTable,
     service::ServiceIndex,
@@ -63,6 +64,10 @@ pub struct ProxyInputs {
     pub routes: ArcSwap<RouteTable>,
     /// L7 runtime state: endpoint load, ejections, circuit breakers, budgets, rate limits.
     pub l7: http::runtime::L7Runtime,
+    /// Istio-compatible metrics and agent health counters.
+    pub metrics: Arc<Metrics>,
+    /// Whether connections and requests are recorded (metrics) and access-logged.
+    pub telemetry: bool,
 }
 
 impl ProxyInputs {
@@ -79,6 +84,8 @@ impl ProxyInputs {
 pub struct PodContext {
     pub workload: Workload,
     pub netns: PodNetns,
+    /// Connections this pod's listeners are serving right now.
+    pub active_connections: std::sync::atomic::AtomicU64,
     /// Upstream HTTP clients of this pod, created on its first L7 request.
     pub http_clients: std::sync::OnceLock<Arc<http::client::PodClients>>,
 }
@@ -111,7 +118,7 @@ pub enum Path {
 }
 
 impl Path {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Path::Local => "local",
             Path::Hbone => "hbone",
@@ -120,7 +127,7 @@ impl Path {
     }
 
     /// Istio's `connection_security_policy` vocabulary.
-    fn security(self) -> &'static str {
+    pub(crate) fn security(self) -> &'static str {
         match self {
             Path::Hbone => "mutual_tls",
             Path::Local | Path::Passthrough => "none",
@@ -137,6 +144,8 @@ pub struct Peers<'a> {
     pub original_dst: SocketAddr,
     pub dst_identity: Option<&'a Identity>,
     pub dst_pod: Option<&'a Workload>,
+    /// `name.ns.svc.cluster.local` when the connection was to a Service.
+    pub service: Option<String>,
 }
 
 /// Accepts connections on `listener` until the task is aborted (the pod is unenrolled),
@@ -154,7 +163,14 @@ pub async fn serve<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(handle(stream, peer, pod.clone(), inputs.clone()));
+                let work = handle(stream, peer, pod.clone(), inputs.clone());
+                let pod = pod.clone();
+                tokio::spawn(async move {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    pod.active_connections.fetch_add(1, Relaxed);
+                    work.await;
+                    pod.active_connections.fetch_sub(1, Relaxed);
+                });
             }
             Err(e) => {
                 // Out of fds or memory: back off instead of spinning; the backlog holds.
@@ -165,16 +181,95 @@ pub async fn serve<F, Fut>(
     }
 }
 
-/// One log line per relayed connection: who, to where, how, how much, how long, how it ended.
+/// The workload name metrics use: the pod's `app` label, else its name (bounded: no IPs).
+pub(crate) fn workload_name(w: &Workload) -> String {
+    w.labels
+        .get("app")
+        .cloned()
+        .unwrap_or_else(|| w.key.name.clone())
+}
+
+/// Istio's TCP labels for one reporter.
+fn connection_labels(
+    reporter: Reporter,
+    path: Path,
+    peers: &Peers<'_>,
+    flags: &str,
+) -> ConnectionLabels {
+    let unknown = || "unknown".to_string();
+    ConnectionLabels {
+        reporter,
+        source_workload: peers.src_pod.map(workload_name).unwrap_or_else(unknown),
+        source_workload_namespace: peers
+            .src_pod
+            .map(|w| w.key.namespace.clone())
+            .unwrap_or_else(unknown),
+        source_principal: peers
+            .src_identity
+            .map(|i| i.to_string())
+            .unwrap_or_else(unknown),
+        destination_workload: peers.dst_pod.map(workload_name).unwrap_or_else(unknown),
+        destination_workload_namespace: peers
+            .dst_pod
+            .map(|w| w.key.namespace.clone())
+            .unwrap_or_else(unknown),
+        destination_principal: peers
+            .dst_identity
+            .map(|i| i.to_string())
+            .unwrap_or_else(unknown),
+        destination_service: peers.service.clone().unwrap_or_else(unknown),
+        request_protocol: "tcp".to_string(),
+        response_flags: flags.to_string(),
+        connection_security_policy: path.security().to_string(),
+    }
+}
+
+/// Which reporters a connection is counted for: the agent is the source side of what it
+/// captured outbound, the destination side of what it captured inbound, and both when it
+/// handed a connection between two pods of its node.
+pub(crate) fn reporters(direction: Direction, path: Path) -> &'static [Reporter] {
+    match (direction, path) {
+        (Direction::Outbound, Path::Local) => &[Reporter::Source, Reporter::Destination],
+        (Direction::Outbound, _) => &[Reporter::Source],
+        (Direction::Inbound, _) => &[Reporter::Destination],
+    }
+}
+
+/// Records a finished connection: Istio TCP metrics, and one access log line (target
+/// `access`, so `RUST_LOG=access=off` silences them): who, to where, how, how much, how long,
+/// how it ended.
 pub(crate) fn log_connection(
+    inputs: &ProxyInputs,
     direction: Direction,
     path: Path,
     peers: &Peers<'_>,
     outcome: &relay::Outcome,
 ) {
+    if !inputs.telemetry {
+        return;
+    }
+    let flags = if outcome.error.is_some()
+        && outcome.client_to_upstream == 0
+        && outcome.upstream_to_client == 0
+    {
+        "UF"
+    } else {
+        "-"
+    };
+    for &reporter in reporters(direction, path) {
+        let labels = connection_labels(reporter, path, peers, flags);
+        inputs.metrics.tcp_opened(&labels);
+        // Istio's point of view: "sent" is what went back to the client.
+        inputs.metrics.tcp_closed(
+            &labels,
+            outcome.upstream_to_client,
+            outcome.client_to_upstream,
+        );
+    }
     let name = |w: Option<&Workload>| w.map(|w| w.key.to_string()).unwrap_or_default();
     let id = |i: Option<&Identity>| i.map(|i| i.to_string()).unwrap_or_default();
     info!(
+        target: "access",
         direction = direction.as_str(),
         path = path.as_str(),
         security = path.security(),
@@ -184,6 +279,7 @@ pub(crate) fn log_connection(
         dst.original = %peers.original_dst,
         dst.pod = %name(peers.dst_pod),
         dst.identity = %id(peers.dst_identity),
+        dst.service = %peers.service.as_deref().unwrap_or(""),
         bytes_sent = outcome.client_to_upstream,
         bytes_received = outcome.upstream_to_client,
         duration_ms = outcome.duration.as_millis() as u64,

@@ -42,11 +42,16 @@ pub async fn handle(
 
     // A Service VIP: L7 for HTTP ports, per-connection load balancing for the rest.
     let mut target = original_dst;
+    let mut service_name = None;
     if let Some((service, port)) = inputs
         .services
         .load()
         .by_vip(original_dst.ip(), original_dst.port())
     {
+        service_name = Some(format!(
+            "{}.{}.svc.cluster.local",
+            service.name, service.namespace
+        ));
         let protocol = match port.protocol {
             AppProtocol::Unknown => http::detect::sniff(&client).await,
             declared => declared,
@@ -75,13 +80,20 @@ pub async fn handle(
                     ),
                 );
                 let peers = peers_for(&pod, &mesh, peer, original_dst);
-                log_connection(Direction::Outbound, Path::Passthrough, &peers, &outcome);
+                log_connection(
+                    &inputs,
+                    Direction::Outbound,
+                    Path::Passthrough,
+                    &peers,
+                    &outcome,
+                );
                 return;
             }
         }
     }
 
     let mut peers = peers_for(&pod, &mesh, peer, original_dst);
+    peers.service = service_name;
     let dst_pod = mesh.pod_by_ip(target.ip()).filter(|w| w.enrolled);
     peers.dst_pod = dst_pod;
     peers.dst_identity = dst_pod.map(|w| &w.identity);
@@ -112,7 +124,7 @@ pub async fn handle(
                 (path, relay::Outcome::failed(started, format!("{e:#}")))
             }
         };
-    log_connection(Direction::Outbound, path, &peers, &outcome);
+    log_connection(&inputs, Direction::Outbound, path, &peers, &outcome);
 }
 
 fn peers_for<'a>(
@@ -129,6 +141,7 @@ fn peers_for<'a>(
         original_dst,
         dst_identity: dst_pod.map(|w| &w.identity),
         dst_pod,
+        service: None,
     }
 }
 

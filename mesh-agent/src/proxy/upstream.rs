@@ -67,6 +67,7 @@ pub async fn open(
             if authz == Authorization::Connection
                 && !deliver::authorize(
                     mesh,
+                    &inputs.metrics,
                     dst_ctx,
                     Some(&src.workload.identity),
                     src_addr,

@@ -125,10 +125,47 @@ async fn handle(
         headers: &parts.headers,
     };
     let decision = policy::evaluate_request(&mesh.policies, workload, &conn, &attrs);
+    inputs
+        .metrics
+        .policy_decision(decision.is_allowed(), crate::metrics::Layer::L7);
     let method = parts.method.clone();
     let path = parts.uri.path().to_string();
     let log = |status: StatusCode, flags: &str| {
+        if !inputs.telemetry {
+            return;
+        }
+        let unknown = || "unknown".to_string();
+        let src = peer.identity.as_ref().and_then(|id| {
+            mesh.pods
+                .values()
+                .find(|w| w.identity == *id && w.ip == peer.addr.ip())
+        });
+        let labels = crate::metrics::RequestLabels {
+            reporter: crate::metrics::Reporter::Destination,
+            source_workload: src.map(crate::proxy::workload_name).unwrap_or_else(unknown),
+            source_workload_namespace: src.map(|w| w.key.namespace.clone()).unwrap_or_else(unknown),
+            source_principal: peer
+                .identity
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_else(unknown),
+            destination_workload: crate::proxy::workload_name(workload),
+            destination_workload_namespace: workload.key.namespace.clone(),
+            destination_principal: workload.identity.to_string(),
+            destination_service: "unknown".to_string(),
+            request_protocol: "http".to_string(),
+            response_code: status.as_u16().to_string(),
+            response_flags: flags.to_string(),
+            connection_security_policy: if peer.identity.is_some() {
+                "mutual_tls"
+            } else {
+                "none"
+            }
+            .to_string(),
+        };
+        inputs.metrics.request(&labels, started.elapsed(), 0, 0);
         info!(
+            target: "access",
             direction = "inbound",
             method = %method,
             path = %path,

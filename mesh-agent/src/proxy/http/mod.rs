@@ -34,6 +34,7 @@ use tracing::{debug, info};
 
 use self::client::{Body, BoxError, PodClients};
 use super::{PodContext, ProxyInputs};
+use crate::metrics::{Layer, Reporter, RequestLabels};
 use crate::{
     policy::{self, ConnectionAttrs, RequestAttrs},
     resilience::Backoff,
@@ -180,8 +181,12 @@ struct AccessLog<'a> {
     path: &'a str,
     authority: &'a str,
     route: String,
+    /// The backend service, `name.ns.svc.cluster.local`.
+    backend: String,
     upstream: Option<SocketAddr>,
     attempts: u32,
+    protocol: &'static str,
+    request_bytes: u64,
 }
 
 fn log_request(
@@ -190,8 +195,14 @@ fn log_request(
     status: StatusCode,
     flags: &str,
     started: Instant,
+    response_bytes: u64,
 ) {
+    if !d.inputs.telemetry {
+        return;
+    }
+    record_request(d, log, status, flags, started.elapsed(), response_bytes);
     info!(
+        target: "access",
         direction = "outbound",
         request_id = log.request_id,
         method = log.method,
@@ -203,11 +214,70 @@ fn log_request(
         src.identity = %d.pod.workload.identity,
         dst.service = %format!("{}/{}:{}", d.service.namespace, d.service.name, d.port.port),
         route = %log.route,
+        backend = %log.backend,
         upstream = %log.upstream.map(|a| a.to_string()).unwrap_or_default(),
         attempts = log.attempts,
         duration_ms = started.elapsed().as_millis() as u64,
         "http request"
     );
+}
+
+/// Istio's request metrics for one outbound request: as the source, and also as the
+/// destination when this agent delivered it to a pod of its own node.
+fn record_request(
+    d: &Downstream,
+    log: &AccessLog<'_>,
+    status: StatusCode,
+    flags: &str,
+    duration: Duration,
+    response_bytes: u64,
+) {
+    let mesh = d.inputs.mesh.load();
+    let dst = log.upstream.and_then(|a| mesh.pod_by_ip(a.ip()));
+    let secure = dst.is_some_and(|w| w.enrolled && !w.is_on(&mesh.node));
+    let delivered_here = dst.is_some_and(|w| w.enrolled && w.is_on(&mesh.node));
+    let unknown = || "unknown".to_string();
+    let mut labels = RequestLabels {
+        reporter: Reporter::Source,
+        source_workload: super::workload_name(&d.pod.workload),
+        source_workload_namespace: d.pod.workload.key.namespace.clone(),
+        source_principal: d.pod.workload.identity.to_string(),
+        destination_workload: dst.map(super::workload_name).unwrap_or_else(unknown),
+        destination_workload_namespace: dst
+            .map(|w| w.key.namespace.clone())
+            .unwrap_or_else(unknown),
+        destination_principal: dst
+            .filter(|w| w.enrolled)
+            .map(|w| w.identity.to_string())
+            .unwrap_or_else(unknown),
+        destination_service: if log.backend.is_empty() {
+            unknown()
+        } else {
+            log.backend.clone()
+        },
+        request_protocol: log.protocol.to_string(),
+        response_code: status.as_u16().to_string(),
+        response_flags: flags.to_string(),
+        connection_security_policy: if secure { "mutual_tls" } else { "none" }.to_string(),
+    };
+    d.inputs
+        .metrics
+        .request(&labels, duration, log.request_bytes, response_bytes);
+    if delivered_here {
+        labels.reporter = Reporter::Destination;
+        d.inputs
+            .metrics
+            .request(&labels, duration, log.request_bytes, response_bytes);
+    }
+}
+
+/// A body size the headers declare (0 when unknown or streamed).
+fn declared_length(headers: &HeaderMap) -> u64 {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 async fn handle(mut req: Request<Incoming>, d: Arc<Downstream>) -> Response<Body> {
@@ -227,17 +297,32 @@ async fn handle(mut req: Request<Incoming>, d: Arc<Downstream>) -> Response<Body
         .map(str::to_string)
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_default();
+    let is_grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
     let mut log = AccessLog {
         request_id: &request_id,
         method: &method,
         path: &path,
         authority: &authority,
         route: String::new(),
+        backend: String::new(),
         upstream: None,
         attempts: 0,
+        protocol: if is_grpc { "grpc" } else { "http" },
+        request_bytes: declared_length(req.headers()),
     };
     let (status, flags, response) = route_and_forward(req, &d, &mut log, &mut rng, started).await;
-    log_request(&d, &log, status, flags, started);
+    log_request(
+        &d,
+        &log,
+        status,
+        flags,
+        started,
+        declared_length(response.headers()),
+    );
     response
 }
 
@@ -340,6 +425,7 @@ async fn route_and_forward(
         },
         None => (d.service.clone(), d.port.clone()),
     };
+    log.backend = format!("{}.{}.svc.cluster.local", backend.name, backend.namespace);
     let runtime = inputs.l7.service(&backend);
     let endpoints = crate::service::endpoints(&backend, mesh.pods.values());
     if endpoints.is_empty() {
@@ -701,7 +787,11 @@ fn authorize_request(
         host,
         headers: &parts.headers,
     };
-    match policy::evaluate_request(&mesh.policies, dst, &conn, &attrs) {
+    let decision = policy::evaluate_request(&mesh.policies, dst, &conn, &attrs);
+    d.inputs
+        .metrics
+        .policy_decision(decision.is_allowed(), Layer::L7);
+    match decision {
         policy::Decision::Allow { .. } => true,
         policy::Decision::Deny { policy, reason } => {
             tracing::warn!(
