@@ -144,14 +144,62 @@ fn yaml_error(e: serde_yaml::Error) -> ConfigError {
     }
 }
 
-/// A DNS-1123 label, as Kubernetes requires for names and namespaces.
-fn is_dns_label(s: &str) -> bool {
+// Name and duration rules shared by every config section (pods, policies, services, routes).
+
+/// Parses a duration as Gateway API writes them: one or more `<number><unit>` with unit `h`,
+/// `m`, `s` or `ms` (`10s`, `500ms`, `2m`, `1h30m`; decimals accepted: `1.5s`). Zero is
+/// returned as zero; callers decide whether it is allowed.
+pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return None;
+        }
+        let (number, tail) = rest.split_at(digits);
+        let value: f64 = number.parse().ok()?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let seconds = match unit {
+            "ms" => value / 1000.0,
+            "s" => value,
+            "m" => value * 60.0,
+            "h" => value * 3600.0,
+            _ => return None,
+        };
+        total = total.checked_add(Duration::try_from_secs_f64(seconds).ok()?)?;
+        rest = tail;
+    }
+    Some(total)
+}
+
+/// A DNS-1123 label, as Kubernetes requires for namespaces and port names.
+pub(crate) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
+}
+
+/// A DNS-1035 label, as Kubernetes requires for Service names: a DNS-1123 label that starts
+/// with a letter.
+pub(crate) fn is_dns1035_label(s: &str) -> bool {
+    is_dns_label(s) && s.as_bytes()[0].is_ascii_lowercase()
+}
+
+/// A DNS-1123 subdomain, as Kubernetes requires for most object names.
+pub(crate) fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 fn validate(file: FileConfig) -> Result<Mesh, ConfigError> {
@@ -224,7 +272,7 @@ fn validate(file: FileConfig) -> Result<Mesh, ConfigError> {
             ));
         }
         let node = pod.node.unwrap_or_else(|| file.node.clone());
-        if !is_dns_label(&node) && !node.split('.').all(is_dns_label) {
+        if !is_dns_subdomain(&node) {
             return Err(ConfigError::new(
                 at("node"),
                 format!("{node:?} is not a node name"),
@@ -288,24 +336,6 @@ fn validate(file: FileConfig) -> Result<Mesh, ConfigError> {
         services,
         routes,
     })
-}
-
-/// Parses "90s", "15m", "24h" or a plain number of seconds.
-fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
-    };
-    let value: f64 = number.parse().ok()?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return None,
-    };
-    (seconds.is_finite() && seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
 }
 
 fn validate_identity(file: Option<FileIdentity>) -> Result<IdentitySettings, ConfigError> {
@@ -453,7 +483,9 @@ mod tests {
         assert_eq!(err.field, "identity.ca.certChain");
         assert_eq!(parse_duration("24h"), Some(Duration::from_secs(86400)));
         assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
-        assert_eq!(parse_duration("0s"), None);
+        assert_eq!(parse_duration("0s"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("soon"), None);
     }
 
     #[test]

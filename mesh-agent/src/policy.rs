@@ -105,7 +105,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize, de::IgnoredAny, ser::SerializeMap};
 
 use crate::{
-    config::ConfigError,
+    config::{ConfigError, is_dns_label, is_dns_subdomain},
     state::{Identity, Workload},
 };
 
@@ -1643,21 +1643,6 @@ fn ports(values: &[FilePort], at: &str) -> Result<Vec<u16>, ConfigError> {
             }
         })
         .collect()
-}
-
-/// A DNS-1123 label, as Kubernetes requires for namespaces.
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-/// A DNS-1123 subdomain, as Kubernetes requires for object names.
-fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 #[cfg(test)]

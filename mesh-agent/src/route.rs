@@ -66,10 +66,8 @@ use regex::{Regex, RegexBuilder};
 use serde::{Deserialize, Serialize, Serializer, de::IgnoredAny, ser::SerializeStruct};
 
 use crate::{
-    config::ConfigError,
-    service::{
-        AppProtocol, Service, first_duplicate, is_dns_label, is_dns_subdomain, parse_duration,
-    },
+    config::{ConfigError, is_dns_label, is_dns_subdomain, parse_duration},
+    service::{AppProtocol, Service, first_duplicate},
 };
 
 /// Where the routes sit in the config file, for error paths.

@@ -43,7 +43,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{config::ConfigError, state::Workload};
+use crate::{
+    config::{ConfigError, is_dns_label, is_dns1035_label, parse_duration},
+    state::Workload,
+};
 
 /// Where the services sit in the config file, for error paths.
 const FIELD: &str = "services";
@@ -666,62 +669,6 @@ fn not_a_port(n: i64) -> String {
     format!("{n} is not a port number (1-65535)")
 }
 
-/// Parses a duration as Gateway API writes them: one or more `<number><unit>` with unit `h`,
-/// `m`, `s` or `ms` (`10s`, `500ms`, `2m`, `1h30m`; decimals accepted: `1.5s`). Zero is
-/// returned as zero; callers decide whether it is allowed.
-pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
-    let mut rest = text.trim();
-    if rest.is_empty() {
-        return None;
-    }
-    let mut total = Duration::ZERO;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return None;
-        }
-        let (number, tail) = rest.split_at(digits);
-        let value: f64 = number.parse().ok()?;
-        let unit_len = tail
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_len);
-        let seconds = match unit {
-            "ms" => value / 1000.0,
-            "s" => value,
-            "m" => value * 60.0,
-            "h" => value * 3600.0,
-            _ => return None,
-        };
-        total = total.checked_add(Duration::try_from_secs_f64(seconds).ok()?)?;
-        rest = tail;
-    }
-    Some(total)
-}
-
-/// A DNS-1123 label, as Kubernetes requires for namespaces and port names.
-pub(crate) fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-/// A DNS-1035 label, as Kubernetes requires for Service names: a DNS-1123 label that starts
-/// with a letter.
-pub(crate) fn is_dns1035_label(s: &str) -> bool {
-    is_dns_label(s) && s.as_bytes()[0].is_ascii_lowercase()
-}
-
-/// A DNS-1123 subdomain, as Kubernetes requires for most object names.
-pub(crate) fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
-}
-
 /// The index of the first key equal to an earlier one, if any.
 pub(crate) fn first_duplicate<K: std::hash::Hash + Eq>(
     keys: impl IntoIterator<Item = K>,
@@ -1120,8 +1067,8 @@ services:
     fn names_helpers() {
         assert!(is_dns1035_label("a-1"));
         assert!(!is_dns1035_label("1a"));
-        assert!(is_dns_subdomain("a.b-c"));
-        assert!(!is_dns_subdomain("a..b"));
+        assert!(crate::config::is_dns_subdomain("a.b-c"));
+        assert!(!crate::config::is_dns_subdomain("a..b"));
         assert_eq!(first_duplicate(["a", "b", "a"]), Some(2));
         assert_eq!(first_duplicate(["a", "b"]), None);
     }

@@ -73,16 +73,17 @@ pub struct MeshConnector {
     pod: Weak<PodContext>,
 }
 
-/// An upstream connection as hyper's client wants it.
-pub struct MeshIo(UpstreamIo);
+/// A connection as hyper's pooled client wants it: any byte stream, with no extra
+/// connection info to report.
+pub struct ConnIo<T>(pub T);
 
-impl Connection for MeshIo {
+impl<T> Connection for ConnIo<T> {
     fn connected(&self) -> Connected {
         Connected::new()
     }
 }
 
-impl tokio::io::AsyncRead for MeshIo {
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ConnIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -92,7 +93,7 @@ impl tokio::io::AsyncRead for MeshIo {
     }
 }
 
-impl tokio::io::AsyncWrite for MeshIo {
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ConnIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -109,7 +110,7 @@ impl tokio::io::AsyncWrite for MeshIo {
 }
 
 impl tower_service::Service<Uri> for MeshConnector {
-    type Response = TokioIo<MeshIo>;
+    type Response = TokioIo<ConnIo<UpstreamIo>>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -132,7 +133,7 @@ impl tower_service::Service<Uri> for MeshConnector {
             // The L7 proxy authorizes each request itself.
             let up =
                 upstream::open(&inputs, &mesh, &pod, target, Authorization::PerRequest).await?;
-            Ok(TokioIo::new(MeshIo(up.io)))
+            Ok(TokioIo::new(ConnIo(up.io)))
         })
     }
 }

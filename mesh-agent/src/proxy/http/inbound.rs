@@ -15,12 +15,8 @@ use http::{Request, StatusCode, Uri, Version, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::{
-    client::legacy::{
-        Client,
-        connect::{Connected, Connection},
-    },
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
+    client::legacy::Client,
+    rt::{TokioExecutor, TokioIo},
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -29,8 +25,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
-    HEADER_READ_TIMEOUT, MAX_HEADER_BYTES,
-    client::{Body, BoxError},
+    client::{Body, BoxError, ConnIo},
     local_response, strip_hop_by_hop,
 };
 use crate::{
@@ -73,17 +68,7 @@ pub async fn serve<I>(
             (pod.clone(), inputs.clone(), peer.clone(), clients.clone());
         async move { Ok::<_, Infallible>(handle(req, &pod, &inputs, &peer, port, &clients).await) }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
-    if let Err(e) = builder
+    if let Err(e) = super::server_builder()
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await
     {
@@ -239,42 +224,8 @@ struct AppConnector {
     port: u16,
 }
 
-struct AppIo(TcpStream);
-
-impl Connection for AppIo {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl AsyncRead for AppIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for AppIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-}
-
 impl tower_service::Service<Uri> for AppConnector {
-    type Response = TokioIo<AppIo>;
+    type Response = TokioIo<ConnIo<TcpStream>>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -286,7 +237,7 @@ impl tower_service::Service<Uri> for AppConnector {
         let this = self.clone();
         Box::pin(async move {
             let tcp = deliver::connect_to_app(&this.pod, this.client, this.port).await?;
-            Ok(TokioIo::new(AppIo(tcp)))
+            Ok(TokioIo::new(ConnIo(tcp)))
         })
     }
 }

@@ -92,6 +92,17 @@ pub async fn serve_outbound(
         let downstream = downstream.clone();
         async move { Ok::<_, Infallible>(handle(req, downstream).await) }
     });
+    if let Err(e) = server_builder()
+        .serve_connection_with_upgrades(TokioIo::new(client), service)
+        .await
+    {
+        debug!(error = %e, "downstream HTTP connection ended with an error");
+    }
+}
+
+/// The HTTP/1.1 + h2c server side every L7 listener uses: a header read deadline against
+/// slowloris clients and bounded header sizes.
+pub(crate) fn server_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -102,12 +113,7 @@ pub async fn serve_outbound(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32);
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(client), service)
-        .await
-    {
-        debug!(error = %e, "downstream HTTP connection ended with an error");
-    }
+    builder
 }
 
 /// A response the agent generates itself, flagged like Envoy's response flags.
