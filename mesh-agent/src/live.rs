@@ -66,7 +66,10 @@ impl AdminSource for LiveState {
     }
 
     fn config_dump(&self) -> Value {
-        serde_json::to_value(&**self.inputs.mesh.load()).unwrap_or(Value::Null)
+        match serde_json::to_value(&**self.inputs.mesh.load()) {
+            Ok(v) => v,
+            Err(e) => json!({ "error": format!("the snapshot does not serialize: {e}") }),
+        }
     }
 
     fn pods(&self) -> Value {
@@ -134,6 +137,15 @@ impl AdminSource for LiveState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_snapshot_serializes_to_json() {
+        let text = "node: n1\npods:\n  - {name: a, namespace: shop, ip: 10.0.0.2, node: n2}\n";
+        let mesh = crate::config::parse(text).expect("valid");
+        let v = serde_json::to_value(&mesh).expect("serializes");
+        assert_eq!(v["node"], "n1");
+        assert_eq!(v["pods"][0]["key"]["name"], "a");
+    }
 
     #[test]
     fn formats_rfc3339() {

@@ -13,6 +13,7 @@ pub struct Mesh {
     /// SPIFFE trust domain of the workload identities.
     pub trust_domain: String,
     /// Pods of the mesh, keyed by [`PodKey`]: this node's and (for routing) other nodes'.
+    #[serde(serialize_with = "pods_as_list")]
     pub pods: BTreeMap<PodKey, Workload>,
     /// Certificate settings (applied at start-up).
     pub identity: IdentitySettings,
@@ -22,6 +23,14 @@ pub struct Mesh {
     pub services: Vec<crate::service::Service>,
     /// HTTP routes attached to services.
     pub routes: Vec<crate::route::HttpRoute>,
+}
+
+/// JSON map keys must be strings: pods are dumped as a list (each carries its key).
+fn pods_as_list<S: serde::Serializer>(
+    pods: &BTreeMap<PodKey, Workload>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(pods.values())
 }
 
 /// How workload certificates are issued and rotated.

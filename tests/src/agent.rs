@@ -54,6 +54,17 @@ impl Agent {
         config: &str,
         state_dir: Option<&Path>,
     ) -> anyhow::Result<Self> {
+        Self::start_with_env(name, config, state_dir, &[])
+    }
+
+    /// Like [`Agent::start_with_state_dir`], with extra environment variables for the agent
+    /// (applied last: `("RUST_LOG", "info,access=off")` replaces the default `info`).
+    pub fn start_with_env(
+        name: &str,
+        config: &str,
+        state_dir: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         remove_stale_dirs();
         let dir = std::env::temp_dir().join(format!("trellis-{}-{name}", std::process::id()));
         fs::create_dir_all(&dir)?;
@@ -77,6 +88,7 @@ impl Agent {
                 "127.0.0.1:0",
             ])
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -39,16 +39,24 @@ pub fn require_privileges() -> anyhow::Result<()> {
         which(tool)
             .with_context(|| format!("`{tool}` is missing; `cargo xtask setup` installs it"))?;
     }
-    // tests/fixtures/grpc_echo.py needs grpcio; checked once per test binary.
-    static GRPCIO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let grpcio = *GRPCIO.get_or_init(|| {
-        std::process::Command::new("python3")
-            .args(["-c", "import grpc"])
-            .output()
-            .is_ok_and(|o| o.status.success())
+    // tests/fixtures/grpc_echo.py needs grpcio; the telemetry tests parse the metrics text with
+    // prometheus_client's reference parsers. Checked once per test binary.
+    static PYTHON_MODULES: std::sync::OnceLock<Option<(&str, &str)>> = std::sync::OnceLock::new();
+    let missing = *PYTHON_MODULES.get_or_init(|| {
+        [
+            ("grpc", "grpcio"),
+            ("prometheus_client", "prometheus_client"),
+        ]
+        .into_iter()
+        .find(|(module, _)| {
+            !std::process::Command::new("python3")
+                .args(["-c", &format!("import {module}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
     });
-    if !grpcio {
-        bail!("python3 cannot import grpc (grpcio); `cargo xtask setup` installs it");
+    if let Some((module, package)) = missing {
+        bail!("python3 cannot import {module} ({package}); `cargo xtask setup` installs it");
     }
     Ok(())
 }

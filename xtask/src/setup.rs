@@ -1,6 +1,7 @@
 //! `cargo xtask setup`: nightly's rust-src, bpf-linker built against nightly's own libLLVM,
 //! the Debian packages the tests, demo and benchmarks use, and Python's grpcio (the gRPC test
-//! fixture). Each step checks first and does nothing when already done.
+//! fixture) and prometheus_client (the reference parsers the telemetry tests check the metrics
+//! text with). Each step checks first and does nothing when already done.
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
@@ -24,7 +25,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
 
 pub fn run() -> anyhow::Result<()> {
     debian_packages()?;
-    python_grpcio()?;
+    python_package("grpc", "grpcio")?;
+    python_package("prometheus_client", "prometheus_client")?;
     rust_src()?;
     bpf_linker()?;
     Ok(())
@@ -81,12 +83,14 @@ fn python3_ok(code: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// grpcio for the `python3` on PATH (the one the tests run), through pip.
-fn python_grpcio() -> anyhow::Result<()> {
-    if python3_ok("import grpc") {
+/// The pip package `package` (imported as `module`) for the `python3` on PATH (the one the
+/// tests run), through pip.
+fn python_package(module: &str, package: &str) -> anyhow::Result<()> {
+    let import = format!("import {module}");
+    if python3_ok(&import) {
         return Ok(());
     }
-    step("installing grpcio for python3 (pip)");
+    step(&format!("installing {package} for python3 (pip)"));
     if !python3_ok("import pip") {
         // Only helps when `python3` is Debian's own; any other Python brings its pip along.
         install_debian_packages(&["python3-pip"])?;
@@ -95,7 +99,7 @@ fn python_grpcio() -> anyhow::Result<()> {
         Command::new("python3")
             .args(["-m", "pip", "install", "--quiet"])
             .args(extra)
-            .arg("grpcio")
+            .arg(package)
             .env("PIP_ROOT_USER_ACTION", "ignore")
             .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
             .output()
@@ -110,12 +114,12 @@ fn python_grpcio() -> anyhow::Result<()> {
     }
     if !out.status.success() {
         bail!(
-            "pip install grpcio failed: {}",
+            "pip install {package} failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    if !python3_ok("import grpc") {
-        bail!("grpcio was installed but `python3 -c \"import grpc\"` still fails");
+    if !python3_ok(&import) {
+        bail!("{package} was installed but `python3 -c \"{import}\"` still fails");
     }
     Ok(())
 }
