@@ -83,7 +83,7 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0:15020")]
         metrics_addr: SocketAddr,
         /// Metrics and access logs for every connection and request (`off` for benchmarks).
-        #[arg(long, value_enum, default_value_t = Switch::On)]
+        #[arg(long, env = "TRELLIS_TELEMETRY", value_enum, default_value_t = Switch::On)]
         telemetry: Switch,
     },
     /// Show this node's pods, identities and certificates, from the agent's admin API.
