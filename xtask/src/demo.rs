@@ -1,31 +1,41 @@
-//! `cargo xtask demo`: two nodes, four pods, one real agent per node, a little traffic, a
-//! live policy change, and the story of what happened, told from the agents' own logs.
+//! `cargo xtask demo`: two nodes, six pods, one real agent per node, a little traffic, L7
+//! routing, a live policy change, the agents' metrics and status, and the story of what
+//! happened, told from the agents' own logs.
 //!
 //! - Node 1: `frontend` (shop/frontend) and `backend` (shop/backend) are enrolled in the mesh,
-//!   `legacy` (shop/legacy) is listed but not enrolled. Node 2, linked to node 1 by a veth (the
-//!   "node network"): `payments` (billing/payments), enrolled. Each node runs its own agent;
-//!   both use one state directory, so they share one local CA (one trust root). `backend`,
-//!   `legacy` and `payments` run `peer-echo`, which answers with the client address it sees.
+//!   `legacy` (shop/legacy) is listed but not enrolled, and `reviews-v1` and `reviews-v2`
+//!   (shop/reviews, labelled `app: reviews` and `version: v1`/`v2`) are enrolled. Node 2,
+//!   linked to node 1 by a veth (the "node network"): `payments` (billing/payments), enrolled.
+//!   Each node runs its own agent; both use one state directory, so they share one local CA
+//!   (one trust root). `backend`, `legacy` and `payments` run `peer-echo`, which answers with
+//!   the client address it sees; the reviews pods run `http-backend`, which answers with its
+//!   name.
 //! - Traffic: frontend -> backend (same node: handed over inside the agent, one log line),
 //!   legacy -> backend (captured on arrival, no identity), frontend -> legacy (captured on
 //!   departure, plain TCP), frontend -> payments (HBONE: HTTP/2 CONNECT over mTLS, logged by
 //!   both agents with the identities each side proved), then once more over the same pooled
 //!   mTLS connection.
+//! - Routing: node 1's config declares a Service `reviews` (a VIP, port 80, HTTP) and an
+//!   HTTPRoute: `x-user: alice` goes to v2, everything else is split 80/20 between v1 and v2,
+//!   with retries on 503. reviews-v2 fails its first request, so alice's request shows a retry;
+//!   50 more requests show the split; the "http request" log lines say where each went.
 //! - A live policy change on node 2 (payments admits only shop/checkout) refuses
 //!   frontend -> payments; node 2's "connection denied" line says who and why.
 //! - A live config change unenrols frontend on node 1; a config with a typo is rejected and
 //!   the last good one keeps serving.
+//! - Metrics: an excerpt of both agents' Prometheus metrics (Istio's request and TCP
+//!   counters, enrolled pods, certificate expiry), and `mesh-agent status` for node 1.
 //! - Teardown: SIGTERM to both agents, servers stopped, nodes removed, and a `bpftool` check
 //!   that none of either agent's `mesh_*` programs are left in the kernel.
 //!
 //! Every resource is owned by a drop guard, so a failure anywhere still cleans up; every wait
 //! has a deadline.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     io::{BufRead as _, BufReader, Read as _},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::{Child, Command, Output, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -63,6 +73,25 @@ const LABEL: usize = 10;
 const SERVER_DEADLINE: Duration = Duration::from_secs(10);
 /// How often the build prints a heartbeat when its output is not a terminal.
 const HEARTBEAT: Duration = Duration::from_secs(30);
+/// The Service the routing part of the story calls, its VIP's last octet (an address of
+/// node 1's subnet that no pod has) and the VIPs of its per-version Services.
+const REVIEWS: &str = "reviews";
+const REVIEWS_VIP: u8 = 200;
+const REVIEWS_V1_VIP: u8 = 201;
+const REVIEWS_V2_VIP: u8 = 202;
+/// The HTTPRoute's weights for v1 and v2 when no rule matches a header.
+const SPLIT: (u32, u32) = (80, 20);
+/// Requests sent without the header to show the split.
+const SPLIT_REQUESTS: u64 = 50;
+/// Deadline for a client program in a pod (the split's requests) or `mesh-agent status`.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The programs the demo runs.
+struct Programs {
+    agent: PathBuf,
+    peer_echo: PathBuf,
+    http_backend: PathBuf,
+}
 
 pub fn run() -> anyhow::Result<()> {
     let root = util::workspace_root()?;
@@ -75,8 +104,12 @@ pub fn run() -> anyhow::Result<()> {
     mesh_tests::require_privileges()
         .context("the demo needs the same privileges as the end-to-end tests")?;
     build()?;
-    let peer_echo = root.join("target/debug/peer-echo");
-    for bin in [&agent_bin, &peer_echo] {
+    let programs = Programs {
+        agent: agent_bin,
+        peer_echo: root.join("target/debug/peer-echo"),
+        http_backend: root.join("target/debug/http-backend"),
+    };
+    for bin in [&programs.agent, &programs.peer_echo, &programs.http_backend] {
         if !bin.is_file() {
             bail!("{} is missing after the build", bin.display());
         }
@@ -87,7 +120,7 @@ pub fn run() -> anyhow::Result<()> {
     // SAFETY: the handler only stores to an atomic and resets the disposition, both
     // async-signal-safe.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
-    let result = Demo::new().run(&peer_echo);
+    let result = Demo::new().run(&programs);
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted (Ctrl-C); the demo's nodes, pods, servers and agents have been removed");
     }
@@ -102,11 +135,11 @@ extern "C" fn on_sigint(_: libc::c_int) {
     unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
 }
 
-/// Builds the agent (with its eBPF programs) and the peer-echo server; only the binaries the
-/// demo runs, so work in progress elsewhere in mesh-tests does not hold it up.
+/// Builds the agent (with its eBPF programs) and the peer-echo and http-backend servers; only
+/// the binaries the demo runs, so work in progress elsewhere in mesh-tests does not hold it up.
 fn build() -> anyhow::Result<()> {
     util::step(
-        "building mesh-agent with its eBPF programs, and the peer-echo server (a few minutes the first time)",
+        "building mesh-agent with its eBPF programs, and the peer-echo and http-backend servers (a few minutes the first time)",
     );
     // Cargo draws its own progress bar on a terminal; when the output goes to a file or a CI
     // log it can stay silent for minutes, so say that it is still working.
@@ -140,30 +173,37 @@ fn build() -> anyhow::Result<()> {
         "mesh-agent",
         "--bin",
         "peer-echo",
+        "--bin",
+        "http-backend",
     ]);
     done.store(true, Ordering::Relaxed);
     if let Some(h) = heartbeat {
         h.thread().unpark();
         let _ = h.join();
     }
-    result.context("building the agent and the demo server")
+    result.context("building the agent and the demo servers")
 }
 
-/// A `peer-echo http` server running in a pod; killed when dropped.
+/// A server running in a pod (`peer-echo http PORT`, `http-backend PORT --name NAME`) that
+/// prints "listening" once it does; killed when dropped.
 struct Server {
     child: Child,
 }
 
 impl Server {
-    fn start(pod: &Pod, program: &Path) -> anyhow::Result<Self> {
+    fn start(pod: &Pod, program: &Path, args: &[&str]) -> anyhow::Result<Self> {
+        let name = program
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let mut child = pod
             .command(program)?
-            .args(["http", &APP_PORT.to_string()])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting peer-echo in pod {}", pod.name))?;
+            .with_context(|| format!("starting {name} in pod {}", pod.name))?;
         let stdout = child.stdout.take().context("peer-echo stdout")?;
         let mut server = Self { child };
         let (tx, rx) = mpsc::channel();
@@ -174,7 +214,7 @@ impl Server {
                 }
             }
         });
-        let what = format!("peer-echo to listen on :{APP_PORT} in pod {}", pod.name);
+        let what = format!("{name} to listen on :{APP_PORT} in pod {}", pod.name);
         let ready = wait_until(&what, SERVER_DEADLINE, || match rx.try_recv() {
             Ok(line) if line.trim() == "listening" => Some(true),
             Ok(_) | Err(mpsc::TryRecvError::Empty) => None,
@@ -187,7 +227,7 @@ impl Server {
                 let _ = stderr.read_to_string(&mut err);
             }
             bail!(
-                "peer-echo exited in pod {} before listening: {}",
+                "{name} exited in pod {} before listening: {}",
                 pod.name,
                 err.trim()
             );
@@ -229,6 +269,8 @@ struct DemoPod {
     service_account: &'static str,
     /// Whether the pod starts out enrolled.
     enrolled: bool,
+    /// Its labels in the config, as YAML flow mappings' contents; `None` = `app: <name>`.
+    labels: Option<&'static str>,
 }
 
 impl DemoPod {
@@ -259,8 +301,16 @@ impl DemoPod {
 
     /// The entry in its own node's config.
     fn entry(&self, enrolled: bool) -> String {
-        self.pod
-            .config_entry(self.namespace, self.service_account, enrolled)
+        let entry = self
+            .pod
+            .config_entry(self.namespace, self.service_account, enrolled);
+        match self.labels {
+            Some(labels) => entry.replace(
+                &format!("labels: {{app: {}}}", self.name()),
+                &format!("labels: {{{labels}}}"),
+            ),
+            None => entry,
+        }
     }
 
     /// The entry in the other node's config: where it runs and who it is.
@@ -337,6 +387,11 @@ struct CurlResult {
 
 /// Runs curl in `pod`; the inner error is curl's own message when the request failed.
 fn curl(pod: &Pod, url: &str) -> anyhow::Result<Result<CurlResult, String>> {
+    curl_with(pod, &[], url)
+}
+
+/// [`curl`] with extra arguments (`-H "x-user: alice"`).
+fn curl_with(pod: &Pod, extra: &[&str], url: &str) -> anyhow::Result<Result<CurlResult, String>> {
     let out = pod
         .command("curl")?
         .args([
@@ -345,8 +400,9 @@ fn curl(pod: &Pod, url: &str) -> anyhow::Result<Result<CurlResult, String>> {
             "20",
             "-w",
             "\n%{http_code} %{local_ip} %{local_port} %{time_total}",
-            url,
         ])
+        .args(extra)
+        .arg(url)
         .stdin(Stdio::null())
         .output()
         .context("running curl in the pod")?;
@@ -370,6 +426,131 @@ fn curl(pod: &Pod, url: &str) -> anyhow::Result<Result<CurlResult, String>> {
         ),
         seconds: seconds.parse().unwrap_or(0.0),
     }))
+}
+
+/// Runs `cmd` to completion and returns its output; kills it and fails if it takes longer than
+/// `deadline` or fails.
+fn output_within(mut cmd: Command, what: &str, deadline: Duration) -> anyhow::Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let status = wait_until(what, deadline, || child.try_wait().ok().flatten());
+    let status = match status {
+        Ok(status) => status,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    let out = Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// One sample of a Prometheus text exposition.
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+impl Sample {
+    fn label(&self, key: &str) -> &str {
+        self.labels.get(key).map(String::as_str).unwrap_or("")
+    }
+}
+
+/// Parses the sample lines of a Prometheus text exposition (comments skipped).
+fn parse_metrics(text: &str) -> anyhow::Result<Vec<Sample>> {
+    let mut samples = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = || anyhow!("unexpected metrics line {line:?}");
+        let (name, labels, rest) = match line.find(['{', ' ']) {
+            Some(i) if line[i..].starts_with('{') => {
+                let (labels, rest) = parse_labels(&line[i + 1..]).ok_or_else(bad)?;
+                (&line[..i], labels, rest)
+            }
+            Some(i) => (&line[..i], BTreeMap::new(), &line[i..]),
+            None => return Err(bad()),
+        };
+        let value = rest.split_whitespace().next().ok_or_else(bad)?;
+        samples.push(Sample {
+            name: name.to_string(),
+            labels,
+            value: value.parse().map_err(|_| bad())?,
+        });
+    }
+    Ok(samples)
+}
+
+/// `k="v",k2="v2"}rest` -> the labels and `rest`.
+fn parse_labels(text: &str) -> Option<(BTreeMap<String, String>, &str)> {
+    let mut labels = BTreeMap::new();
+    let mut rest = text;
+    loop {
+        rest = rest.trim_start_matches(',');
+        if let Some(after) = rest.strip_prefix('}') {
+            return Some((labels, after));
+        }
+        let (key, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        labels.insert(key.trim().to_string(), value);
+        rest = &after[end + 1..];
+    }
+}
+
+/// The sum of the `name` samples passing `keep`, grouped by the values of `by`.
+fn sum_by(
+    samples: &[Sample],
+    name: &str,
+    keep: impl Fn(&Sample) -> bool,
+    by: &[&str],
+) -> BTreeMap<Vec<String>, f64> {
+    let mut sums = BTreeMap::new();
+    for s in samples.iter().filter(|s| s.name == name && keep(s)) {
+        let key = by.iter().map(|k| s.label(k).to_string()).collect();
+        *sums.entry(key).or_insert(0.0) += s.value;
+    }
+    sums
 }
 
 /// A `mesh_*` eBPF program in the kernel, as `bpftool prog show` lists it.
@@ -607,6 +788,41 @@ fn header(title: &str) {
     println!("{}", "-".repeat(title.len()));
 }
 
+/// Node 1's Services and HTTPRoute for the routing part of the story.
+struct Routing {
+    /// What node 1's config carries.
+    config: String,
+    /// What the story shows of it: the per-version Services summed up in a comment.
+    shown: String,
+}
+
+impl Routing {
+    /// `vip(octet)`: the address of node 1's subnet ending in `octet`.
+    fn yaml(vip: impl Fn(u8) -> Ipv4Addr) -> Self {
+        let service = |name: &str, octet: u8, selector: &str| {
+            format!(
+                "  - name: {name}\n    namespace: shop\n    vips: [{}]\n    selector: {{{selector}}}\n    ports: [{{name: http, port: 80, targetPort: {APP_PORT}, appProtocol: http}}]\n",
+                vip(octet)
+            )
+        };
+        let reviews = service(REVIEWS, REVIEWS_VIP, "app: reviews");
+        let versions = service("reviews-v1", REVIEWS_V1_VIP, "app: reviews, version: v1")
+            + &service("reviews-v2", REVIEWS_V2_VIP, "app: reviews, version: v2");
+        let (w1, w2) = SPLIT;
+        let route = format!(
+            "httpRoutes:\n  - name: {REVIEWS}\n    namespace: shop\n    parentRefs: [{{name: {REVIEWS}, port: 80}}]\n    rules:\n      - matches: [{{headers: [{{name: x-user, value: alice}}]}}]\n        backendRefs: [{{name: reviews-v2, port: 80}}]\n        retry: {{attempts: 2, codes: [503]}}\n      - backendRefs:\n          - {{name: reviews-v1, port: 80, weight: {w1}}}\n          - {{name: reviews-v2, port: 80, weight: {w2}}}\n        retry: {{attempts: 2, codes: [503]}}\n"
+        );
+        Self {
+            config: format!("services:\n{reviews}{versions}{route}"),
+            shown: format!(
+                "services:\n{reviews}  # and reviews-v1 ({}), reviews-v2 ({}) alike,\n  # selecting {{app: reviews, version: v1}} and {{..., version: v2}}\n{route}",
+                vip(REVIEWS_V1_VIP),
+                vip(REVIEWS_V2_VIP),
+            ),
+        }
+    }
+}
+
 /// Collects what did not go as the mesh promises; the demo fails at the end if any.
 struct Demo {
     problems: Vec<String>,
@@ -632,9 +848,9 @@ impl Demo {
         }
     }
 
-    fn run(mut self, peer_echo: &Path) -> anyhow::Result<()> {
+    fn run(mut self, programs: &Programs) -> anyhow::Result<()> {
         util::step(
-            "creating two linked nodes (network namespaces with a bridge each) and four pods",
+            "creating two linked nodes (network namespaces with a bridge each) and six pods",
         );
         let mut n1 = Node::new()?;
         let mut n2 = Node::new()?;
@@ -646,20 +862,45 @@ impl Demo {
                 namespace,
                 service_account,
                 enrolled,
+                labels: None,
             })
         };
         let frontend = pod(&mut n1, "node 1", "frontend", "shop", "frontend", true)?;
         let backend = pod(&mut n1, "node 1", "backend", "shop", "backend", true)?;
         let legacy = pod(&mut n1, "node 1", "legacy", "shop", "legacy", false)?;
+        let reviews_v1 = DemoPod {
+            labels: Some("app: reviews, version: v1"),
+            ..pod(&mut n1, "node 1", "reviews-v1", "shop", REVIEWS, true)?
+        };
+        let reviews_v2 = DemoPod {
+            labels: Some("app: reviews, version: v2"),
+            ..pod(&mut n1, "node 1", "reviews-v2", "shop", REVIEWS, true)?
+        };
         let payments = pod(&mut n2, "node 2", "payments", "billing", "payments", true)?;
         util::step(&format!(
-            "starting peer-echo HTTP servers on :{APP_PORT} in backend, legacy and payments"
+            "starting peer-echo HTTP servers on :{APP_PORT} in backend, legacy and payments, and http-backend in reviews-v1 and reviews-v2"
         ));
-        let backend_server = Server::start(&backend.pod, peer_echo)?;
-        let legacy_server = Server::start(&legacy.pod, peer_echo)?;
-        let payments_server = Server::start(&payments.pod, peer_echo)?;
+        let port = APP_PORT.to_string();
+        let peer_echo = |p: &DemoPod| Server::start(&p.pod, &programs.peer_echo, &["http", &port]);
+        let backend_server = peer_echo(&backend)?;
+        let legacy_server = peer_echo(&legacy)?;
+        let payments_server = peer_echo(&payments)?;
+        let reviews_v1_server = Server::start(
+            &reviews_v1.pod,
+            &programs.http_backend,
+            &[&port, "--name", reviews_v1.name()],
+        )?;
+        // v2 answers its first request with 503, so the route's retry policy has work to do.
+        let reviews_v2_server = Server::start(
+            &reviews_v2.pod,
+            &programs.http_backend,
+            &[&port, "--name", reviews_v2.name(), "--fail-first", "1"],
+        )?;
 
-        // Each agent's config lists its own pods and, for routing, the other node's.
+        // Each agent's config lists its own pods and, for routing, the other node's; node 1's
+        // also declares the reviews Services and their HTTPRoute.
+        let vip = |octet: u8| Ipv4Addr::new(n1.subnet[0], n1.subnet[1], n1.subnet[2], octet);
+        let routing = Routing::yaml(vip);
         let config1 = |frontend_entry: String| {
             config_doc(
                 &n1.id,
@@ -667,9 +908,11 @@ impl Demo {
                     frontend_entry,
                     backend.entry(true),
                     legacy.entry(false),
+                    reviews_v1.entry(true),
+                    reviews_v2.entry(true),
                     payments.remote_entry(&n2),
                 ],
-            )
+            ) + &routing.config
         };
         let config2 = |policies: &str| {
             config_doc(
@@ -698,7 +941,14 @@ impl Demo {
         self.introduce(
             [&n1, &n2],
             &link,
-            &[&frontend, &backend, &legacy, &payments],
+            &[
+                &frontend,
+                &backend,
+                &legacy,
+                &reviews_v1,
+                &reviews_v2,
+                &payments,
+            ],
             [(s1, ours1.len()), (s2, ours2.len())],
             &fleet.0,
         )?;
@@ -800,6 +1050,14 @@ impl Demo {
             format!("the second request opened another HBONE connection ({tunnels_after} in all)")
         });
 
+        self.routing(
+            s1,
+            &frontend,
+            [&reviews_v1, &reviews_v2],
+            vip(REVIEWS_VIP),
+            &routing.shown,
+        )?;
+
         header("A live policy change on node 2: payments admits checkout only");
         let policy = format!(
             "authorizationPolicies:\n  - name: {POLICY_NAME}\n    namespace: billing\n    selector: {{matchLabels: {{app: payments}}}}\n    action: ALLOW\n    rules:\n      - from: [{{source: {{principals: [\"{CHECKOUT}\"]}}}}]\n"
@@ -898,6 +1156,13 @@ impl Demo {
             )
         });
 
+        self.metrics([s1, s2])?;
+        self.status(
+            &programs.agent,
+            s1,
+            &[&frontend, &backend, &legacy, &reviews_v1, &reviews_v2],
+        )?;
+
         header("Teardown");
         util::step("stopping both agents (SIGTERM)");
         for (node, agent) in [("node 1", &mut a1), ("node 2", &mut a2)] {
@@ -927,6 +1192,8 @@ impl Demo {
         drop(backend_server);
         drop(legacy_server);
         drop(payments_server);
+        drop(reviews_v1_server);
+        drop(reviews_v2_server);
         let namespaces = [n1.netns.clone(), n2.netns.clone()];
         drop(n1);
         drop(n2);
@@ -1029,7 +1296,7 @@ impl Demo {
         };
         header("The demo nodes");
         para(&format!(
-            "Two nodes, each a network namespace with a bridge br0 (node 1: {}/24, node 2: {}/24), joined by a veth, the \"node network\" ({} <-> {}), with routes to each other's pods. Each pod is a network namespace plus a cgroup. backend, legacy and payments run peer-echo, an HTTP server on :{APP_PORT} that answers with the client address it sees.",
+            "Two nodes, each a network namespace with a bridge br0 (node 1: {}/24, node 2: {}/24), joined by a veth, the \"node network\" ({} <-> {}), with routes to each other's pods. Each pod is a network namespace plus a cgroup. backend, legacy and payments run peer-echo, an HTTP server on :{APP_PORT} that answers with the client address it sees; reviews-v1 and reviews-v2, two versions of one app, run http-backend, an HTTP server on :{APP_PORT} that answers with its name.",
             nodes[0].gateway(),
             nodes[1].gateway(),
             link.a,
@@ -1037,7 +1304,7 @@ impl Demo {
         ));
         println!();
         println!(
-            "   {:<10}{:<8}{:<15}{:<6}identity (its agent's \"pod enrolled\" log)",
+            "   {:<12}{:<8}{:<15}{:<6}identity (its agent's \"pod enrolled\" log)",
             "pod", "node", "address", "mesh"
         );
         for p in pods {
@@ -1050,7 +1317,7 @@ impl Demo {
                 None => ("no", "-".to_string()),
             };
             println!(
-                "   {:<10}{:<8}{:<15}{:<6}{}",
+                "   {:<12}{:<8}{:<15}{:<6}{}",
                 p.name(),
                 p.node,
                 p.pod.ip,
@@ -1421,6 +1688,592 @@ impl Demo {
         );
         Ok(())
     }
+
+    /// The routing part of the story: one request as alice, then the split.
+    fn routing(
+        &mut self,
+        side: Side<'_>,
+        client: &DemoPod,
+        [v1, v2]: [&DemoPod; 2],
+        vip: Ipv4Addr,
+        shown: &str,
+    ) -> anyhow::Result<()> {
+        let agent = side.agent;
+        let (w1, w2) = SPLIT;
+        header("Routing: one Service, two versions");
+        para(&format!(
+            "Node 1's config ({}) also declares Services, in Kubernetes' shape, and an HTTPRoute, in Gateway API's: shop/{REVIEWS} at the virtual IP {vip}, port 80, speaking HTTP, whose endpoints are the pods labelled app: {REVIEWS} (reviews-v1 and reviews-v2), a Service per version, and a route that sends alice to v2, splits everyone else {w1}/{w2} between v1 and v2, and retries on 503:",
+            agent.config_path.display()
+        ));
+        println!();
+        for line in shown.lines() {
+            println!("      {line}");
+        }
+        println!();
+        para(&format!(
+            "No pod has the address {vip}. A connection to it from an enrolled pod is steered to node 1's agent like any other, and since the port speaks HTTP the agent's L7 proxy serves it: for each request it picks a rule of the route, a backend Service (by weight), and an endpoint of that Service. reviews-v2 was started to answer its very first request with 503."
+        ));
+        let url = format!("http://{vip}/");
+        let service = format!("shop/{REVIEWS}:80");
+        let backend_host = |p: &DemoPod| format!("{}.{}.svc.{TRUST_DOMAIN}", p.name(), p.namespace);
+        let rule_of = |route: &str| route.rsplit_once('#').map(|(_, i)| i.to_string());
+
+        // 1. As alice.
+        self.connections += 1;
+        println!();
+        println!(
+            " {}. frontend -> reviews as alice   (header x-user: alice)",
+            self.connections
+        );
+        let before = agent.events().len();
+        let got = curl_with(&client.pod, &["-H", "x-user: alice"], &url)
+            .context("sending alice's request")?
+            .map_err(|e| anyhow!("alice's request: curl in {} failed: {e}", client.name()))?;
+        let body: Value = serde_json::from_str(&got.body).unwrap_or(Value::Null);
+        let answered = field(&body, "name").to_string();
+        say(
+            "curl",
+            &format!(
+                "in {}: GET {url} with x-user: alice -> HTTP {} in {}, answered by {}",
+                client.name(),
+                got.status,
+                millis((got.seconds * 1000.0) as u64),
+                if answered.is_empty() {
+                    "an unknown server".to_string()
+                } else {
+                    format!("{answered} (http-backend answers with its name)")
+                },
+            ),
+        );
+        self.check(got.status == 200 && answered == v2.name(), || {
+            format!(
+                "alice's request got HTTP {} from {answered:?}, expected 200 from {}",
+                got.status,
+                v2.name()
+            )
+        });
+        let request_id = body
+            .pointer("/headers/x-request-id")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        self.check(!request_id.is_empty(), || {
+            format!("{} received no x-request-id header", v2.name())
+        });
+        let log = wait_for_new_event(
+            agent,
+            before,
+            &format!("{}'s \"http request\" line for alice's request", side.node),
+            &|e: &Value| {
+                message(e) == "http request"
+                    && field(e, "dst.service") == service
+                    && (request_id.is_empty() || field(e, "request_id") == request_id)
+            },
+        )?;
+        let attempts = number(&log, "attempts").unwrap_or(0);
+        let upstream = field(&log, "upstream");
+        say(
+            side.node,
+            &format!(
+                "logged \"http request\": {} {} from {} to Service {}; route {}{}, backend {}, upstream endpoint {upstream}{}; {} {}: {}, then HTTP {} (response flags {}) after {} in all; request id {}{}.",
+                field(&log, "method"),
+                field(&log, "path"),
+                field(&log, "src.pod"),
+                field(&log, "dst.service"),
+                field(&log, "route"),
+                match rule_of(field(&log, "route")).as_deref() {
+                    Some("0") => " (its first rule: the x-user: alice match)",
+                    Some("1") => " (its second rule: the split)",
+                    _ => "",
+                },
+                field(&log, "backend"),
+                if upstream == v2.addr().to_string() {
+                    format!(" ({} pod)", poss(v2.name()))
+                } else {
+                    String::new()
+                },
+                attempts,
+                if attempts == 1 { "attempt" } else { "attempts" },
+                if attempts == 2 {
+                    format!(
+                        "the first got {} deliberate 503 and the rule's retry policy (up to 2 more tries on 503) sent the request again",
+                        poss(v2.name())
+                    )
+                } else {
+                    "no retry".to_string()
+                },
+                number(&log, "status").unwrap_or(0),
+                field(&log, "response_flags"),
+                millis(number(&log, "duration_ms").unwrap_or(0)),
+                field(&log, "request_id"),
+                if field(&log, "request_id") == request_id {
+                    format!(", the x-request-id header {} received too", v2.name())
+                } else {
+                    String::new()
+                },
+            ),
+        );
+        let checks = [
+            (
+                "route",
+                rule_of(field(&log, "route")).unwrap_or_default(),
+                "0".to_string(),
+            ),
+            (
+                "backend",
+                field(&log, "backend").to_string(),
+                backend_host(v2),
+            ),
+            ("upstream", upstream.to_string(), v2.addr().to_string()),
+            ("attempts", attempts.to_string(), "2".to_string()),
+            (
+                "status",
+                number(&log, "status").unwrap_or(0).to_string(),
+                "200".to_string(),
+            ),
+            (
+                "request_id",
+                field(&log, "request_id").to_string(),
+                request_id.clone(),
+            ),
+        ];
+        for (name, got, want) in checks {
+            let name = if name == "route" { "route rule" } else { name };
+            self.check(got == want, || {
+                format!("alice's \"http request\" line has {name} {got:?}, expected {want:?}")
+            });
+        }
+        let peer = field(&body, "peer")
+            .parse::<SocketAddr>()
+            .ok()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        say(
+            "server",
+            &format!(
+                "{} saw the client as {peer}{}",
+                v2.name(),
+                if ip_of(&peer) == Some(client.ip()) {
+                    format!(
+                        ": {} real address, although frontend called the VIP",
+                        poss(client.name())
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+        );
+        self.check(ip_of(&peer) == Some(client.ip()), || {
+            format!(
+                "{} saw the client as {peer:?}, not {}",
+                v2.name(),
+                client.ip()
+            )
+        });
+
+        // 2. The split.
+        self.connections += 1;
+        println!();
+        println!(
+            " {}. frontend -> reviews, {SPLIT_REQUESTS} requests   (no header, one keep-alive connection)",
+            self.connections
+        );
+        let before = agent.events().len();
+        let script = format!(
+            r#"
+import http.client, json, time
+counts, connections, begin = {{}}, 1, time.time()
+conn = http.client.HTTPConnection("{vip}", 80, timeout=10)
+for i in range({SPLIT_REQUESTS}):
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    r.read()
+    key = "%d %s" % (r.status, r.getheader("x-backend", "-"))
+    counts[key] = counts.get(key, 0) + 1
+    if r.getheader("connection", "").lower() == "close":
+        conn.close()
+        conn = http.client.HTTPConnection("{vip}", 80, timeout=10)
+        connections += 1
+print(json.dumps({{"counts": counts, "connections": connections, "seconds": time.time() - begin}}))
+"#
+        );
+        let mut python = client.pod.command("python3")?;
+        python.args(["-c", &script]);
+        let out = output_within(
+            python,
+            &format!(
+                "{SPLIT_REQUESTS} requests from python3 in {}",
+                client.name()
+            ),
+            CLIENT_DEADLINE,
+        )?;
+        let result: Value =
+            serde_json::from_slice(&out.stdout).context("reading the python client's counts")?;
+        let count = |key: &str| result["counts"][key].as_u64().unwrap_or(0);
+        let (n1, n2) = (
+            count(&format!("200 {}", v1.name())),
+            count(&format!("200 {}", v2.name())),
+        );
+        let other: Vec<String> = result["counts"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| {
+                        **k != format!("200 {}", v1.name()) && **k != format!("200 {}", v2.name())
+                    })
+                    .map(|(k, v)| format!("{v} x {k}"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let connections = result["connections"].as_u64().unwrap_or(0);
+        let share = |k: u64| (k * 100 + SPLIT_REQUESTS / 2) / SPLIT_REQUESTS;
+        say(
+            "python",
+            &format!(
+                "in {}: {SPLIT_REQUESTS} GETs of {url} with http.client, on {} keep-alive connection{}, without the header, in {}: {}{} answered by {} and {n2} by {}, {}% and {}%: about {w1}/{w2}, as the weights say (each request is a weighted draw, so the counts vary a little from run to run)",
+                client.name(),
+                connections,
+                if connections == 1 { "" } else { "s" },
+                millis((result["seconds"].as_f64().unwrap_or(0.0) * 1000.0) as u64),
+                if other.is_empty() {
+                    "all HTTP 200; ".to_string()
+                } else {
+                    format!("unexpected answers: {}; ", other.join(", "))
+                },
+                n1,
+                v1.name(),
+                v2.name(),
+                share(n1),
+                share(n2),
+            ),
+        );
+        self.check(other.is_empty() && n1 + n2 == SPLIT_REQUESTS, || {
+            format!(
+                "of {SPLIT_REQUESTS} requests without the header, {n1} + {n2} got HTTP 200 from {} and {}",
+                v1.name(),
+                v2.name()
+            )
+        });
+        // Binomial(50, 0.2): mean 10, sd 2.8; four of them either way.
+        self.check((2..=21).contains(&n2), || {
+            format!(
+                "{} answered {n2} of {SPLIT_REQUESTS} requests, far from {w2}%",
+                v2.name()
+            )
+        });
+        let what = format!(
+            "{}'s {SPLIT_REQUESTS} \"http request\" lines for the split",
+            side.node
+        );
+        let logs = wait_until(&what, AGENT_DEADLINE, || {
+            let events = agent.events();
+            let lines: Vec<Value> = events
+                .get(before..)
+                .unwrap_or_default()
+                .iter()
+                .filter(|e| message(e) == "http request" && field(e, "dst.service") == service)
+                .cloned()
+                .collect();
+            (lines.len() as u64 >= SPLIT_REQUESTS).then_some(lines)
+        })
+        .with_context(|| format!("last agent log lines:\n{}", log_tail(agent)))?;
+        let mut by_backend: BTreeMap<String, u64> = BTreeMap::new();
+        let mut routes = BTreeSet::new();
+        let mut attempts = BTreeSet::new();
+        for e in &logs {
+            *by_backend
+                .entry(field(e, "backend").to_string())
+                .or_default() += 1;
+            routes.insert(field(e, "route").to_string());
+            attempts.insert(number(e, "attempts").unwrap_or(0));
+        }
+        let logged = |p: &DemoPod| by_backend.get(&backend_host(p)).copied().unwrap_or(0);
+        say(
+            side.node,
+            &format!(
+                "logged {} \"http request\" lines for them, {} {} (the split rule), backend {} {} times and {} {} times: the same counts the client saw; {}",
+                logs.len(),
+                if routes.len() == 1 {
+                    "all with route"
+                } else {
+                    "routes"
+                },
+                routes.iter().cloned().collect::<Vec<_>>().join(" and "),
+                backend_host(v1),
+                logged(v1),
+                backend_host(v2),
+                logged(v2),
+                if attempts.len() == 1 && attempts.contains(&1) {
+                    "one attempt each: nothing to retry".to_string()
+                } else {
+                    format!("attempts {attempts:?}")
+                },
+            ),
+        );
+        let want_route = format!("shop/{REVIEWS}#1");
+        self.check(
+            logs.len() as u64 == SPLIT_REQUESTS
+                && logged(v1) == n1
+                && logged(v2) == n2
+                && routes.len() == 1
+                && routes.contains(&want_route),
+            || {
+                format!(
+                    "node 1's log has {} lines for the split ({by_backend:?}, routes {routes:?}), the client counted {n1} and {n2}",
+                    logs.len()
+                )
+            },
+        );
+        Ok(())
+    }
+
+    /// An excerpt of both agents' metrics, explained.
+    fn metrics(&mut self, sides: [Side<'_>; 2]) -> anyhow::Result<()> {
+        header("What the agents counted: metrics");
+        let mut scraped = Vec::new();
+        for side in sides {
+            let addr = side.agent.metrics_addr()?;
+            let url = format!("http://{addr}/metrics");
+            let text = util::output(
+                "curl",
+                &["-s", "--max-time", "10", "-H", "Accept: text/plain", &url],
+            )
+            .with_context(|| format!("scraping {}'s metrics", side.node))?;
+            let samples =
+                parse_metrics(&text).with_context(|| format!("reading {}'s metrics", side.node))?;
+            scraped.push((side, url, text.lines().count(), samples));
+        }
+        let [(s1, url1, lines1, m1), (s2, _, _, m2)] =
+            <[_; 2]>::try_from(scraped).map_err(|_| anyhow!("expected two scrapes"))?;
+        para(&format!(
+            "Each agent serves Prometheus metrics on its metrics address, with Istio's names and labels so that Istio's dashboards read them unchanged, and its own health under trellis_*. `curl -s -H 'Accept: text/plain' {url1}` got node 1's: {lines1} lines, {} samples; node 2's the same way. An excerpt, each number a sum over the labels not shown:",
+            m1.len()
+        ));
+
+        // Requests.
+        let requests = sum_by(
+            &m1,
+            "istio_requests_total",
+            |s| s.label("reporter") == "source",
+            &["destination_service", "response_code"],
+        );
+        let as_destination: f64 = sum_by(
+            &m1,
+            "istio_requests_total",
+            |s| s.label("reporter") == "destination",
+            &[],
+        )
+        .values()
+        .sum();
+        let total: f64 = requests.values().sum();
+        println!();
+        println!("   istio_requests_total on node 1, reporter source:");
+        println!(
+            "     {:<38}{:<16}{:>8}",
+            "destination_service", "response_code", "requests"
+        );
+        for (key, n) in &requests {
+            println!("     {:<38}{:<16}{:>8}", key[0], key[1], n);
+        }
+        say(
+            "means",
+            &format!(
+                "one per HTTP request the L7 proxy served, by the backend Service it picked and the status the client got: alice's and the {SPLIT_REQUESTS} others (alice's retried 503 is not a request of its own). {}",
+                if as_destination == total {
+                    "Node 1 counted each once more with reporter destination, since it also delivered them to the reviews pods."
+                } else {
+                    ""
+                }
+            ),
+        );
+        self.check(
+            total == (SPLIT_REQUESTS + 1) as f64 && requests.keys().all(|k| k[1] == "200"),
+            || {
+                format!(
+                    "node 1 counted requests {requests:?}, expected {} with code 200",
+                    SPLIT_REQUESTS + 1
+                )
+            },
+        );
+
+        // TCP connections.
+        println!();
+        println!(
+            "   istio_tcp_connections_opened_total, by agent, reporter and connection_security_policy:"
+        );
+        println!(
+            "     {:<10}{:<15}{:<30}{:>11}",
+            "agent", "reporter", "connection_security_policy", "connections"
+        );
+        let mut mtls = Vec::new();
+        for (side, samples) in [(s1, &m1), (s2, &m2)] {
+            let tcp = sum_by(
+                samples,
+                "istio_tcp_connections_opened_total",
+                |_| true,
+                &["reporter", "connection_security_policy"],
+            );
+            let mut rows: Vec<_> = tcp.iter().collect();
+            rows.sort_by_key(|(key, _)| (key[0] != "source", key[1] != "none"));
+            for (key, n) in rows {
+                println!(
+                    "     {:<10}{:<15}{:<30}{:>11}",
+                    side.node, key[0], key[1], n
+                );
+                if key[1] == "mutual_tls" {
+                    mtls.push((side.node, key[0].clone(), *n));
+                }
+            }
+        }
+        let mtls_text: Vec<String> = mtls
+            .iter()
+            .map(|(node, reporter, n)| format!("{node} counted {n} as their {reporter}"))
+            .collect();
+        let mtls_of = |node: &str, reporter: &str| {
+            mtls.iter()
+                .find(|(n, r, _)| *n == node && r == reporter)
+                .map(|(_, _, v)| *v)
+                .unwrap_or(0.0)
+        };
+        say(
+            "means",
+            &format!(
+                "TCP connections each agent relayed, counted once they closed. Only those from frontend to payments crossed nodes, so only they are mutual_tls, and both agents counted them: {}{}. The rest stayed on node 1 or had a pod outside the mesh at one end: none. (The connections to the reviews VIP were served as HTTP and are counted per request, above.)",
+                and_list(&mtls_text.iter().map(String::as_str).collect::<Vec<_>>()),
+                if mtls_of("node 1", "source") == mtls_of("node 2", "destination") + 1.0 {
+                    "; node 1's count includes the one the policy refused, which node 2 turned away before delivering anything"
+                } else {
+                    ""
+                },
+            ),
+        );
+        self.check(
+            mtls_of("node 1", "source") >= 2.0 && mtls_of("node 2", "destination") >= 2.0,
+            || format!("the mutual_tls connection counts are {mtls:?}"),
+        );
+
+        // Enrolled pods.
+        let gauge = |samples: &[Sample], name: &str| {
+            samples.iter().find(|s| s.name == name).map(|s| s.value)
+        };
+        let enrolled = gauge(&m1, "trellis_enrolled_pods");
+        let events = s1.agent.events();
+        let mut now_enrolled: BTreeMap<String, bool> = BTreeMap::new();
+        for e in &events {
+            match message(e) {
+                "pod enrolled" => now_enrolled.insert(short(field(e, "pod")).to_string(), true),
+                "pod unenrolled" => now_enrolled.insert(short(field(e, "pod")).to_string(), false),
+                _ => None,
+            };
+        }
+        let (inside, left): (Vec<&str>, Vec<&str>) = {
+            let inside = now_enrolled
+                .iter()
+                .filter(|(_, v)| **v)
+                .map(|(k, _)| k.as_str())
+                .collect();
+            let left = now_enrolled
+                .iter()
+                .filter(|(_, v)| !**v)
+                .map(|(k, _)| k.as_str())
+                .collect();
+            (inside, left)
+        };
+        println!();
+        println!(
+            "   trellis_enrolled_pods on node 1: {}",
+            enrolled
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "absent".into())
+        );
+        say(
+            "means",
+            &format!(
+                "the pods node 1's agent has in the mesh now: {}{}",
+                and_list(&inside),
+                if left.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({} left it above)", and_list(&left))
+                }
+            ),
+        );
+        self.check(enrolled == Some(inside.len() as f64), || {
+            format!(
+                "trellis_enrolled_pods is {enrolled:?}, but node 1's log has {} enrolled",
+                inside.len()
+            )
+        });
+
+        // Certificates.
+        println!();
+        println!("   trellis_certificate_expiry_seconds on node 1:");
+        println!("     {:<46}{:>12}", "identity", "seconds");
+        let mut expiries: Vec<&Sample> = m1
+            .iter()
+            .filter(|s| s.name == "trellis_certificate_expiry_seconds")
+            .collect();
+        expiries.sort_by(|a, b| a.label("identity").cmp(b.label("identity")));
+        for s in &expiries {
+            println!(
+                "     {:<46}{:>12.0}  ({})",
+                s.label("identity"),
+                s.value,
+                hours(s.value)
+            );
+        }
+        say(
+            "means",
+            &format!(
+                "how long until each workload certificate node 1 holds expires: one per identity, so reviews-v1 and reviews-v2 share the one of shop/sa/{REVIEWS}; the agent issues a fresh one when half of its lifetime has passed (the default rotation point)."
+            ),
+        );
+        self.check(
+            !expiries.is_empty() && expiries.iter().all(|s| s.value > 0.0),
+            || "node 1 reports no certificate that is still valid".to_string(),
+        );
+        Ok(())
+    }
+
+    /// `mesh-agent status` for one node, printed as it comes.
+    fn status(
+        &mut self,
+        agent_bin: &Path,
+        side: Side<'_>,
+        pods: &[&DemoPod],
+    ) -> anyhow::Result<()> {
+        let admin = side.agent.admin_addr()?;
+        header("mesh-agent status");
+        para(&format!(
+            "For people at the node, `mesh-agent status --admin-addr {admin}` asks {}'s admin API and prints its pods:",
+            side.node
+        ));
+        println!();
+        let mut cmd = Command::new(agent_bin);
+        cmd.args(["status", "--admin-addr", &admin.to_string()]);
+        let out = output_within(cmd, "mesh-agent status", CLIENT_DEADLINE)?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text.lines() {
+            if line.is_empty() {
+                println!();
+            } else {
+                println!("   {line}");
+            }
+        }
+        let missing: Vec<&str> = pods
+            .iter()
+            .map(|p| p.name())
+            .filter(|name| {
+                !text
+                    .lines()
+                    .any(|l| l.split_whitespace().next() == Some(name))
+            })
+            .collect();
+        self.check(missing.is_empty(), || {
+            format!("`mesh-agent status` does not list {}", and_list(&missing))
+        });
+        Ok(())
+    }
 }
 
 impl Exchange<'_> {
@@ -1499,6 +2352,12 @@ fn times(n: usize) -> String {
         2 => "twice".to_string(),
         n => format!("{n} times"),
     }
+}
+
+/// "23 h 59 min".
+fn hours(seconds: f64) -> String {
+    let minutes = (seconds.max(0.0) / 60.0) as u64;
+    format!("{} h {} min", minutes / 60, minutes % 60)
 }
 
 fn millis(ms: u64) -> String {
