@@ -23,7 +23,34 @@
 //!   logged an outbound `path=hbone` connection for every connection the connection-rate
 //!   phase completed (and agent 2 inbound ones).
 //!
-//! Measurements per scenario, each bounded by `--seconds` and a count:
+//! L7 scenarios, on node 1 with two more pods, `backend` (runs `http-backend`, never enrolled)
+//! and `haproxy`; h2load in `client` sends `GET /` (a ~0.5 kB JSON answer):
+//!
+//! - `l7-direct`: client to backend:8080, no proxy.
+//! - `l7-haproxy`: client to haproxy:80 in its own pod (`mode http`, one frontend, one
+//!   server = the backend, `http-reuse always`, no logging, `nbthread` [`HAPROXY_THREADS`] =
+//!   2, the same thread budget as the agent's 2 data-plane workers), then to the backend. The
+//!   probe checks that the backend saw the request come from the haproxy pod.
+//! - `l7-agent`: the client pod enrolled, a Service VIP ([`VIP_HOST`] in node 1's subnet) port
+//!   80 (`appProtocol: http`) selecting the backend, one HTTPRoute rule (`PathPrefix /`):
+//!   client -> agent's L7 proxy -> backend (not enrolled: one proxy hop, like haproxy). The
+//!   scenario fails unless the agent logged an outbound `http request` event for every
+//!   request h2load completed.
+//! - `l7-*-h2c`: the same with h2c (prior knowledge) from the client, and HTTP/2 from the
+//!   proxy to the backend too (haproxy `proto h2` on the bind and the server line; the
+//!   Service port `appProtocol: http2`). A probe checks the HTTP version the backend saw.
+//!
+//! Load: `h2load -t 1 -c --l7-connections (4) -m M -D --seconds`, M = 1 with `--h1` (no
+//! pipelining) and `--h2-streams` (10) for h2c. h2load ignores `-n` in this timed mode, so a
+//! run is bounded by `-D`, by a 10 s inactivity timeout (`-N`) and by a kill after `--seconds`
+//! plus [`CLIENT_SLACK`]. `rps` is h2load's; `p50_us`/`p99_us` come from its `--log-file`
+//! (one duration per request); `cpu_us_per_req` is the proxy process's utime+stime over the
+//! run divided by the requests completed, `rss_kb` its VmRSS after the run (both null for
+//! direct). A run fails unless every request completed with a 2xx, and unless the backend's
+//! own request counter grew by at least as many. The issue's L7 target (agent req/s >= 1.0x
+//! haproxy's, CPU per request <= 1.0x) is reported for HTTP/1.1 and h2c, informational only.
+//!
+//! Measurements per pod-to-pod scenario, each bounded by `--seconds` and a count:
 //!
 //! - request/response (`rps`, `p50_us`, `p99_us`): `--size` bytes (64) ping-pong on
 //!   persistent connections. With the default `--connections 1` this is one connection, so
@@ -50,7 +77,7 @@ use std::{
     collections::BTreeMap,
     fs,
     io::{BufRead as _, BufReader, Read as _},
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -59,7 +86,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use mesh_tests::{Agent, Node, Pod, agent};
+use mesh_tests::{Agent, Background, Node, Pod, agent};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -83,6 +110,30 @@ const POD_AGENT: &str = "pod-agent";
 const CROSS_DIRECT: &str = "cross-node-direct";
 const CROSS_MTLS: &str = "cross-node-mtls";
 
+const L7_DIRECT: &str = "l7-direct";
+const L7_HAPROXY: &str = "l7-haproxy";
+const L7_AGENT: &str = "l7-agent";
+const L7_DIRECT_H2C: &str = "l7-direct-h2c";
+const L7_HAPROXY_H2C: &str = "l7-haproxy-h2c";
+const L7_AGENT_H2C: &str = "l7-agent-h2c";
+/// Port `http-backend` listens on in the backend pod.
+const BACKEND_PORT: u16 = 8080;
+/// The backend's name, echoed in its `x-backend` response header.
+const BACKEND_NAME: &str = "bench-backend";
+/// Host part of the Service VIP in node 1's subnet (no pod has it).
+const VIP_HOST: u8 = 200;
+/// haproxy's `nbthread`: the agent's data plane runs on 2 tokio workers (`--workers`
+/// default), so haproxy gets the same number of threads.
+const HAPROXY_THREADS: u32 = 2;
+/// How long a proxy may take to start answering (probes are retried until then).
+const PROBE_DEADLINE: Duration = Duration::from_secs(15);
+/// h2load's per-connection inactivity timeout: a stalled connection fails the run.
+const H2LOAD_INACTIVITY_TIMEOUT: &str = "10s";
+/// The issue's L7 target: agent req/s at least this times haproxy's ...
+const L7_RPS_TARGET: f64 = 1.0;
+/// ... and agent CPU per request at most this times haproxy's.
+const L7_CPU_TARGET: f64 = 1.0;
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Seconds each measurement runs (request/response, connection rate, stream), per scenario.
@@ -100,6 +151,16 @@ pub struct BenchArgs {
     /// Upper bound on connections per connection-rate phase.
     #[arg(long, default_value_t = 1_000_000)]
     pub max_connections: u64,
+    /// Concurrent connections h2load opens in the L7 scenarios.
+    #[arg(long, default_value_t = 4)]
+    pub l7_connections: u32,
+    /// Concurrent streams per connection h2load keeps in the h2c L7 scenarios (HTTP/1.1
+    /// ones always use 1: no pipelining).
+    #[arg(long, default_value_t = 10)]
+    pub h2_streams: u32,
+    /// Run only these scenarios (repeatable; default: all).
+    #[arg(long = "scenario")]
+    pub scenarios: Vec<String>,
 }
 
 /// One line of the results: a scenario's figures (`None` where one does not apply).
@@ -139,6 +200,14 @@ struct Env<'a> {
     remote: Pod,
     /// State directory shared by the two cross-node agents: one CA, one trust root.
     fleet_ca: PathBuf,
+    /// On node 1, runs `http-backend` on [`BACKEND_PORT`] (never enrolled).
+    backend: Pod,
+    /// On node 1, runs haproxy in the `l7-haproxy*` scenarios.
+    lb: Pod,
+    /// The Service VIP of the `l7-agent*` scenarios, in node 1's subnet.
+    vip: Ipv4Addr,
+    /// Scratch directory: haproxy configs and logs, h2load request logs.
+    l7_dir: PathBuf,
 }
 
 impl Env<'_> {
@@ -203,7 +272,40 @@ const SCENARIOS: &[Scenario] = &[
         run: cross_node_mtls,
         compare_with: Some(CROSS_DIRECT),
     },
+    Scenario {
+        name: L7_DIRECT,
+        run: |env| l7_direct(env, L7_DIRECT, Http::H1),
+        compare_with: None,
+    },
+    Scenario {
+        name: L7_HAPROXY,
+        run: |env| l7_haproxy(env, L7_HAPROXY, Http::H1),
+        compare_with: Some(L7_DIRECT),
+    },
+    Scenario {
+        name: L7_AGENT,
+        run: |env| l7_agent(env, L7_AGENT, Http::H1),
+        compare_with: Some(L7_HAPROXY),
+    },
+    Scenario {
+        name: L7_DIRECT_H2C,
+        run: |env| l7_direct(env, L7_DIRECT_H2C, Http::H2c),
+        compare_with: None,
+    },
+    Scenario {
+        name: L7_HAPROXY_H2C,
+        run: |env| l7_haproxy(env, L7_HAPROXY_H2C, Http::H2c),
+        compare_with: Some(L7_DIRECT_H2C),
+    },
+    Scenario {
+        name: L7_AGENT_H2C,
+        run: |env| l7_agent(env, L7_AGENT_H2C, Http::H2c),
+        compare_with: Some(L7_HAPROXY_H2C),
+    },
 ];
+
+/// The L7 pairs the issue's target is about: (agent scenario, haproxy scenario).
+const L7_TARGET_PAIRS: &[(&str, &str)] = &[(L7_AGENT, L7_HAPROXY), (L7_AGENT_H2C, L7_HAPROXY_H2C)];
 
 /// Removes a directory when dropped.
 struct RemoveDir(PathBuf);
@@ -224,13 +326,37 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.size == 0 || args.size > 1 << 20 {
         bail!("--size must be in 1..=1048576");
     }
+    if args.l7_connections == 0 || args.l7_connections > 256 {
+        bail!("--l7-connections must be in 1..=256");
+    }
+    if args.h2_streams == 0 || args.h2_streams > 1000 {
+        bail!("--h2-streams must be in 1..=1000");
+    }
+    for name in &args.scenarios {
+        if !SCENARIOS.iter().any(|s| s.name == name) {
+            let all: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
+            bail!("unknown --scenario {name:?}; known: {}", all.join(", "));
+        }
+    }
+    let selected: Vec<&Scenario> = SCENARIOS
+        .iter()
+        .filter(|s| args.scenarios.is_empty() || args.scenarios.iter().any(|n| n == s.name))
+        .collect();
     setup::run()?;
+    if selected.iter().any(|s| s.name.starts_with("l7-")) {
+        for tool in ["h2load", "haproxy", "curl"] {
+            mesh_tests::which(tool).with_context(|| {
+                format!("`{tool}` is missing (the L7 scenarios need it); `cargo xtask setup` installs it")
+            })?;
+        }
+    }
     util::step("building release binaries (mesh-agent, meshbench)");
     util::cargo(&["build", "--release", "-p", "mesh-agent", "-p", "mesh-tests"])?;
     let root = util::workspace_root()?;
     let agent_bin = root.join("target/release/mesh-agent");
     let meshbench = root.join("target/release/meshbench");
-    for bin in [&agent_bin, &meshbench] {
+    let http_backend = root.join("target/release/http-backend");
+    for bin in [&agent_bin, &meshbench, &http_backend] {
         if !bin.is_file() {
             bail!("{} is missing after the build", bin.display());
         }
@@ -239,22 +365,36 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // the agent.
     unsafe { std::env::set_var("MESH_AGENT_BIN", &agent_bin) };
 
-    util::step("building node 1 (pods `client`, `server`) and node 2 (pod `remote`), linked");
-    // Drop order (reverse of declaration): server processes, then the nodes (their cgroups
-    // are killed, namespaces and the link deleted), then the fleet CA directory. Agents live
-    // and die inside their scenario.
+    util::step(
+        "building node 1 (pods `client`, `server`, `backend`, `haproxy`) and node 2 (pod `remote`), linked",
+    );
+    // Drop order (reverse of declaration): server processes (meshbench, http-backend), then
+    // the nodes (their cgroups are killed, namespaces and the link deleted), then the L7
+    // scratch and fleet CA directories. Agents and haproxy live and die inside their
+    // scenario.
     // The `trellis-PID-` prefix lets the harness remove it after a crash, like agent dirs.
     let fleet_ca = std::env::temp_dir().join(format!("trellis-{}-bench-fleet", std::process::id()));
     fs::create_dir_all(&fleet_ca).with_context(|| format!("creating {}", fleet_ca.display()))?;
     let _fleet_ca = RemoveDir(fleet_ca.clone());
+    let l7_dir = std::env::temp_dir().join(format!("trellis-{}-bench-l7", std::process::id()));
+    fs::create_dir_all(&l7_dir).with_context(|| format!("creating {}", l7_dir.display()))?;
+    let _l7_dir = RemoveDir(l7_dir.clone());
     let mut n1 = Node::new()?;
     let mut n2 = Node::new()?;
     n1.link(&n2).context("linking the nodes")?;
     let client = n1.add_pod("client")?;
     let server = n1.add_pod("server")?;
     let remote = n2.add_pod("remote")?;
+    let backend = n1.add_pod("backend")?;
+    let lb = n1.add_pod("haproxy")?;
+    let vip = Ipv4Addr::new(n1.subnet[0], n1.subnet[1], n1.subnet[2], VIP_HOST);
     let _server_process = start_server(&server, &meshbench)?;
     let _remote_process = start_server(&remote, &meshbench)?;
+    let _backend_process = {
+        let mut cmd = backend.command(&http_backend)?;
+        cmd.args([&BACKEND_PORT.to_string(), "--name", BACKEND_NAME]);
+        Background::spawn_ready(cmd, "listening").context("starting http-backend")?
+    };
     let env = Env {
         args: &args,
         n1: &n1,
@@ -264,10 +404,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         server,
         remote,
         fleet_ca,
+        backend,
+        lb,
+        vip,
+        l7_dir,
     };
 
     let mut results = Vec::new();
-    for scenario in SCENARIOS {
+    for scenario in selected {
         util::step(&format!("scenario {}", scenario.name));
         let measured =
             (scenario.run)(&env).with_context(|| format!("scenario {}", scenario.name))?;
@@ -482,6 +626,568 @@ impl ConnectionLog {
             self.failed
         )
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// L7 scenarios: h2load from the client pod to http-backend, directly, through haproxy, and
+// through the agent's L7 proxy.
+
+/// The HTTP version the client (and the proxy, to the backend) speaks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Http {
+    /// HTTP/1.1, one request in flight per connection.
+    H1,
+    /// HTTP/2 over cleartext with prior knowledge, `--h2-streams` streams per connection.
+    H2c,
+}
+
+impl Http {
+    fn streams(self, args: &BenchArgs) -> u32 {
+        match self {
+            Http::H1 => 1,
+            Http::H2c => args.h2_streams,
+        }
+    }
+
+    /// `version` as http-backend reports it.
+    fn backend_version(self) -> &'static str {
+        match self {
+            Http::H1 => "HTTP/1.1",
+            Http::H2c => "HTTP/2.0",
+        }
+    }
+}
+
+/// What sits between the client and the backend; decides what a probe must see.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hop {
+    Direct,
+    Haproxy,
+    Agent,
+}
+
+/// Client pod straight to the backend pod: no proxy, nothing enrolled.
+fn l7_direct(env: &Env, name: &str, http: Http) -> anyhow::Result<Measured> {
+    let target = SocketAddr::new(env.backend.ip.into(), BACKEND_PORT);
+    probe_until(env, target, http, Hop::Direct, &mut || Ok(()))?;
+    let (mut measured, _) = measure_l7(env, name, http, target, None, &[])?;
+    measured
+        .notes
+        .push(format!("{name}: client -> backend {target}, no proxy"));
+    Ok(measured)
+}
+
+/// Client pod -> haproxy (its own pod, `mode http`, one frontend, one server) -> backend.
+fn l7_haproxy(env: &Env, name: &str, http: Http) -> anyhow::Result<Measured> {
+    let backend = SocketAddr::new(env.backend.ip.into(), BACKEND_PORT);
+    let proto = match http {
+        Http::H1 => "",
+        Http::H2c => " proto h2",
+    };
+    // No `log` line anywhere: haproxy logs nothing.
+    let cfg = format!(
+        "global
+    nbthread {HAPROXY_THREADS}
+    maxconn 4096
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+    http-reuse always
+
+frontend bench
+    bind :80{proto}
+    default_backend backend
+
+backend backend
+    server backend {backend}{proto}
+"
+    );
+    let cfg_path = env.l7_dir.join(format!("{name}.cfg"));
+    let log_path = env.l7_dir.join(format!("{name}.log"));
+    fs::write(&cfg_path, &cfg).with_context(|| format!("writing {}", cfg_path.display()))?;
+    let mut check = Command::new("haproxy");
+    check.arg("-c").arg("-f").arg(&cfg_path);
+    let (status, out, err) =
+        run_with_deadline(check, Duration::from_secs(10)).context("haproxy -c (config check)")?;
+    if !status.success() {
+        bail!("haproxy rejects its config ({status}): {out}{err}\n{cfg}");
+    }
+    let log =
+        fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut cmd = env.lb.command("haproxy")?;
+    // -db: foreground, no daemon, no master process, so the pid is the one doing the work.
+    cmd.arg("-db")
+        .arg("-f")
+        .arg(&cfg_path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // Killed (and reaped) on every return path.
+    let mut haproxy = Process {
+        child: cmd.spawn().context("starting haproxy")?,
+    };
+    let pid = haproxy.child.id();
+    let haproxy_log = || tail(&fs::read_to_string(&log_path).unwrap_or_default(), 20);
+    let target = SocketAddr::new(env.lb.ip.into(), 80);
+    probe_until(
+        env,
+        target,
+        http,
+        Hop::Haproxy,
+        &mut || match haproxy.child.try_wait()? {
+            Some(status) => bail!("haproxy exited ({status}): {}", haproxy_log()),
+            None => Ok(()),
+        },
+    )?;
+    let (mut measured, done) = measure_l7(env, name, http, target, Some(pid), &[])
+        .map_err(|e| e.context(format!("haproxy log tail:\n{}", haproxy_log())))?;
+    if let Some(status) = haproxy.child.try_wait()? {
+        bail!(
+            "haproxy exited during the run ({status}): {}",
+            haproxy_log()
+        );
+    }
+    measured.notes.push(format!(
+        "{name}: client -> haproxy {target} (nbthread {HAPROXY_THREADS}, http-reuse always, no logging{}) -> backend {backend}; {done} requests",
+        if proto.is_empty() { "" } else { ", proto h2 on bind and server" }
+    ));
+    Ok(measured)
+}
+
+/// Client pod (enrolled) -> Service VIP:80 -> agent's L7 proxy (one HTTPRoute rule) ->
+/// backend pod (not enrolled, so only one proxy hop).
+fn l7_agent(env: &Env, name: &str, http: Http) -> anyhow::Result<Measured> {
+    let app_protocol = match http {
+        Http::H1 => "http",
+        Http::H2c => "http2",
+    };
+    let mut config = agent::config_doc(
+        &env.n1.id,
+        &[
+            env.client.config_entry("default", "client", true),
+            // Labelled `app: backend` (its pod name).
+            env.backend.config_entry("default", "backend", false),
+        ],
+    );
+    config.push_str(&format!(
+        "services:
+  - name: backend
+    namespace: default
+    vips: [{vip}]
+    selector: {{app: backend}}
+    ports: [{{name: http, port: 80, targetPort: {BACKEND_PORT}, appProtocol: {app_protocol}}}]
+httpRoutes:
+  - name: backend
+    namespace: default
+    parentRefs: [{{name: backend, port: 80}}]
+    rules:
+      - matches: [{{path: {{type: PathPrefix, value: /}}}}]
+        backendRefs: [{{name: backend, port: 80}}]
+",
+        vip = env.vip
+    ));
+    let mut agent = Agent::start(&format!("bench-{name}"), &config)?;
+    let pid = agent.pid().context("the agent is not running")?;
+    let agent_tail = |agent: &Agent| tail(&agent.log_text(), 20);
+    let target = SocketAddr::new(env.vip.into(), 80);
+    let result = probe_until(env, target, http, Hop::Agent, &mut || Ok(()))
+        .and_then(|()| measure_l7(env, name, http, target, Some(pid), &[pid]));
+    let (mut measured, done) =
+        result.map_err(|e| e.context(format!("agent log tail:\n{}", agent_tail(&agent))))?;
+    // Make sure every request crossed the agent's L7 proxy: one access log line each (they
+    // are written when the response is done, so give the agent a moment).
+    let deadline = Instant::now() + LOG_DEADLINE;
+    let log = loop {
+        let log = HttpLog::read(&agent);
+        if log.outbound >= done || Instant::now() >= deadline {
+            break log;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    if log.outbound < done {
+        bail!(
+            "the agent logged {} outbound `http request` events, fewer than the {done} requests h2load completed: traffic bypassed its L7 proxy\nagent log tail:\n{}",
+            log.outbound,
+            agent_tail(&agent)
+        );
+    }
+    if log.non_2xx > 0 {
+        bail!(
+            "the agent logged {} non-2xx responses\nagent log tail:\n{}",
+            log.non_2xx,
+            agent_tail(&agent)
+        );
+    }
+    measured.notes.push(format!(
+        "{name}: client -> VIP {target} (appProtocol {app_protocol}, 1 HTTPRoute rule) -> agent L7 proxy -> backend; agent logged {} outbound `http request` events ({} non-2xx), upstream(s) {}",
+        log.outbound,
+        log.non_2xx,
+        log.upstreams.join(", ")
+    ));
+    agent.terminate().context("stopping the agent")?;
+    Ok(measured)
+}
+
+/// The agent's outbound "http request" access log lines.
+struct HttpLog {
+    outbound: u64,
+    non_2xx: u64,
+    upstreams: Vec<String>,
+}
+
+impl HttpLog {
+    fn read(agent: &Agent) -> Self {
+        let text = fs::read_to_string(&agent.log_path).unwrap_or_default();
+        let mut log = HttpLog {
+            outbound: 0,
+            non_2xx: 0,
+            upstreams: Vec::new(),
+        };
+        // Parse only the candidate lines: there is one per request.
+        for line in text.lines().filter(|l| l.contains("http request")) {
+            let Ok(e) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if agent::message(&e) != "http request" || agent::field(&e, "direction") != "outbound" {
+                continue;
+            }
+            log.outbound += 1;
+            if !agent::number(&e, "status").is_some_and(|s| (200..300).contains(&s)) {
+                log.non_2xx += 1;
+            }
+            let upstream = agent::field(&e, "upstream");
+            if !log.upstreams.iter().any(|u| u == upstream) {
+                log.upstreams.push(upstream.to_string());
+            }
+        }
+        log
+    }
+}
+
+/// Probes `target` with curl from the client pod until it answers as expected or
+/// [`PROBE_DEADLINE`] passes; `alive` fails early if the proxy died.
+fn probe_until(
+    env: &Env,
+    target: SocketAddr,
+    http: Http,
+    hop: Hop,
+    alive: &mut dyn FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + PROBE_DEADLINE;
+    loop {
+        alive()?;
+        match probe_l7(env, target, http, hop) {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context(format!("probing http://{target}/ from the client pod")));
+            }
+            Err(_) => thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// One curl request: must be a 200 from the backend, which must have seen the expected HTTP
+/// version, and the request must show it took the expected path (the agent adds
+/// `x-request-id`; haproxy connects from its own pod).
+fn probe_l7(env: &Env, target: SocketAddr, http: Http, hop: Hop) -> anyhow::Result<()> {
+    let mut cmd = env.client.command("curl")?;
+    cmd.args(["-sS", "--max-time", "3", "-i"]);
+    if http == Http::H2c {
+        cmd.arg("--http2-prior-knowledge");
+    }
+    cmd.arg(format!("http://{target}/"));
+    let (status, out, err) = run_with_deadline(cmd, Duration::from_secs(10))?;
+    if !status.success() {
+        bail!("curl failed ({status}): {}", err.trim());
+    }
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no header/body split in {out:?}"))?;
+    let code = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("");
+    if code != "200" {
+        bail!("status {code}: {out}");
+    }
+    let x_backend = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case("x-backend").then(|| v.trim())
+    });
+    if x_backend != Some(BACKEND_NAME) {
+        bail!("no `x-backend: {BACKEND_NAME}` in the response: {out}");
+    }
+    let v: Value = serde_json::from_str(body.trim()).with_context(|| format!("body {body:?}"))?;
+    let version = v["version"].as_str().unwrap_or("");
+    if version != http.backend_version() {
+        bail!(
+            "the backend saw {version}, expected {}: {out}",
+            http.backend_version()
+        );
+    }
+    let peer_ip = v["peer"]
+        .as_str()
+        .and_then(|p| p.parse::<SocketAddr>().ok())
+        .map(|a| a.ip());
+    let has_request_id = v["headers"].get("x-request-id").is_some();
+    match hop {
+        Hop::Direct if peer_ip != Some(env.client.ip.into()) || has_request_id => {
+            bail!("expected a request straight from the client pod: {out}")
+        }
+        Hop::Haproxy if peer_ip != Some(env.lb.ip.into()) || has_request_id => {
+            bail!("expected a request from the haproxy pod: {out}")
+        }
+        Hop::Agent if !has_request_id => {
+            bail!("expected a request through the agent (x-request-id added): {out}")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Runs h2load from the client pod against `target` for `--seconds`; with `proxy`, also its
+/// CPU per request and memory. Returns the row and the number of requests completed.
+fn measure_l7(
+    env: &Env,
+    scenario: &str,
+    http: Http,
+    target: SocketAddr,
+    proxy: Option<u32>,
+    agent_pids: &[u32],
+) -> anyhow::Result<(Measured, u64)> {
+    let args = env.args;
+    let node_cgroup = env
+        .client
+        .cgroup
+        .parent()
+        .context("the client pod's cgroup has no parent")?;
+    let start = CpuSnapshot::take(&[node_cgroup], agent_pids)?;
+    let served_before = backend_served(env)?;
+    let proxy_before = proxy.map(cpu_ticks).transpose()?;
+    let counters_before = proxy.map(ProcCounters::read).transpose()?;
+    let run = run_h2load(env, scenario, http, target)?;
+    let proxy_after = proxy.map(cpu_ticks).transpose()?;
+    let counters_after = proxy.map(ProcCounters::read).transpose()?;
+    let served_after = backend_served(env)?;
+    let rss_kb = proxy.map(rss_kb).transpose()?;
+    let others_share = start.others_share_since(&CpuSnapshot::take(&[node_cgroup], agent_pids)?);
+
+    let served = served_after.saturating_sub(served_before);
+    if served < run.done {
+        bail!(
+            "the backend served {served} requests, fewer than the {} h2load completed",
+            run.done
+        );
+    }
+    let ticks_to_us = 1e6 / clock_ticks_per_second();
+    let proxy_cpu_us = match (proxy_before, proxy_after) {
+        (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 * ticks_to_us),
+        _ => None,
+    };
+    let streams = http.streams(args);
+    let mut notes = vec![
+        format!(
+            "h2load {}-c {} -m {streams} -t 1 for {} s: {} requests (all 2xx) in {:.2} s, max {:.0} µs; the backend served {served}",
+            if http == Http::H1 { "--h1 " } else { "" },
+            args.l7_connections,
+            args.seconds,
+            run.done,
+            run.seconds,
+            run.max_us
+        ),
+        format!(
+            "other processes used {:.0}% of the machine's CPU meanwhile",
+            others_share * 100.0
+        ),
+    ];
+    if let (Some(us), Some(b), Some(a)) = (proxy_cpu_us, counters_before, counters_after) {
+        let per_req =
+            |after: u64, before: u64| after.saturating_sub(before) as f64 / run.done as f64;
+        notes.insert(
+            1,
+            format!(
+                "proxy CPU {:.2} s over the run ({:.0}% of one core), {:.2} context switches per request",
+                us / 1e6,
+                us / 1e6 / run.seconds.max(1e-9) * 100.0,
+                per_req(a.context_switches, b.context_switches),
+            ),
+        );
+    }
+    let measured = Measured {
+        others_share,
+        conn_completed: 0,
+        row: Row {
+            scenario: scenario.to_string(),
+            rps: Some(round(run.rps, 1)),
+            p50_us: Some(round(run.p50_us, 1)),
+            p99_us: Some(round(run.p99_us, 1)),
+            conn_per_s: None,
+            gbit_s: None,
+            cpu_us_per_req: proxy_cpu_us.map(|us| round(us / run.done as f64, 2)),
+            rss_kb,
+        },
+        notes: notes
+            .into_iter()
+            .map(|n| format!("{scenario}: {n}"))
+            .collect(),
+    };
+    Ok((measured, run.done))
+}
+
+/// Requests http-backend has served so far (its `/count`, asked from inside its own pod so
+/// that no proxy sees it).
+fn backend_served(env: &Env) -> anyhow::Result<u64> {
+    let mut cmd = env.backend.command("curl")?;
+    cmd.args(["-sS", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:{BACKEND_PORT}/count"));
+    let (status, out, err) =
+        run_with_deadline(cmd, Duration::from_secs(10)).context("reading the backend's /count")?;
+    if !status.success() {
+        bail!(
+            "reading the backend's /count failed ({status}): {}",
+            err.trim()
+        );
+    }
+    out.trim()
+        .parse()
+        .with_context(|| format!("the backend's /count answered {out:?}"))
+}
+
+struct H2loadRun {
+    done: u64,
+    seconds: f64,
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+}
+
+/// One timing-based h2load run (`-D --seconds`; h2load ignores `-n` in that mode, so the
+/// run is bounded by time, and killed if it outlives that by [`CLIENT_SLACK`]). Fails
+/// unless every request completed with a 2xx.
+fn run_h2load(
+    env: &Env,
+    scenario: &str,
+    http: Http,
+    target: SocketAddr,
+) -> anyhow::Result<H2loadRun> {
+    let args = env.args;
+    let log_path = env.l7_dir.join(format!("{scenario}.h2load.log"));
+    let _ = fs::remove_file(&log_path);
+    let mut cmd = env.client.command("h2load")?;
+    if http == Http::H1 {
+        cmd.arg("--h1");
+    }
+    let millis = (args.seconds * 1000.0).round().max(1.0) as u64;
+    cmd.args(["-t", "1"])
+        .args(["-c", &args.l7_connections.to_string()])
+        .args(["-m", &http.streams(args).to_string()])
+        .args(["-D", &format!("{millis}ms")])
+        .args(["-N", H2LOAD_INACTIVITY_TIMEOUT])
+        .arg("--log-file")
+        .arg(&log_path)
+        .arg(format!("http://{target}/"));
+    let deadline = Duration::from_secs_f64(args.seconds) + CLIENT_SLACK;
+    let (status, out, err) = run_with_deadline(cmd, deadline).context("h2load")?;
+    if !status.success() {
+        bail!("h2load failed ({status}): {out}{err}");
+    }
+    let fail = |what: &str| anyhow::anyhow!("h2load: {what}:\n{out}{err}");
+    // "finished in 4.00s, 12345.67 req/s, 3.21MB/s"
+    let rps: f64 = out
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(", ").find_map(|p| p.strip_suffix(" req/s")))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| fail("no `finished in ..., N req/s` line"))?;
+    // "requests: 10 total, 10 started, 10 done, 10 succeeded, 0 failed, 0 errored, 0 timeout"
+    let counts = |prefix: &str| -> BTreeMap<String, u64> {
+        out.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|rest| {
+                rest.split(',')
+                    .filter_map(|p| {
+                        let (n, word) = p.trim().split_once(' ')?;
+                        Some((word.to_string(), n.parse().ok()?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let requests = counts("requests:");
+    let statuses = counts("status codes:");
+    let get = |m: &BTreeMap<String, u64>, k: &str| {
+        m.get(k)
+            .copied()
+            .ok_or_else(|| fail(&format!("no `{k}` count")))
+    };
+    let done = get(&requests, "done")?;
+    let succeeded = get(&requests, "succeeded")?;
+    let bad = get(&requests, "failed")? + get(&requests, "errored")? + get(&requests, "timeout")?;
+    // Responses by status class; at the end of a timed run h2load may count the status of a
+    // response it stopped reading before it was done, so 2xx may exceed `done` by a few.
+    let ok_2xx = get(&statuses, "2xx")?;
+    let non_2xx = get(&statuses, "3xx")? + get(&statuses, "4xx")? + get(&statuses, "5xx")?;
+    if done == 0 {
+        return Err(fail("no request completed"));
+    }
+    if bad > 0 || succeeded != done || non_2xx > 0 || ok_2xx < done {
+        return Err(fail(&format!(
+            "{done} done, {succeeded} succeeded, {bad} failed/errored/timed out, {ok_2xx} 2xx, {non_2xx} non-2xx: every request must succeed with a 2xx"
+        )));
+    }
+    // Request log: "start (µs since the epoch) TAB status TAB duration (µs)", one per request.
+    let log = fs::read_to_string(&log_path)
+        .with_context(|| format!("reading h2load's log {}", log_path.display()))?;
+    let mut durations = Vec::with_capacity(done as usize);
+    let mut first_start = u64::MAX;
+    let mut last_end = 0u64;
+    for line in log.lines() {
+        let mut f = line.split('\t');
+        let (Some(start), Some(status), Some(duration)) = (f.next(), f.next(), f.next()) else {
+            bail!("h2load log: unexpected line {line:?}");
+        };
+        let (start, status, duration): (u64, u16, u64) = (
+            start
+                .parse()
+                .with_context(|| format!("h2load log line {line:?}"))?,
+            status
+                .parse()
+                .with_context(|| format!("h2load log line {line:?}"))?,
+            duration
+                .parse()
+                .with_context(|| format!("h2load log line {line:?}"))?,
+        );
+        if !(200..300).contains(&status) {
+            bail!("h2load log: a request got status {status}");
+        }
+        first_start = first_start.min(start);
+        last_end = last_end.max(start + duration);
+        durations.push(duration);
+    }
+    if durations.len() as u64 != done {
+        bail!(
+            "h2load reported {done} requests done but logged {}",
+            durations.len()
+        );
+    }
+    durations.sort_unstable();
+    let pct = |p: f64| {
+        let rank = ((p * durations.len() as f64).ceil() as usize).clamp(1, durations.len());
+        durations[rank - 1] as f64
+    };
+    Ok(H2loadRun {
+        done,
+        seconds: last_end.saturating_sub(first_start) as f64 / 1e6,
+        rps,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        max_us: pct(1.0),
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -854,6 +1560,37 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     Ok(field(11)? + field(12)?)
 }
 
+/// A process's context switch count so far (all its threads). (Socket syscalls are not
+/// counted: /proc/PID/io's syscr/syscw miss send/recv, which haproxy uses.)
+#[derive(Clone, Copy)]
+struct ProcCounters {
+    /// Voluntary + involuntary context switches summed over /proc/PID/task/*/status (threads
+    /// that exited meanwhile are not counted).
+    context_switches: u64,
+}
+
+impl ProcCounters {
+    fn read(pid: u32) -> anyhow::Result<Self> {
+        let mut context_switches = 0;
+        let tasks = format!("/proc/{pid}/task");
+        for task in fs::read_dir(&tasks).with_context(|| format!("listing {tasks}"))? {
+            // A thread may exit between the listing and the read: skip it.
+            let Ok(status) = fs::read_to_string(task?.path().join("status")) else {
+                continue;
+            };
+            context_switches += status
+                .lines()
+                .filter_map(|l| {
+                    l.strip_prefix("voluntary_ctxt_switches:")
+                        .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                })
+                .filter_map(|v| v.trim().parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        Ok(Self { context_switches })
+    }
+}
+
 /// CPU time accounting over a scenario, to tell how much of the machine other processes
 /// (outside the scenario's pods and agents) took while it ran.
 struct CpuSnapshot {
@@ -945,9 +1682,21 @@ fn rss_kb(pid: u32) -> anyhow::Result<u64> {
 
 fn print_results(args: &BenchArgs, results: &[Measured]) {
     println!();
+    let is_l7 = |m: &Measured| m.row.scenario.starts_with("l7-");
+    if results.iter().any(|m| !is_l7(m)) {
+        println!(
+            "pod to pod (one node, and node 1 to node 2), {} B messages, {} connection(s), {} s per measurement",
+            args.size, args.connections, args.seconds
+        );
+    }
+    if results.iter().any(is_l7) {
+        println!(
+            "l7-*: h2load GET / -> http-backend (~0.5 kB JSON), {} connection(s), HTTP/1.1 1 request in flight each (l7-*) or h2c {} streams each (l7-*-h2c), {} s per scenario",
+            args.l7_connections, args.h2_streams, args.seconds
+        );
+    }
     println!(
-        "pod to pod (one node, and node 1 to node 2), {} B messages, {} connection(s), {} s per measurement",
-        args.size, args.connections, args.seconds
+        "proxy = the agent(s) (cross-node-mtls: both summed) or haproxy; CPU is per request of the rr / h2load phase"
     );
     let header = [
         "scenario",
@@ -956,8 +1705,8 @@ fn print_results(args: &BenchArgs, results: &[Measured]) {
         "p99 µs",
         "conn/s",
         "Gbit/s",
-        "agent(s) CPU µs/req",
-        "agent(s) RSS kB",
+        "proxy CPU µs/req",
+        "proxy RSS kB",
     ];
     let cells: Vec<[String; 8]> = results
         .iter()
@@ -1023,13 +1772,23 @@ fn print_results(args: &BenchArgs, results: &[Measured]) {
         let (Some(m), Some(base)) = (find(scenario.name), find(base_name)) else {
             continue;
         };
-        println!(
-            "{} / {base_name}: rps {}, conn/s {}, Gbit/s {}",
-            scenario.name,
-            ratio(m.row.rps, base.row.rps),
-            ratio(m.row.conn_per_s, base.row.conn_per_s),
-            ratio(m.row.gbit_s, base.row.gbit_s),
-        );
+        let mut parts = vec![format!("rps {}", ratio(m.row.rps, base.row.rps))];
+        if m.row.conn_per_s.is_some() || base.row.conn_per_s.is_some() {
+            parts.push(format!(
+                "conn/s {}",
+                ratio(m.row.conn_per_s, base.row.conn_per_s)
+            ));
+        }
+        if m.row.gbit_s.is_some() || base.row.gbit_s.is_some() {
+            parts.push(format!("Gbit/s {}", ratio(m.row.gbit_s, base.row.gbit_s)));
+        }
+        if base.row.cpu_us_per_req.is_some() {
+            parts.push(format!(
+                "cpu/req {}",
+                ratio(m.row.cpu_us_per_req, base.row.cpu_us_per_req)
+            ));
+        }
+        println!("{} / {base_name}: {}", scenario.name, parts.join(", "));
     }
     let cross_rps = (
         find(CROSS_MTLS).and_then(|m| m.row.rps),
@@ -1042,6 +1801,31 @@ fn print_results(args: &BenchArgs, results: &[Measured]) {
         println!(
             "target {CROSS_MTLS} round-trip rate >= {CROSS_NODE_RPS_TARGET:.2}x {CROSS_DIRECT}: {} ({r:.2}x; informational)",
             if r >= CROSS_NODE_RPS_TARGET {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+    }
+    for &(agent_name, haproxy_name) in L7_TARGET_PAIRS {
+        let (Some(a), Some(h)) = (find(agent_name), find(haproxy_name)) else {
+            continue;
+        };
+        let (Some(a_rps), Some(h_rps), Some(a_cpu), Some(h_cpu)) = (
+            a.row.rps,
+            h.row.rps,
+            a.row.cpu_us_per_req,
+            h.row.cpu_us_per_req,
+        ) else {
+            continue;
+        };
+        if h_rps <= 0.0 || h_cpu <= 0.0 {
+            continue;
+        }
+        let (r, c) = (a_rps / h_rps, a_cpu / h_cpu);
+        println!(
+            "target {agent_name} req/s >= {L7_RPS_TARGET:.2}x {haproxy_name} and CPU/req <= {L7_CPU_TARGET:.2}x: {} (rps {r:.2}x, cpu/req {c:.2}x; informational)",
+            if r >= L7_RPS_TARGET && c <= L7_CPU_TARGET {
                 "met"
             } else {
                 "NOT met"
