@@ -391,7 +391,7 @@ async fn route_and_forward(
         Some(rule) => match rule.pick_backend(rng) {
             Some(b) => match services.by_name(&b.namespace, &b.name) {
                 Some(svc) => match svc.port(b.port) {
-                    Some(p) => (svc.clone(), p.clone()),
+                    Some(p) => (svc, p),
                     None => {
                         return (
                             StatusCode::INTERNAL_SERVER_ERROR,
@@ -429,7 +429,7 @@ async fn route_and_forward(
                 );
             }
         },
-        None => (d.service.clone(), d.port.clone()),
+        None => (&d.service, &d.port),
     };
     log.backend = format!("{}.{}.svc.cluster.local", backend.name, backend.namespace);
     let runtime = inputs.l7.service(&backend);

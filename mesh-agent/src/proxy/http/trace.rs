@@ -98,6 +98,9 @@ mod tests {
         let mut h = HeaderMap::new();
         let id = ensure(&mut h, &mut rng);
         assert_eq!(id.len(), 36);
+        let groups: Vec<usize> = id.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12]);
+        assert_eq!(&id[14..15], "4", "version nibble");
         let tp = h
             .get(TRACEPARENT)
             .expect("traceparent")
