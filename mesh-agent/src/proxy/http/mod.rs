@@ -63,7 +63,32 @@ struct Downstream {
     service: Service,
     port: ServicePort,
     client_addr: SocketAddr,
+    /// `ns/name:port` of the service, for access logs (built once per connection).
+    service_label: String,
+    /// Metric label sets this connection's requests used, by what varies between them: a
+    /// request usually reuses one instead of building a dozen strings.
+    label_cache: std::sync::Mutex<Vec<(LabelKey, Arc<ReportedLabels>)>>,
 }
+
+/// What distinguishes the metric labels of two requests on one downstream connection.
+#[derive(Clone, PartialEq, Eq)]
+struct LabelKey {
+    upstream: Option<SocketAddr>,
+    backend: String,
+    protocol: &'static str,
+    status: u16,
+    flags: &'static str,
+}
+
+/// A request's labels as the source reporter, and as the destination reporter when this
+/// agent delivered it to a pod of its own node.
+struct ReportedLabels {
+    source: RequestLabels,
+    destination: Option<RequestLabels>,
+}
+
+/// Label sets kept per downstream connection; more distinct ones are built each time.
+const LABEL_CACHE_SIZE: usize = 8;
 
 /// Serves HTTP on a captured connection to `service:port` until the client closes it.
 pub async fn serve_outbound(
@@ -80,6 +105,7 @@ pub async fn serve_outbound(
         client.peer_addr().map(|a| a.port()).unwrap_or(0),
     );
     let clients = pod.http_clients(&inputs);
+    let service_label = format!("{}/{}:{}", service.namespace, service.name, port.port);
     let downstream = Arc::new(Downstream {
         inputs,
         pod,
@@ -87,6 +113,8 @@ pub async fn serve_outbound(
         service,
         port,
         client_addr,
+        service_label,
+        label_cache: Default::default(),
     });
     let service = hyper::service::service_fn(move |req| {
         let downstream = downstream.clone();
@@ -199,7 +227,7 @@ fn log_request(
     d: &Downstream,
     log: &AccessLog<'_>,
     status: StatusCode,
-    flags: &str,
+    flags: &'static str,
     started: Instant,
     response_bytes: u64,
 ) {
@@ -218,14 +246,26 @@ fn log_request(
         response_flags = flags,
         src.pod = %d.pod.workload.key,
         src.identity = %d.pod.workload.identity,
-        dst.service = %format!("{}/{}:{}", d.service.namespace, d.service.name, d.port.port),
+        dst.service = %d.service_label,
         route = %log.route,
         backend = %log.backend,
-        upstream = %log.upstream.map(|a| a.to_string()).unwrap_or_default(),
+        upstream = %OptionalAddr(log.upstream),
         attempts = log.attempts,
         duration_ms = started.elapsed().as_millis() as u64,
         "http request"
     );
+}
+
+/// An address, or nothing, written without allocating.
+struct OptionalAddr(Option<SocketAddr>);
+
+impl std::fmt::Display for OptionalAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => write!(f, "{a}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Istio's request metrics for one outbound request: as the source, and also as the
@@ -234,16 +274,64 @@ fn record_request(
     d: &Downstream,
     log: &AccessLog<'_>,
     status: StatusCode,
-    flags: &str,
+    flags: &'static str,
     duration: Duration,
     response_bytes: u64,
 ) {
+    let status = status.as_u16();
+    let matches = |k: &LabelKey| {
+        k.upstream == log.upstream
+            && k.backend == log.backend
+            && k.protocol == log.protocol
+            && k.status == status
+            && k.flags == flags
+    };
+    let cached = {
+        let cache = d.label_cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .iter()
+            .find(|(k, _)| matches(k))
+            .map(|(_, l)| l.clone())
+    };
+    let labels = match cached {
+        Some(labels) => labels,
+        None => {
+            let labels = Arc::new(build_request_labels(d, log, status, flags));
+            let mut cache = d.label_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() < LABEL_CACHE_SIZE {
+                let key = LabelKey {
+                    upstream: log.upstream,
+                    backend: log.backend.clone(),
+                    protocol: log.protocol,
+                    status,
+                    flags,
+                };
+                cache.push((key, labels.clone()));
+            }
+            labels
+        }
+    };
+    let metrics = &d.inputs.metrics;
+    metrics.request(&labels.source, duration, log.request_bytes, response_bytes);
+    if let Some(destination) = &labels.destination {
+        metrics.request(destination, duration, log.request_bytes, response_bytes);
+    }
+}
+
+/// Istio's request labels (source reporter) and whether this agent delivered the request
+/// to a pod of its own node.
+fn build_request_labels(
+    d: &Downstream,
+    log: &AccessLog<'_>,
+    status: u16,
+    flags: &str,
+) -> ReportedLabels {
     let mesh = d.inputs.mesh.load();
     let dst = log.upstream.and_then(|a| mesh.pod_by_ip(a.ip()));
     let secure = dst.is_some_and(|w| w.enrolled && !w.is_on(&mesh.node));
     let delivered_here = dst.is_some_and(|w| w.enrolled && w.is_on(&mesh.node));
     let unknown = || "unknown".to_string();
-    let mut labels = RequestLabels {
+    let labels = RequestLabels {
         reporter: Reporter::Source,
         source_workload: super::workload_name(&d.pod.workload),
         source_workload_namespace: d.pod.workload.key.namespace.clone(),
@@ -262,18 +350,17 @@ fn record_request(
             log.backend.clone()
         },
         request_protocol: log.protocol.to_string(),
-        response_code: status.as_u16().to_string(),
+        response_code: status.to_string(),
         response_flags: flags.to_string(),
         connection_security_policy: if secure { "mutual_tls" } else { "none" }.to_string(),
     };
-    d.inputs
-        .metrics
-        .request(&labels, duration, log.request_bytes, response_bytes);
-    if delivered_here {
-        labels.reporter = Reporter::Destination;
-        d.inputs
-            .metrics
-            .request(&labels, duration, log.request_bytes, response_bytes);
+    let destination = delivered_here.then(|| RequestLabels {
+        reporter: Reporter::Destination,
+        ..labels.clone()
+    });
+    ReportedLabels {
+        source: labels,
+        destination,
     }
 }
 
