@@ -140,7 +140,7 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr,
                 telemetry: telemetry == Switch::On,
             };
-            let _log_writer = init_logging(log_format);
+            init_logging(log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(workers.max(1))
                 .thread_name("dataplane")
@@ -168,24 +168,16 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Logs go to stderr through a writer thread, so a data-plane worker formats an access log
-/// line but never waits on the write(2). The writer is not lossy: when it falls behind by its
-/// whole buffer, workers wait (no access log line is silently dropped). Keep the guard until
-/// exit: dropping it flushes.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
-    guard
 }
 
 /// The certificate authority the config asks for: an operator-provided one, or the local CA

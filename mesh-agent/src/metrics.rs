@@ -99,6 +99,25 @@ impl EncodeLabelValue for Layer {
     }
 }
 
+/// The request metrics of one label set (see [`Metrics::request_handles`]).
+#[derive(Clone)]
+pub struct RequestHandles {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl RequestHandles {
+    /// Records one request, like [`Metrics::request`].
+    pub fn record(&self, duration: Duration, request_bytes: u64, response_bytes: u64) {
+        self.requests.inc();
+        self.duration.observe(duration.as_secs_f64() * 1000.0);
+        self.request_bytes.observe(request_bytes as f64);
+        self.response_bytes.observe(response_bytes as f64);
+    }
+}
+
 /// Labels of Istio's TCP metrics.
 ///
 /// Encoded with these fields plus four derived from them the way Istio does, which Kiali
@@ -482,6 +501,17 @@ impl Metrics {
     /// An HTTP request completed: `istio_requests_total`, and the
     /// `istio_request_duration_milliseconds`, `istio_request_bytes` and
     /// `istio_response_bytes` histograms.
+    /// Handles to the request metrics of one label set, so that a caller recording many
+    /// requests with the same labels skips the four label-set lookups.
+    pub fn request_handles(&self, l: &RequestLabels) -> RequestHandles {
+        RequestHandles {
+            requests: self.requests.get_or_create(l).clone(),
+            duration: self.request_duration.get_or_create(l).clone(),
+            request_bytes: self.request_bytes.get_or_create(l).clone(),
+            response_bytes: self.response_bytes.get_or_create(l).clone(),
+        }
+    }
+
     pub fn request(
         &self,
         l: &RequestLabels,

@@ -34,7 +34,7 @@ use tracing::{debug, info};
 
 use self::client::{Body, BoxError, PodClients};
 use super::{PodContext, ProxyInputs};
-use crate::metrics::{Layer, Reporter, RequestLabels};
+use crate::metrics::{Layer, Reporter, RequestHandles, RequestLabels};
 use crate::{
     policy::{self, ConnectionAttrs, RequestAttrs},
     resilience::Backoff,
@@ -83,8 +83,8 @@ struct LabelKey {
 /// A request's labels as the source reporter, and as the destination reporter when this
 /// agent delivered it to a pod of its own node.
 struct ReportedLabels {
-    source: RequestLabels,
-    destination: Option<RequestLabels>,
+    source: RequestHandles,
+    destination: Option<RequestHandles>,
 }
 
 /// Label sets kept per downstream connection; more distinct ones are built each time.
@@ -311,10 +311,11 @@ fn record_request(
             labels
         }
     };
-    let metrics = &d.inputs.metrics;
-    metrics.request(&labels.source, duration, log.request_bytes, response_bytes);
+    labels
+        .source
+        .record(duration, log.request_bytes, response_bytes);
     if let Some(destination) = &labels.destination {
-        metrics.request(destination, duration, log.request_bytes, response_bytes);
+        destination.record(duration, log.request_bytes, response_bytes);
     }
 }
 
@@ -354,12 +355,15 @@ fn build_request_labels(
         response_flags: flags.to_string(),
         connection_security_policy: if secure { "mutual_tls" } else { "none" }.to_string(),
     };
-    let destination = delivered_here.then(|| RequestLabels {
-        reporter: Reporter::Destination,
-        ..labels.clone()
+    let metrics = &d.inputs.metrics;
+    let destination = delivered_here.then(|| {
+        metrics.request_handles(&RequestLabels {
+            reporter: Reporter::Destination,
+            ..labels.clone()
+        })
     });
     ReportedLabels {
-        source: labels,
+        source: metrics.request_handles(&labels),
         destination,
     }
 }
