@@ -1,11 +1,13 @@
 //! `cargo xtask <command>`: everything beyond `cargo build`, each step idempotent.
 //!
 //! - `setup`: toolchain pieces (nightly rust-src, bpf-linker) and Debian packages.
-//! - `test`:  setup, then unit and end-to-end tests.
+//! - `test`:  setup, then the deploy/ manifest checks, unit and end-to-end tests.
+//! - `manifests`: setup, then validate deploy/ (manifests, CRDs, rendered Helm chart) offline.
 //! - `demo`:  setup, then a small node with pods, the agent, traffic, and its story.
 //! - `bench`: setup, then pod-to-pod direct vs through the agent, side by side.
 mod bench;
 mod demo;
+mod manifests;
 mod setup;
 mod util;
 
@@ -34,6 +36,8 @@ enum Command {
     Demo,
     /// Benchmark pod-to-pod traffic directly and through the agent.
     Bench(bench::BenchArgs),
+    /// Validate deploy/ (manifests, CRDs, rendered Helm chart) offline; part of `test`.
+    Manifests,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,11 +47,16 @@ fn main() -> anyhow::Result<()> {
         Command::Test { filter } => test(filter.as_deref()),
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(args),
+        Command::Manifests => setup::run().and_then(|()| manifests::run()),
     }
 }
 
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
     setup::run()?;
+    // Seconds, and fails fast; skipped when only some tests are asked for.
+    if filter.is_none() {
+        manifests::run()?;
+    }
     util::step("building the agent (with its eBPF programs)");
     util::cargo(&["build", "-p", "mesh-agent"])?;
     let agent = util::workspace_root()?.join("target/debug/mesh-agent");

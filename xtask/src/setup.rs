@@ -1,7 +1,9 @@
 //! `cargo xtask setup`: nightly's rust-src, bpf-linker built against nightly's own libLLVM,
 //! the Debian packages the tests, demo and benchmarks use, and Python's grpcio (the gRPC test
-//! fixture) and prometheus_client (the reference parsers the telemetry tests check the metrics
-//! text with). Each step checks first and does nothing when already done.
+//! fixture), prometheus_client (the reference parsers the telemetry tests check the metrics
+//! text with) and kubernetes-validate (the Kubernetes OpenAPI schemas, shipped in the package,
+//! that deploy/'s manifests are validated against offline; it brings jsonschema and PyYAML).
+//! Each step checks first and does nothing when already done.
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
@@ -27,6 +29,7 @@ pub fn run() -> anyhow::Result<()> {
     debian_packages()?;
     python_package("grpc", "grpcio")?;
     python_package("prometheus_client", "prometheus_client")?;
+    python_package("kubernetes_validate", "kubernetes-validate")?;
     rust_src()?;
     bpf_linker()?;
     Ok(())
