@@ -165,6 +165,10 @@ pub struct BenchArgs {
     /// Run only these scenarios (repeatable; default: all).
     #[arg(long = "scenario")]
     pub scenarios: Vec<String>,
+    /// Extra alternating rounds of l7-agent / l7-agent-telemetry-off (when both are selected):
+    /// the telemetry cost is a ratio of two noisy rates, so its median over rounds is printed.
+    #[arg(long, default_value_t = 3)]
+    pub telemetry_rounds: u32,
 }
 
 /// One line of the results: a scenario's figures (`None` where one does not apply).
@@ -428,6 +432,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     print_results(&args, &results);
+    let has = |name: &str| results.iter().any(|m| m.row.scenario == name);
+    if args.telemetry_rounds > 0 && has(L7_AGENT) && has(L7_AGENT_TELEMETRY_OFF) {
+        telemetry_rounds(&env, args.telemetry_rounds)?;
+    }
     let noisy: Vec<&str> = results
         .iter()
         .filter(|m| m.others_share > NOISE_THRESHOLD)
@@ -447,6 +455,45 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     fs::write(&out, serde_json::to_string_pretty(&rows)? + "\n")
         .with_context(|| format!("writing {}", out.display()))?;
     println!("\nwrote {}", out.display());
+    Ok(())
+}
+
+/// Alternates telemetry on and off `rounds` times and prints each round's req/s ratio and
+/// their median against the target.
+fn telemetry_rounds(env: &Env, rounds: u32) -> anyhow::Result<()> {
+    util::step(&format!(
+        "telemetry cost: {rounds} alternating rounds of {L7_AGENT} / {L7_AGENT_TELEMETRY_OFF}"
+    ));
+    let mut ratios = Vec::new();
+    for _ in 0..rounds {
+        let on = l7_agent(env, L7_AGENT, Http::H1, true)?;
+        let off = l7_agent(env, L7_AGENT_TELEMETRY_OFF, Http::H1, false)?;
+        if let (Some(a), Some(b)) = (on.row.rps, off.row.rps) {
+            if b > 0.0 {
+                ratios.push((a, b, a / b));
+            }
+        }
+    }
+    if ratios.is_empty() {
+        return Ok(());
+    }
+    let mut sorted: Vec<f64> = ratios.iter().map(|r| r.2).collect();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = sorted[sorted.len() / 2];
+    let each: Vec<String> = ratios
+        .iter()
+        .map(|(a, b, r)| format!("{a:.0}/{b:.0} = {r:.2}x"))
+        .collect();
+    println!(
+        "telemetry on/off req/s over {} alternating rounds: {}; median {median:.2}x (target >= {TELEMETRY_RPS_TARGET:.2}x: {}; informational)",
+        ratios.len(),
+        each.join(", "),
+        if median >= TELEMETRY_RPS_TARGET {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
     Ok(())
 }
 
