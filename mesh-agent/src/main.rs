@@ -7,6 +7,7 @@ mod enrolment;
 mod identity;
 mod inpod;
 mod live;
+mod logwriter;
 mod metrics;
 mod policy;
 mod proxy;
@@ -140,7 +141,7 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr,
                 telemetry: telemetry == Switch::On,
             };
-            init_logging(log_format);
+            let _log_writer = init_logging(log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(workers.max(1))
                 .thread_name("dataplane")
@@ -168,16 +169,20 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go to stderr in batches (see `logwriter`); keep the guard until exit, dropping it
+/// writes out what is left.
+fn init_logging(format: LogFormat) -> logwriter::FlushOnDrop {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = logwriter::BatchedStderr::start();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    guard
 }
 
 /// The certificate authority the config asks for: an operator-provided one, or the local CA

@@ -158,6 +158,10 @@ fn cross_node_pod_to_pod_goes_over_mtls_through_both_agents() -> anyhow::Result<
     wait_until("three inbound logs", AGENT_DEADLINE, || {
         (a2.count_events(|e| is_connection(e, "inbound")) >= 3).then_some(())
     })?;
+    // Node 1 logs the pooled connection before the connections that used it.
+    wait_until("three outbound logs", AGENT_DEADLINE, || {
+        (a1.count_events(|e| is_connection(e, "outbound")) >= 3).then_some(())
+    })?;
     let established = a1.count_events(|e| message(e) == "HBONE connection established");
     ensure!(
         established == 1,
@@ -396,13 +400,16 @@ fn allow_and_deny_policies_take_effect_live() -> anyhow::Result<()> {
                 curl_fails(&t.client, &url)?,
                 "case '{what}': the connection was allowed"
             );
+            // Logs reach the file in batches: wait for the new denial.
+            wait_until(
+                &format!("a new denial for '{what}'"),
+                AGENT_DEADLINE,
+                || (a2.count_events(|e| message(e) == "connection denied") > denials).then_some(()),
+            )
+            .with_context(|| format!("case '{what}': no new denial"))?;
             let denial = a2.wait_for_event(&format!("denial log for '{what}'"), |e| {
                 message(e) == "connection denied"
             })?;
-            ensure!(
-                a2.count_events(|e| message(e) == "connection denied") > denials,
-                "case '{what}': no new denial"
-            );
             ensure!(
                 field(&denial, "src.identity") == "spiffe://cluster.local/ns/shop/sa/frontend",
                 "{denial}"
@@ -456,12 +463,17 @@ fn certificates_rotate_under_live_traffic() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stdout)
     );
     for (name, agent) in [("node 1", &a1), ("node 2", &a2)] {
-        let rotations = agent.count_events(|e| message(e) == "certificate rotated");
-        ensure!(
-            rotations >= 2,
-            "{name} rotated {rotations} times in 7 s of 4 s certificates:\n{}",
-            agent.log_text()
-        );
+        let rotated = |a: &Agent| a.count_events(|e| message(e) == "certificate rotated");
+        wait_until(&format!("{name}'s rotation logs"), AGENT_DEADLINE, || {
+            (rotated(agent) >= 2).then_some(())
+        })
+        .with_context(|| {
+            format!(
+                "{name} rotated {} times in 7 s of 4 s certificates:\n{}",
+                rotated(agent),
+                agent.log_text()
+            )
+        })?;
     }
     ensure!(fresh >= 5, "only {fresh} new connections were tried");
     Ok(())
@@ -508,7 +520,10 @@ fn bad_hbone_input_is_refused_and_the_agent_keeps_serving() -> anyhow::Result<()
         ],
     )?;
     ensure!(out == "status=404", "CONNECT to a pod elsewhere: {out}");
-    ensure!(refused(&a2) == 1, "no refusal logged:\n{}", a2.log_text());
+    wait_until("the refusal log", AGENT_DEADLINE, || {
+        (refused(&a2) == 1).then_some(())
+    })
+    .with_context(|| format!("no refusal logged:\n{}", a2.log_text()))?;
 
     // An oversized header block.
     let here = format!("{}:{APP_PORT}", t.server.ip);
@@ -527,10 +542,10 @@ fn bad_hbone_input_is_refused_and_the_agent_keeps_serving() -> anyhow::Result<()
         ],
     )?;
     ensure!(out == "status=431", "oversized headers: {out}");
-    ensure!(
-        refused(&a2) == 2,
-        "no refusal logged for the oversized header block"
-    );
+    wait_until("the oversized header refusal log", AGENT_DEADLINE, || {
+        (refused(&a2) == 2).then_some(())
+    })
+    .context("no refusal logged for the oversized header block")?;
 
     // The same request with normal headers is served, and so is ordinary mesh traffic.
     let out = probe(
