@@ -72,7 +72,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
         /// Data-plane worker threads.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, env = "TRELLIS_WORKERS", default_value_t = 2)]
         workers: usize,
         /// Where the local CA keeps its root key and certificate (created on first run).
         #[arg(long, default_value = "/var/lib/trellis")]
