@@ -331,6 +331,7 @@ fn validate(file: FileConfig) -> Result<Mesh, ConfigError> {
         node: file.node,
         trust_domain,
         pods,
+        pod_by_ip: owner_of_ip,
         identity,
         policies,
         services,

@@ -17,6 +17,9 @@ pub struct Mesh {
     pub pods: BTreeMap<PodKey, Workload>,
     /// Certificate settings (applied at start-up).
     pub identity: IdentitySettings,
+    /// Which pod owns each address (derived from `pods`; addresses are unique, validated).
+    #[serde(skip)]
+    pub pod_by_ip: std::collections::HashMap<IpAddr, PodKey>,
     /// L4 and L7 authorization policies.
     pub policies: Vec<crate::policy::AuthorizationPolicy>,
     /// Services (VIPs, ports, endpoints by selector, traffic policy).
@@ -71,9 +74,10 @@ impl Mesh {
             .filter(|w| w.enrolled && w.node == self.node)
     }
 
-    /// The pod on this node that owns `ip`, if any.
+    /// The pod that owns `ip`, if any (any node). Called per connection and request: an
+    /// index lookup, not a scan of every pod of the cluster.
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
-        self.pods.values().find(|w| w.ip == ip)
+        self.pods.get(self.pod_by_ip.get(&ip)?)
     }
 }
 

@@ -120,11 +120,10 @@ async fn handle(
             return;
         }
         let unknown = || "unknown".to_string();
-        let src = peer.identity.as_ref().and_then(|id| {
-            mesh.pods
-                .values()
-                .find(|w| w.identity == *id && w.ip == peer.addr.ip())
-        });
+        let src = peer
+            .identity
+            .as_ref()
+            .and_then(|id| mesh.pod_by_ip(peer.addr.ip()).filter(|w| w.identity == *id));
         let labels = crate::metrics::RequestLabels {
             reporter: crate::metrics::Reporter::Destination,
             source_workload: src.map(crate::proxy::workload_name).unwrap_or_else(unknown),
