@@ -284,6 +284,23 @@ impl Pod {
         ))
     }
 
+    /// Runs a Python script in the pod and returns its stdout; fails with its stderr.
+    pub fn python(&self, script: &str) -> anyhow::Result<String> {
+        let out = self
+            .command("python3")?
+            .args(["-c", script])
+            .output()
+            .context("running python3 in the pod")?;
+        if !out.status.success() {
+            bail!(
+                "python in pod {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// The config-file entry for this pod as seen from another node's agent: no netns or
     /// cgroup, just where it runs and who it is.
     pub fn remote_config_entry(

@@ -137,13 +137,8 @@ for i in range({n}):
 print(json.dumps({{"counts": counts, "slow": slow, "elapsed_s": time.time() - begin}}))
 "#
     );
-    let out = pod.command("python3")?.args(["-c", &script]).output()?;
-    ensure!(
-        out.status.success(),
-        "python client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
+    let stdout = pod.python(&script)?;
+    Ok(serde_json::from_str(&stdout)?)
 }
 
 fn count(v: &Value, key: &str) -> u64 {
@@ -586,17 +581,8 @@ print(json.dumps(out))
 "#,
         vip = shop.vip
     );
-    let out = shop
-        .client
-        .command("python3")?
-        .args(["-c", &script])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "python: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout)?;
+    let stdout = shop.client.python(&script)?;
+    let r: Value = serde_json::from_str(&stdout)?;
     let status = |k: &str| r[k].as_str().unwrap_or("").to_string();
     // hyper drops Content-Length when Transfer-Encoding is present and closes the connection
     // after the one response (RFC 9112 §6.3): the hidden request is never served.
@@ -828,17 +814,8 @@ print(json.dumps(results))
 "#,
         vip = shop.vip
     );
-    let out = shop
-        .client
-        .command("python3")?
-        .args(["-c", &script])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "python: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let results: Vec<(u16, String)> = serde_json::from_slice(&out.stdout)?;
+    let stdout = shop.client.python(&script)?;
+    let results: Vec<(u16, String)> = serde_json::from_str(&stdout)?;
     let ok = results.iter().filter(|(s, _)| *s == 200).count();
     let shed = results
         .iter()

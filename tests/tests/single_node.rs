@@ -157,17 +157,8 @@ fn the_app_sees_the_address_it_dialled() -> anyhow::Result<()> {
         "import socket\ns = socket.create_connection(('{}', {APP_PORT}), timeout=20)\nprint('%s:%d' % s.getpeername())\ns.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\nprint(s.recv(4096).decode().split('\\r\\n')[0])\n",
         t.server.ip
     );
-    let out = t
-        .client
-        .command("python3")?
-        .args(["-c", &script])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "python client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let stdout = t.client.python(&script)?;
+    let text = stdout;
     let mut lines = text.lines();
     ensure!(
         lines.next() == Some(format!("{}:{APP_PORT}", t.server.ip).as_str()),
@@ -513,17 +504,8 @@ fn a_dual_stack_socket_dialling_an_ipv4_pod_is_captured() -> anyhow::Result<()> 
         "import socket\ns = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\ns.settimeout(20)\ns.connect(('::ffff:{ip}', {APP_PORT}))\nprint('%s:%d' % s.getpeername()[:2])\ns.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\nprint(s.recv(4096).decode().split('\\r\\n')[-1].strip())\n",
         ip = t.server.ip
     );
-    let out = t
-        .client
-        .command("python3")?
-        .args(["-c", &script])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "python client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let stdout = t.client.python(&script)?;
+    let text = stdout;
     let mut lines = text.lines();
     ensure!(
         lines.next() == Some(format!("::ffff:{}:{APP_PORT}", t.server.ip).as_str()),
