@@ -320,12 +320,20 @@ pub struct ServiceIndex {
     names: HashMap<String, HashMap<String, usize>>,
     /// (VIP, port) -> (service, port) indices.
     vips: HashMap<(IpAddr, u16), (usize, usize)>,
+    /// Endpoint addresses of each service (same order as `services`), selected once per
+    /// snapshot rather than per request.
+    endpoints: Vec<Vec<IpAddr>>,
 }
 
 impl ServiceIndex {
-    pub fn new(services: &[Service]) -> Self {
+    /// Indexes `services`, with their endpoints selected among `pods`.
+    pub fn new<'a>(services: &[Service], pods: impl Iterator<Item = &'a Workload> + Clone) -> Self {
         let mut index = ServiceIndex {
             services: services.to_vec(),
+            endpoints: services
+                .iter()
+                .map(|svc| endpoints(svc, pods.clone()).iter().map(|w| w.ip).collect())
+                .collect(),
             ..Default::default()
         };
         for (s, svc) in services.iter().enumerate() {
@@ -357,6 +365,14 @@ impl ServiceIndex {
     pub fn by_name(&self, namespace: &str, name: &str) -> Option<&Service> {
         let s = *self.names.get(namespace)?.get(name)?;
         Some(&self.services[s])
+    }
+
+    /// The endpoint addresses of `service` (sorted by pod), empty for an unknown service.
+    pub fn endpoints(&self, service: &Service) -> &[IpAddr] {
+        self.names
+            .get(&service.namespace)
+            .and_then(|names| names.get(&service.name))
+            .map_or(&[], |&s| self.endpoints[s].as_slice())
     }
 }
 
@@ -1040,7 +1056,7 @@ services:
     #[test]
     fn index_lookups() {
         let services = parse_ok(EXAMPLE);
-        let index = ServiceIndex::new(&services);
+        let index = ServiceIndex::new(&services, std::iter::empty());
         let (svc, port) = index
             .by_vip("10.96.0.10".parse().unwrap(), 9090)
             .expect("found");
@@ -1071,5 +1087,21 @@ services:
         assert!(!crate::config::is_dns_subdomain("a..b"));
         assert_eq!(first_duplicate(["a", "b", "a"]), Some(2));
         assert_eq!(first_duplicate(["a", "b"]), None);
+    }
+
+    #[test]
+    fn the_index_selects_endpoints_once_per_snapshot() {
+        let text = "node: n1\npods:\n  - {name: b, namespace: shop, ip: 10.0.0.3, node: n2, labels: {app: web}}\n  - {name: a, namespace: shop, ip: 10.0.0.2, node: n2, labels: {app: web}}\n  - {name: c, namespace: other, ip: 10.0.0.4, node: n2, labels: {app: web}}\nservices:\n  - {name: web, namespace: shop, vips: [10.96.0.1], selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}\n";
+        let mesh = crate::config::parse(text).expect("valid");
+        let index = ServiceIndex::new(&mesh.services, mesh.pods.values());
+        let (svc, _) = index
+            .by_vip("10.96.0.1".parse().expect("ip"), 80)
+            .expect("vip");
+        let ips: Vec<String> = index
+            .endpoints(svc)
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect();
+        assert_eq!(ips, ["10.0.0.2", "10.0.0.3"]);
     }
 }

@@ -73,8 +73,10 @@ pub struct ProxyInputs {
 impl ProxyInputs {
     /// Swaps in a new snapshot and the tables derived from it.
     pub fn publish(&self, mesh: Mesh) {
-        self.services
-            .store(Arc::new(ServiceIndex::new(&mesh.services)));
+        self.services.store(Arc::new(ServiceIndex::new(
+            &mesh.services,
+            mesh.pods.values(),
+        )));
         self.routes.store(Arc::new(RouteTable::new(&mesh.routes)));
         self.mesh.store(Arc::new(mesh));
     }

@@ -43,11 +43,8 @@ pub async fn handle(
     // A Service VIP: L7 for HTTP ports, per-connection load balancing for the rest.
     let mut target = original_dst;
     let mut service_name = None;
-    if let Some((service, port)) = inputs
-        .services
-        .load()
-        .by_vip(original_dst.ip(), original_dst.port())
-    {
+    let services = inputs.services.load();
+    if let Some((service, port)) = services.by_vip(original_dst.ip(), original_dst.port()) {
         service_name = Some(format!(
             "{}.{}.svc.cluster.local",
             service.name, service.namespace
@@ -69,7 +66,7 @@ pub async fn handle(
             .await;
             return;
         }
-        match http::pick_l4_endpoint(&inputs, &mesh, service, port) {
+        match http::pick_l4_endpoint(&inputs, &services, service, port) {
             Some(endpoint) => target = endpoint,
             None => {
                 let outcome = relay::Outcome::failed(

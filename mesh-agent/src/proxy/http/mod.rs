@@ -524,7 +524,7 @@ async fn route_and_forward(
     };
     log.backend = format!("{}.{}.svc.cluster.local", backend.name, backend.namespace);
     let runtime = inputs.l7.service(&backend);
-    let endpoints = crate::service::endpoints(&backend, mesh.pods.values());
+    let endpoints = services.endpoints(backend);
     if endpoints.is_empty() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -594,7 +594,7 @@ async fn route_and_forward(
     );
     for attempt in 0..max_attempts {
         log.attempts = attempt + 1;
-        let Some(endpoint) = runtime.pick(&endpoints, backend_port.target_port, rng) else {
+        let Some(endpoint) = runtime.pick(endpoints, backend_port.target_port, rng) else {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "UH",
@@ -934,15 +934,15 @@ pub enum EndpointOutcome {
 /// L4 load balancing for non-HTTP service ports: the endpoint address for a new connection.
 pub fn pick_l4_endpoint(
     inputs: &ProxyInputs,
-    mesh: &Mesh,
+    services: &crate::service::ServiceIndex,
     service: &Service,
     port: &ServicePort,
 ) -> Option<SocketAddr> {
-    let endpoints = crate::service::endpoints(service, mesh.pods.values());
+    let endpoints = services.endpoints(service);
     let runtime = inputs.l7.service(service);
     let mut rng = fastrand::Rng::new();
     runtime
-        .pick(&endpoints, port.target_port, &mut rng)
+        .pick(endpoints, port.target_port, &mut rng)
         .map(|e| e.addr)
 }
 

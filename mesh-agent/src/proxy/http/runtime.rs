@@ -3,7 +3,7 @@
 //! limits. Keyed by service; rebuilt when a service's traffic policy changes.
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, atomic::AtomicUsize},
     time::{Duration, Instant},
 };
@@ -17,7 +17,6 @@ use crate::{
         RateLimiters, RetryBudget,
     },
     service::{LoadBalancer, Service, TrafficPolicy},
-    state::Workload,
 };
 
 /// At most this many rate-limit buckets per route rule (one per destination workload).
@@ -144,22 +143,22 @@ impl ServiceRuntime {
             .clone()
     }
 
-    /// Picks an endpoint among `workloads` (at `port`), skipping ejected ones unless all are
+    /// Picks an endpoint among `endpoints` (at `port`), skipping ejected ones unless all are
     /// ejected (then all are candidates, like Envoy's panic mode).
     pub fn pick(
         &self,
-        workloads: &[&Workload],
+        endpoints: &[IpAddr],
         port: u16,
         rng: &mut fastrand::Rng,
     ) -> Option<Endpoint> {
-        if workloads.is_empty() {
+        if endpoints.is_empty() {
             return None;
         }
         let now = Instant::now();
-        let all: Vec<Endpoint> = workloads
+        let all: Vec<Endpoint> = endpoints
             .iter()
-            .map(|w| {
-                let addr = SocketAddr::new(w.ip, port);
+            .map(|&ip| {
+                let addr = SocketAddr::new(ip, port);
                 Endpoint {
                     addr,
                     stats: self.endpoint(addr),
