@@ -827,3 +827,30 @@ print(json.dumps(results))
     );
     Ok(())
 }
+
+#[test]
+fn an_undeclared_service_port_is_sniffed_http_or_left_l4() -> anyhow::Result<()> {
+    let shop = Shop::new(&[("b", &[("app", "backend")])])?;
+    let _b = backend(&shop.backends[0].0, "b", &[])?;
+    // Port name "web": no protocol from the name or appProtocol, so the agent looks.
+    let extra = format!(
+        "services:\n  - name: backend\n    namespace: shop\n    vips: [{}]\n    selector: {{app: backend}}\n    ports: [{{name: web, port: 80, targetPort: {APP_PORT}}}]\n",
+        shop.vip
+    );
+    let mut agent = Agent::start("sniff", &shop.config(&extra))?;
+    let (code, _) = curl(&shop.client, &[&shop.url("/sniffed")])?;
+    ensure!(code == 200, "{code}");
+    agent.wait_for_event("the sniffed request's access log", |e| {
+        is_http_log(e) && field(e, "path") == "/sniffed"
+    })?;
+    // Bytes that are not HTTP (a TLS ClientHello prefix) are relayed at L4.
+    let script = format!(
+        "import socket\ns = socket.create_connection(('{}', 80), timeout=20)\ns.sendall(b'\\x16\\x03\\x01\\x00\\x05hello')\ns.shutdown(socket.SHUT_WR)\nprint(len(s.recv(65536)) >= 0)\n",
+        shop.vip
+    );
+    shop.client.python(&script)?;
+    agent.wait_for_event("an L4 connection log", |e| {
+        message(e) == "connection closed" && field(e, "direction") == "outbound"
+    })?;
+    Ok(())
+}
