@@ -22,7 +22,6 @@
 //! complete request head within [`HEADER_READ_TIMEOUT`] (idle keep-alive included), lives at
 //! most [`MAX_CONNECTION_AGE`], and at most [`MAX_CONNECTIONS`] are served at once (more are
 //! closed on accept).
-#![allow(dead_code)]
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, thread::JoinHandle, time::Duration};
 

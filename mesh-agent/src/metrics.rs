@@ -29,7 +29,6 @@
 //! Recording is a read-locked hash lookup per family (`Family::get_or_create` with the
 //! caller's borrowed label set; the labels are cloned only the first time a series appears)
 //! and an atomic add, or a short write lock for histograms.
-#![allow(dead_code)]
 
 use std::{fmt::Write as _, sync::atomic::AtomicU64, time::Duration};
 

@@ -90,7 +90,6 @@
 //! Validation compiles wildcards, CIDR blocks, ports and header names once, so that
 //! [`evaluate`] (per connection) and [`evaluate_request`] (per request) do not allocate unless
 //! they deny or a path needs normalizing.
-#![allow(dead_code)]
 
 use std::{
     borrow::Cow,
@@ -598,11 +597,13 @@ fn decide(policies: &[AuthorizationPolicy], dst: &Workload, ctx: &Ctx) -> Decisi
 
 impl AuthorizationPolicy {
     /// `namespace/name`.
+    #[cfg(test)]
     pub fn key(&self) -> &str {
         &self.key
     }
 
     /// Whether a rule has an HTTP (L7) field.
+    #[cfg(test)]
     pub fn has_http_rules(&self) -> bool {
         self.http
     }
@@ -624,6 +625,7 @@ impl AuthorizationPolicy {
 
 impl Rule {
     /// Whether the rule has an HTTP (L7) field.
+    #[cfg(test)]
     pub fn has_http_fields(&self) -> bool {
         self.http
     }

@@ -52,7 +52,6 @@
 //! - `retry.attempts` counts retries after the first try (default 2, as Istio); retries
 //!   happen on the listed `codes` and, unless `retryOnConnectFailure: false`, on connect
 //!   failures. Fault percentages default to 100.
-#![allow(dead_code)]
 
 use std::{borrow::Cow, cmp::Reverse, collections::HashMap, fmt, sync::Arc, time::Duration};
 
@@ -662,12 +661,14 @@ impl RouteTable {
     }
 
     /// Whether no route is attached anywhere.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.parents.is_empty()
     }
 
     /// Whether routes are attached to the service port (then a request is either matched or
     /// answered 404).
+    #[cfg(test)]
     pub fn has_routes(&self, service_ns: &str, service_name: &str, port: u16) -> bool {
         self.candidates(service_ns, service_name, port).is_some()
     }

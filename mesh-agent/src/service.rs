@@ -33,7 +33,6 @@
 //!   selector has no endpoints (Kubernetes leaves those to be managed by hand).
 //! - VIPs are stored canonical (IPv4-mapped IPv6 as IPv4); [`ServiceIndex::by_vip`]
 //!   canonicalizes the address it is given, since dual-stack sockets report IPv4 peers mapped.
-#![allow(dead_code)]
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -351,6 +350,7 @@ impl ServiceIndex {
         index
     }
 
+    #[cfg(test)]
     pub fn services(&self) -> &[Service] {
         &self.services
     }

@@ -5,7 +5,6 @@
 //! JSON output (`--output json`): `{"ready", "reason", "pods": [<as /pods> + "cert_expires_in_s"]}`,
 //! `reason` being null when ready and `cert_expires_in_s` null when the node holds no
 //! certificate for the pod's identity.
-#![allow(dead_code)]
 
 use std::{net::SocketAddr, time::Duration};
 

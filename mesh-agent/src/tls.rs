@@ -9,7 +9,6 @@
 //! - [`TlsConfigs`] caches configs per identity and rebuilds them after rotation.
 //!
 //! Session resumption is off on both sides, so every handshake verifies certificates.
-#![allow(dead_code)]
 
 use std::{
     collections::HashMap,
@@ -217,6 +216,7 @@ fn rejected(error: TlsError) -> rustls::Error {
 
 /// If `error` (from a failed handshake or I/O on a TLS stream) is a peer identity mismatch
 /// detected by [`client_config`]'s verifier, the expected and presented identities.
+#[cfg(test)]
 pub fn identity_mismatch<'e>(
     error: &'e (dyn std::error::Error + 'static),
 ) -> Option<(&'e Identity, &'e Identity)> {
@@ -355,11 +355,6 @@ impl TlsConfigs {
             servers: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
         }
-    }
-
-    /// The certificate manager configs are built from.
-    pub fn certs(&self) -> &Arc<CertManager> {
-        &self.certs
     }
 
     fn cert(&self, local: &Identity) -> Result<Arc<WorkloadCert>, TlsError> {

@@ -11,7 +11,6 @@
 //! Either way the CA checks itself when it is built: it issues a probe certificate and verifies
 //! it against its own roots, so a key that does not match its certificate or a chain that does
 //! not lead to the root bundle is reported at start-up, with the files named.
-#![allow(dead_code)]
 
 use std::{
     fmt, fs,
@@ -347,16 +346,6 @@ impl CertificateAuthority {
     /// Trust anchors peers are verified against.
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
-    }
-
-    /// The trust domain this CA is restricted to (the local CA), if any.
-    pub fn trust_domain(&self) -> Option<&str> {
-        self.trust_domain.as_deref()
-    }
-
-    /// Where the CA came from, for logs ("local CA in /var/lib/trellis", ...).
-    pub fn description(&self) -> &str {
-        &self.description
     }
 }
 

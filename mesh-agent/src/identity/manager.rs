@@ -1,6 +1,5 @@
 //! The certificates this node holds: one per service account that has a pod here, issued on
 //! first use and re-issued in the background before it expires.
-#![allow(dead_code)]
 
 use std::{
     collections::{HashMap, HashSet},
@@ -126,6 +125,7 @@ impl CertManager {
     }
 
     /// Issues a new certificate for `id` now and holds it instead of the current one.
+    #[cfg(test)]
     pub fn reissue(&self, id: &Identity) -> Result<Arc<WorkloadCert>, CaError> {
         let fresh = Arc::new(self.ca.issue(id, self.lifetime)?);
         self.lock().insert(id.clone(), fresh.clone());
@@ -151,14 +151,6 @@ impl CertManager {
     /// Trust anchors peers are verified against.
     pub fn roots(&self) -> Vec<CertificateDer<'static>> {
         self.ca.roots().to_vec()
-    }
-
-    pub fn ca(&self) -> &Arc<CertificateAuthority> {
-        &self.ca
-    }
-
-    pub fn lifetime(&self) -> Duration {
-        self.lifetime
     }
 
     /// How often the rotation task looks for due certificates: every second, or every

@@ -6,7 +6,6 @@
 //! - [`CertManager`] holds one certificate per local service account, issues on first use and
 //!   rotates in the background.
 //! - `crate::tls` turns those certificates into rustls configs and checks peer identities.
-#![allow(dead_code)]
 
 pub mod ca;
 pub mod manager;

@@ -25,7 +25,11 @@
 //! 8. **Retry decision.** attempt → outcome → retriable per the route's policy? →
 //!    [`RetryBudget::try_withdraw`] (refused: return this outcome) → wait
 //!    [`Backoff::delay`] → back to 4, preferring another endpoint.
-#![allow(dead_code)]
+
+// Kept ahead of their users, tested: connection and pending-request permits and the per-key
+// token bucket back limits the L7 proxy parses but does not enforce yet
+// (connectionPool.maxConnections / maxPendingRequests); a few accessors serve tests only.
+#![allow(dead_code, unused_imports)]
 
 mod backoff;
 mod balancer;
@@ -37,7 +41,6 @@ mod ratelimit;
 use std::sync::{Mutex, MutexGuard};
 
 // The module's interface; `allow` until the proxy uses it.
-#[allow(unused_imports)]
 pub use self::{
     backoff::Backoff,
     balancer::{EndpointStats, Outstanding, pick_p2c, pick_random, pick_round_robin},
