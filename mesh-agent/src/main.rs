@@ -1,23 +1,6 @@
 //! `mesh-agent`: the Trellis node agent.
 //!
 //! `mesh-agent run --config FILE` serves the pods the file lists (standalone mode).
-mod admin;
-mod config;
-mod enrolment;
-mod identity;
-mod inpod;
-mod live;
-mod logwriter;
-mod metrics;
-mod policy;
-mod proxy;
-mod redirect;
-mod resilience;
-mod route;
-mod service;
-mod state;
-mod status;
-mod tls;
 
 use std::{
     net::SocketAddr,
@@ -35,13 +18,16 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::{
+use mesh_agent::{
+    admin, config,
     enrolment::Enrolment,
     identity::{CertManager, CertificateAuthority},
     live::LiveState,
+    logwriter,
     metrics::Metrics,
     proxy::{ProxyInputs, pool::HbonePool},
     redirect::Redirector,
+    state, status,
     tls::TlsConfigs,
 };
 

@@ -523,7 +523,7 @@ async fn route_and_forward(
         None => (&d.service, &d.port),
     };
     log.backend = format!("{}.{}.svc.cluster.local", backend.name, backend.namespace);
-    let runtime = inputs.l7.service(&backend);
+    let runtime = inputs.l7.service(backend);
     let endpoints = services.endpoints(backend);
     if endpoints.is_empty() {
         return (
@@ -602,36 +602,35 @@ async fn route_and_forward(
             );
         };
         log.upstream = Some(endpoint.addr);
-        if attempt == 0 {
-            if let (Some(rule), Some(limit)) = (rule, rule.and_then(|r| r.rate_limit.as_ref())) {
-                let key = format!("{}#{}", rule.route, rule.index);
-                if !inputs.l7.rate_limit(
-                    &key,
-                    &endpoint.addr,
-                    f64::from(limit.requests_per_second),
-                    limit.burst,
-                    Instant::now(),
-                ) {
-                    return (
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "RL",
-                        local_response(StatusCode::TOO_MANY_REQUESTS, "RL", "local rate limit"),
-                    );
-                }
+        if attempt == 0
+            && let (Some(rule), Some(limit)) = (rule, rule.and_then(|r| r.rate_limit.as_ref()))
+        {
+            let key = format!("{}#{}", rule.route, rule.index);
+            if !inputs.l7.rate_limit(
+                &key,
+                &endpoint.addr,
+                f64::from(limit.requests_per_second),
+                limit.burst,
+                Instant::now(),
+            ) {
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "RL",
+                    local_response(StatusCode::TOO_MANY_REQUESTS, "RL", "local rate limit"),
+                );
             }
         }
         // Endpoints this agent delivers to itself are authorized here, per request.
         if let Some(dst_pod) = mesh
             .pod_by_ip(endpoint.addr.ip())
             .filter(|w| w.enrolled && w.is_on(&mesh.node))
+            && !authorize_request(&mesh, d, dst_pod, endpoint.addr.port(), &parts)
         {
-            if !authorize_request(&mesh, d, dst_pod, endpoint.addr.port(), &parts) {
-                return (
-                    StatusCode::FORBIDDEN,
-                    "RBAC",
-                    local_response(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied"),
-                );
-            }
+            return (
+                StatusCode::FORBIDDEN,
+                "RBAC",
+                local_response(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied"),
+            );
         }
 
         let body = match (&buffered, streaming_body.take()) {
@@ -823,10 +822,10 @@ async fn route_and_forward(
 fn is_request_body_error(e: &hyper_util::client::legacy::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(err) = source {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            if h.is_user() || h.is_parse() || h.is_incomplete_message() {
-                return true;
-            }
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && (h.is_user() || h.is_parse() || h.is_incomplete_message())
+        {
+            return true;
         }
         source = err.source();
     }

@@ -63,10 +63,10 @@ impl L7Runtime {
     pub fn service(&self, service: &Service) -> Arc<ServiceRuntime> {
         let key = (service.namespace.clone(), service.name.clone());
         let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rt) = services.get(&key) {
-            if rt.policy == service.traffic_policy {
-                return rt.clone();
-            }
+        if let Some(rt) = services.get(&key)
+            && rt.policy == service.traffic_policy
+        {
+            return rt.clone();
         }
         let rt = Arc::new(ServiceRuntime::new(service));
         services.insert(key, rt.clone());

@@ -1,0 +1,19 @@
+//! The Trellis node agent as a library: the `mesh-agent` binary is a thin CLI over it, and the
+//! fuzz targets (`fuzz/`) drive its parsers and matchers directly.
+pub mod admin;
+pub mod config;
+pub mod enrolment;
+pub mod identity;
+pub mod inpod;
+pub mod live;
+pub mod logwriter;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod redirect;
+pub mod resilience;
+pub mod route;
+pub mod service;
+pub mod state;
+pub mod status;
+pub mod tls;
