@@ -10,6 +10,7 @@
 //! Everything here needs root, cgroup v2 and a BPF-capable kernel; [`require_privileges`]
 //! fails a test with a clear message when they are missing, never skips it.
 pub mod agent;
+pub mod kube_api;
 pub mod node;
 pub mod process;
 pub mod wait;
