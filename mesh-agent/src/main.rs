@@ -1,6 +1,7 @@
 //! `mesh-agent`: the Trellis node agent.
 //!
-//! `mesh-agent run --config FILE` serves the pods the file lists (standalone mode).
+//! `mesh-agent run --config FILE` serves the pods the file lists (standalone mode);
+//! `mesh-agent run --kubernetes` serves this node's pods as the Kubernetes API describes them.
 
 use std::{
     net::SocketAddr,
@@ -19,20 +20,20 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use mesh_agent::{
-    admin, config,
+    admin,
     enrolment::Enrolment,
     identity::{CertManager, CertificateAuthority},
+    kubernetes::KubeOptions,
     live::LiveState,
     logwriter,
     metrics::Metrics,
     proxy::{ProxyInputs, pool::HbonePool},
     redirect::Redirector,
+    source::{self, Update},
     state, status,
     tls::TlsConfigs,
 };
 
-/// How often the config file is checked for changes.
-const CONFIG_POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// How long shutdown waits for pods' netns threads to clean up.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -49,11 +50,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent for the pods listed in a config file (standalone mode).
+    /// Run the agent for the pods listed in a config file (standalone mode), or for this
+    /// node's pods in Kubernetes (`--kubernetes`).
     Run {
         /// YAML file naming this node and its pods; edits are applied live.
+        #[arg(
+            long,
+            required_unless_present = "kubernetes",
+            conflicts_with = "kubernetes"
+        )]
+        config: Option<PathBuf>,
+        /// Watch the Kubernetes API (in-cluster, or --kubeconfig) instead of reading a file.
         #[arg(long)]
-        config: PathBuf,
+        kubernetes: bool,
+        #[command(flatten)]
+        kube: KubeOptions,
         /// Log line format.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
@@ -88,8 +99,11 @@ enum Switch {
     Off,
 }
 
-/// What `run` needs besides the config file.
+/// What `run` needs.
 struct RunOptions {
+    /// The config file, or None for Kubernetes.
+    config: Option<PathBuf>,
+    kube: KubeOptions,
     state_dir: PathBuf,
     admin_addr: SocketAddr,
     metrics_addr: SocketAddr,
@@ -114,6 +128,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Run {
             config,
+            kubernetes: _,
+            kube,
             log_format,
             workers,
             state_dir,
@@ -122,6 +138,8 @@ fn main() -> anyhow::Result<()> {
             telemetry,
         } => {
             let options = RunOptions {
+                config,
+                kube,
                 state_dir,
                 admin_addr,
                 metrics_addr,
@@ -134,7 +152,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("building the tokio runtime")?;
-            let threads = runtime.block_on(run(&config, &options))?;
+            let threads = runtime.block_on(run(&options))?;
             // Dropping the runtime drops every relay task, so the pods' netns threads lose
             // their last users and remove their routes.
             runtime.shutdown_timeout(Duration::from_secs(1));
@@ -193,14 +211,12 @@ fn certificate_authority(
     }
 }
 
-async fn run(
-    config_path: &Path,
-    options: &RunOptions,
-) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+async fn run(options: &RunOptions) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
     let state_dir = options.state_dir.as_path();
-    let mesh = config::load(config_path)
-        .with_context(|| format!("invalid config {}", config_path.display()))?;
-    let mut last_config_text = std::fs::read(config_path).unwrap_or_default();
+    let (mesh, mut updates) = match &options.config {
+        Some(path) => source::file(path)?,
+        None => mesh_agent::kubernetes::start(options.kube.clone()).await?,
+    };
     let ca = certificate_authority(&mesh, state_dir)?;
     let certs = CertManager::new(
         Arc::new(ca),
@@ -238,20 +254,14 @@ async fn run(
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut poll = tokio::time::interval(CONFIG_POLL_INTERVAL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: detaching and exiting"); break; }
             _ = sigint.recv() => { info!("SIGINT: detaching and exiting"); break; }
-            _ = poll.tick() => {
-                let Ok(text) = std::fs::read(config_path) else { continue };
-                if text == last_config_text {
-                    continue;
-                }
-                last_config_text = text;
-                match config::load(config_path) {
-                    Ok(mesh) => {
+            update = updates.recv() => {
+                match update {
+                    None => { error!("the snapshot source stopped; exiting"); break; }
+                    Some(Update::Apply(mesh)) => {
                         if mesh.identity != inputs.mesh.load().identity {
                             warn!("identity settings changed; they take effect at the next restart");
                         }
@@ -260,7 +270,7 @@ async fn run(
                         inputs.metrics.config_reload(true);
                         info!(pods = mesh.pods.len(), enrolled = enrolment.enrolled_count(), "config applied");
                     }
-                    Err(e) => {
+                    Some(Update::Rejected(e)) => {
                         inputs.metrics.config_reload(false);
                         error!(field = %e.field, reason = %e.message, "config rejected; still serving the last good config");
                     }
