@@ -65,19 +65,55 @@ impl Agent {
         state_dir: Option<&Path>,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
-        remove_stale_dirs();
-        let dir = std::env::temp_dir().join(format!("trellis-{}-{name}", std::process::id()));
-        fs::create_dir_all(&dir)?;
+        let dir = agent_dir(name)?;
+        let config_path = dir.join("agent.yaml");
+        fs::write(&config_path, config)?;
+        let source = vec!["--config".into(), config_path.into_os_string()];
+        Self::launch(dir, &source, state_dir, env)
+    }
+
+    /// Starts the agent in Kubernetes mode (`run --kubernetes`) against the API server the
+    /// kubeconfig names, as node `node_name`, finding pods' cgroups under
+    /// `kubelet_cgroup_root`; `extra` arguments are added to `run`'s.
+    pub fn start_kubernetes(
+        name: &str,
+        kubeconfig: &str,
+        node_name: &str,
+        kubelet_cgroup_root: &Path,
+        state_dir: Option<&Path>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let dir = agent_dir(name)?;
+        let kubeconfig_path = dir.join("kubeconfig");
+        fs::write(&kubeconfig_path, kubeconfig)?;
+        let mut source: Vec<std::ffi::OsString> = vec![
+            "--kubernetes".into(),
+            "--kubeconfig".into(),
+            kubeconfig_path.into_os_string(),
+            "--node-name".into(),
+            node_name.into(),
+            "--kubelet-cgroup-root".into(),
+            kubelet_cgroup_root.as_os_str().to_owned(),
+        ];
+        source.extend(extra.iter().map(|a| a.into()));
+        Self::launch(dir, &source, state_dir, &[])
+    }
+
+    fn launch(
+        dir: PathBuf,
+        source: &[std::ffi::OsString],
+        state_dir: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let state_dir = state_dir
             .map(Path::to_path_buf)
             .unwrap_or_else(|| dir.join("state"));
         let config_path = dir.join("agent.yaml");
         let log_path = dir.join("agent.log");
-        fs::write(&config_path, config)?;
         let log = fs::File::create(&log_path)?;
         let child = Command::new(agent_binary()?)
-            .args(["run", "--config"])
-            .arg(&config_path)
+            .arg("run")
+            .args(source)
             .args(["--log-format", "json", "--state-dir"])
             .arg(&state_dir)
             // Ephemeral ports: several agents run side by side in tests.
@@ -209,6 +245,14 @@ impl Drop for Agent {
         // The directory (config, log) stays for post-mortems; the next run of the harness
         // removes it once this process is gone.
     }
+}
+
+/// A fresh directory for agent `name` of this test process.
+fn agent_dir(name: &str) -> anyhow::Result<PathBuf> {
+    remove_stale_dirs();
+    let dir = std::env::temp_dir().join(format!("trellis-{}-{name}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 /// Removes agent directories of harness processes that no longer exist.

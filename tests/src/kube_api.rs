@@ -238,6 +238,8 @@ struct Store {
     requests: Vec<String>,
     /// TokenReview requests answered.
     token_reviews_answered: u64,
+    /// Watches answered with 410 Gone.
+    expired_watches: u64,
 }
 
 impl Store {
@@ -559,6 +561,11 @@ impl KubeApi {
     /// `METHOD path?query` of every request so far.
     pub fn requests(&self) -> Vec<String> {
         self.shared.store().requests.clone()
+    }
+
+    /// How many watches were answered with 410 Gone (too old resource version).
+    pub fn expired_watches(&self) -> u64 {
+        self.shared.store().expired_watches
     }
 
     /// How many watch streams are open now.
@@ -1051,6 +1058,7 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Response<ResponseBod
                 );
             };
             if from < store.compacted {
+                store.expired_watches += 1;
                 // The real server answers 200 and one ERROR event, then closes the stream.
                 let status = status_object(
                     410,

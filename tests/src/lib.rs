@@ -16,7 +16,7 @@ pub mod process;
 pub mod wait;
 
 pub use agent::{Agent, agent_binary};
-pub use node::{Node, Pod};
+pub use node::{CgroupDriver, Node, Pod};
 pub use process::Background;
 pub use wait::wait_until;
 

@@ -163,6 +163,52 @@ impl Node {
     }
 }
 
+/// Kubelet's cgroup driver: how it names pod cgroups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupDriver {
+    /// `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_with_underscores>.slice`
+    Systemd,
+    /// `kubepods/<qos>/pod<uid>`
+    Cgroupfs,
+}
+
+impl Node {
+    /// This node's stand-in for kubelet's cgroup root (the agent's `--kubelet-cgroup-root`):
+    /// a directory of its own under the cgroup v2 mount, removed with the node.
+    pub fn kubelet_cgroup_root(&self) -> PathBuf {
+        self.cgroup_dir.join("kubelet")
+    }
+
+    /// Adds a pod as kubelet and a container runtime lay it out: its cgroup is the pod UID's
+    /// kubelet cgroup (BestEffort QoS) under [`Self::kubelet_cgroup_root`], and one "container"
+    /// (a sleeping process in a child cgroup, in the pod's netns) runs in it, whose pid is
+    /// how the agent finds the netns. Kill that process and call [`Pod::start_container`]
+    /// again to restart the container.
+    pub fn add_kubelet_pod(
+        &mut self,
+        name: &str,
+        uid: &str,
+        driver: CgroupDriver,
+    ) -> anyhow::Result<(Pod, crate::Background)> {
+        let mut pod = self.add_pod(name)?;
+        let dir = match driver {
+            CgroupDriver::Systemd => self.kubelet_cgroup_root().join(format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+                uid.replace('-', "_")
+            )),
+            CgroupDriver::Cgroupfs => self
+                .kubelet_cgroup_root()
+                .join(format!("kubepods/besteffort/pod{uid}")),
+        };
+        fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        // The harness made an ordinary cgroup for the pod; the kubelet one replaces it.
+        let _ = fs::remove_dir(&pod.cgroup);
+        pod.cgroup = dir;
+        let container = pod.start_container("app")?;
+        Ok((pod, container))
+    }
+}
+
 /// The veth pair between two linked nodes (the "node network"). Removing either node's
 /// namespace removes it.
 #[derive(Clone, Debug)]
@@ -235,6 +281,18 @@ impl Drop for Node {
 }
 
 impl Pod {
+    /// Starts a "container" of this pod: a process sleeping in the child cgroup `name` of the
+    /// pod's cgroup and in the pod's netns (as a runtime puts a container's processes).
+    pub fn start_container(&self, name: &str) -> anyhow::Result<crate::Background> {
+        let mut container = self.clone();
+        container.cgroup = self.cgroup.join(format!("cri-containerd-{name}.scope"));
+        fs::create_dir_all(&container.cgroup)
+            .with_context(|| format!("creating cgroup {}", container.cgroup.display()))?;
+        let mut cmd = container.command("sh")?;
+        cmd.args(["-c", "echo ready; exec sleep 100000"]);
+        crate::Background::spawn_ready(cmd, "ready")
+    }
+
     /// A command that runs inside this pod: in its cgroup (so the mesh's cgroup hooks see it)
     /// and its network namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
