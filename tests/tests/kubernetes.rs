@@ -414,3 +414,56 @@ fn tempfile_dir(name: &str) -> anyhow::Result<std::path::PathBuf> {
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+#[test]
+fn pods_on_two_nodes_talk_mtls_with_identities_from_the_api() -> anyhow::Result<()> {
+    let api = KubeApi::start()?;
+    api.require_token(TOKEN);
+    let mut n1 = Node::new()?;
+    let mut n2 = Node::new()?;
+    let _link = n1.link(&n2)?;
+    let (client, _c1) = n1.add_kubelet_pod("client", CLIENT_UID, CgroupDriver::Systemd)?;
+    let (server, _c2) = n2.add_kubelet_pod("server", SERVER_UID, CgroupDriver::Systemd)?;
+    let _app = http_server(&server, APP_PORT)?;
+    api.apply(namespace("shop", true))?;
+    api.apply(pod_object(&client, CLIENT_UID, "frontend", &n1.id))?;
+    api.apply(pod_object(&server, SERVER_UID, "backend", &n2.id))?;
+    // One trust root for both agents, as a fleet.
+    let fleet_ca = tempfile_dir("k8s-fleet")?;
+    let start = |name: &str, node: &Node| {
+        Agent::start_kubernetes(
+            name,
+            &api.kubeconfig(TOKEN),
+            &node.id,
+            &node.kubelet_cgroup_root(),
+            Some(&fleet_ca),
+            &[],
+        )
+    };
+    let mut a1 = start("k8s-n1", &n1)?;
+    let mut a2 = start("k8s-n2", &n2)?;
+    wait_count(&mut a1, "pod enrolled", "shop/client", 1)?;
+    wait_count(&mut a2, "pod enrolled", "shop/server", 1)?;
+    ensure!(count(&a1, "pod enrolled", "shop/server") == 0);
+
+    let (code, body) = client.curl(&format!("http://{}:{APP_PORT}/", server.ip))?;
+    ensure!(code == 200, "status {code}: {body}");
+    let out = a1.wait_for_event("outbound HBONE log", is_outbound)?;
+    ensure!(
+        field(&out, "path") == "hbone" && field(&out, "security") == "mutual_tls",
+        "{out}"
+    );
+    ensure!(
+        field(&out, "dst.identity") == "spiffe://cluster.local/ns/shop/sa/backend",
+        "{out}"
+    );
+    let inb = a2.wait_for_event("inbound HBONE log", |e| {
+        message(e) == "connection closed" && field(e, "direction") == "inbound"
+    })?;
+    ensure!(
+        field(&inb, "src.identity") == "spiffe://cluster.local/ns/shop/sa/frontend",
+        "{inb}"
+    );
+    std::fs::remove_dir_all(&fleet_ca).ok();
+    Ok(())
+}
