@@ -49,6 +49,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start-up: the size of `Run` does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the agent for the pods listed in a config file (standalone mode), or for this
     /// node's pods in Kubernetes (`--kubernetes`).
@@ -262,6 +264,7 @@ async fn run(options: &RunOptions) -> anyhow::Result<Vec<std::thread::JoinHandle
                 match update {
                     None => { error!("the snapshot source stopped; exiting"); break; }
                     Some(Update::Apply(mesh)) => {
+                        let mesh = *mesh;
                         if mesh.identity != inputs.mesh.load().identity {
                             warn!("identity settings changed; they take effect at the next restart");
                         }

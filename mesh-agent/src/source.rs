@@ -18,7 +18,7 @@ pub const CONFIG_POLL_INTERVAL: Duration = Duration::from_millis(250);
 #[derive(Debug)]
 pub enum Update {
     /// A new valid snapshot to serve.
-    Apply(Mesh),
+    Apply(Box<Mesh>),
     /// The source's new content is invalid; the last good snapshot keeps serving.
     Rejected(ConfigError),
 }
@@ -42,7 +42,7 @@ pub fn file(path: &Path) -> anyhow::Result<(Mesh, mpsc::Receiver<Update>)> {
             }
             last_text = text;
             let update = match config::load(&path) {
-                Ok(mesh) => Update::Apply(mesh),
+                Ok(mesh) => Update::Apply(Box::new(mesh)),
                 Err(e) => Update::Rejected(e),
             };
             if tx.send(update).await.is_err() {

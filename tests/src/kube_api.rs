@@ -294,10 +294,10 @@ fn event_line(kind: &str, object: &Value) -> Bytes {
 
 impl Watcher {
     fn matches(&self, object: &Value) -> bool {
-        if let Some(ns) = &self.namespace {
-            if meta_str(object, "namespace") != ns {
-                return false;
-            }
+        if let Some(ns) = &self.namespace
+            && meta_str(object, "namespace") != ns
+        {
+            return false;
         }
         self.labels.matches(object) && self.fields.matches(object)
     }
@@ -1192,9 +1192,12 @@ async fn token_review(req: Request<Incoming>, shared: &Shared) -> Response<Respo
                     .cloned()
                     .collect()
             };
-            if !wanted.is_empty() && audiences.is_empty() {
-                json!({ "authenticated": false, "error": "token audiences do not match" })
-            } else if wanted.is_empty() && !user.audiences.is_empty() {
+            let mismatch = if wanted.is_empty() {
+                !user.audiences.is_empty()
+            } else {
+                audiences.is_empty()
+            };
+            if mismatch {
                 json!({ "authenticated": false, "error": "token audiences do not match" })
             } else {
                 json!({

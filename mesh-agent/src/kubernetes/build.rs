@@ -150,10 +150,10 @@ fn fail_closed_policy(entry: &Value, bad_field: &str) -> (Value, &'static str) {
     let mut policy = json!({ "name": entry["name"], "namespace": entry["namespace"] });
     // A selector that is itself the problem cannot narrow the policy down: then it applies to
     // the whole namespace.
-    if !bad_field.starts_with("selector") {
-        if let Some(s) = entry.get("selector") {
-            policy["selector"] = s.clone();
-        }
+    if !bad_field.starts_with("selector")
+        && let Some(s) = entry.get("selector")
+    {
+        policy["selector"] = s.clone();
     }
     if entry["action"] == "ALLOW" || entry.get("action").is_none_or(Value::is_null) {
         policy["action"] = json!("ALLOW");

@@ -377,7 +377,7 @@ impl Builder {
                 Ok(mesh) => {
                     last = mesh.clone();
                     last_error = None;
-                    Update::Apply(mesh)
+                    Update::Apply(Box::new(mesh))
                 }
                 Err(e) if last_error.as_deref() == Some(&e.to_string()) => continue,
                 Err(e) => {

@@ -79,12 +79,11 @@ impl PodResolver {
 
     /// The pod's netns and cgroup, or why they cannot be found (yet).
     pub fn resolve(&mut self, uid: &str) -> Result<PodPaths, String> {
-        if let Some(cached) = self.cache.get(uid) {
-            if netns_id(&cached.netns) == Some(cached.netns_id)
-                && cached.cgroup.join("cgroup.procs").is_file()
-            {
-                return Ok(cached.clone());
-            }
+        if let Some(cached) = self.cache.get(uid)
+            && netns_id(&cached.netns) == Some(cached.netns_id)
+            && cached.cgroup.join("cgroup.procs").is_file()
+        {
+            return Ok(cached.clone());
         }
         let found = self.find(uid);
         match &found {
