@@ -91,6 +91,8 @@ pub enum CaError {
     },
     #[error("{what}: {source}")]
     Generate { what: String, source: rcgen::Error },
+    #[error("unusable certificate signing request: {detail}")]
+    Csr { detail: String },
 }
 
 /// Signs X.509 SVIDs. Cheap to share behind an `Arc`; issuing takes `&self`.
@@ -198,6 +200,36 @@ impl CertificateAuthority {
         )
     }
 
+    /// Like [`Self::from_files`], from PEM in memory (a Kubernetes Secret's `tls.crt`,
+    /// `tls.key` and `ca.crt`); `origin` names where it came from in errors (the files are
+    /// named `<origin>/tls.crt` and so on). It signs identities of `trust_domain` only.
+    pub fn from_pem(
+        cert_chain: &[u8],
+        key: &[u8],
+        root_bundle: &[u8],
+        origin: &str,
+        trust_domain: &str,
+    ) -> Result<Self, CaError> {
+        let chain_path = PathBuf::from(format!("{origin}/tls.crt"));
+        let key_path = PathBuf::from(format!("{origin}/tls.key"));
+        let roots_path = PathBuf::from(format!("{origin}/ca.crt"));
+        let chain = parse_certs(cert_chain, &chain_path)?;
+        let key_pair = parse_key(key, &key_path)?;
+        let roots = parse_certs(root_bundle, &roots_path)?;
+        Self::assemble(
+            chain,
+            key_pair,
+            roots,
+            Some(trust_domain.to_string()),
+            Sources {
+                chain: &chain_path,
+                key: &key_path,
+                roots: &roots_path,
+            },
+            format!("signing CA {origin}"),
+        )
+    }
+
     /// Checks the parts fit together and builds the CA.
     fn assemble(
         chain: Vec<CertificateDer<'static>>,
@@ -286,6 +318,107 @@ impl CertificateAuthority {
     /// expiry, whole seconds), key usage digitalSignature + keyEncipherment, extended key
     /// usage serverAuth + clientAuth.
     pub fn issue(&self, identity: &Identity, lifetime: Duration) -> Result<WorkloadCert, CaError> {
+        let generate = |what: &str| {
+            let what = format!("{what} for {identity}");
+            move |source| CaError::Generate { what, source }
+        };
+        let key =
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate("generating a key"))?;
+        let (params, times) = self.svid_params(identity, lifetime)?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(generate("signing the certificate"))?;
+        let (issued_at, not_before, not_after) = times;
+        Ok(WorkloadCert {
+            identity: identity.clone(),
+            chain: self.chain_with(cert.der().clone()),
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            not_before,
+            not_after,
+            issued_at,
+        })
+    }
+
+    /// Signs a certificate signing request (PEM) for `identity`: the certificate is the one
+    /// [`Self::issue`] makes, over the request's public key (whose signature is verified);
+    /// everything else the request asks for (subject, SANs, extensions) is ignored. Returns
+    /// the chain, leaf first.
+    pub fn sign_csr(
+        &self,
+        identity: &Identity,
+        csr_pem: &str,
+        lifetime: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+            CaError::Csr {
+                detail: e.to_string(),
+            }
+        })?;
+        let (params, _) = self.svid_params(identity, lifetime)?;
+        let request = rcgen::CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        };
+        let cert = request
+            .signed_by(&self.issuer)
+            .map_err(|source| CaError::Generate {
+                what: format!("signing the request for {identity}"),
+                source,
+            })?;
+        Ok(self.chain_with(cert.der().clone()))
+    }
+
+    /// A serving certificate for `dns_names` (serverAuth only), with a fresh key: for a
+    /// service of the mesh's own, such as the cluster CA's HTTPS endpoint.
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let generate = |what: &str| {
+            let what = format!("{what} for {dns_names:?}");
+            move |source| CaError::Generate { what, source }
+        };
+        let key =
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate("generating a key"))?;
+        let mut params =
+            CertificateParams::new(dns_names.to_vec()).map_err(generate("encoding the names"))?;
+        let now = SystemTime::now();
+        params.not_before =
+            floor_to_second(now.checked_sub(CLOCK_SKEW).unwrap_or(UNIX_EPOCH)).into();
+        params.not_after = floor_to_second(
+            now.checked_add(lifetime)
+                .unwrap_or(self.signer_not_after)
+                .min(self.signer_not_after),
+        )
+        .into();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = self.signer_has_ski;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(generate("signing the certificate"))?;
+        Ok((
+            self.chain_with(cert.der().clone()),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        ))
+    }
+
+    fn chain_with(&self, leaf: CertificateDer<'static>) -> Vec<CertificateDer<'static>> {
+        let mut chain = Vec::with_capacity(1 + self.signing_chain.len());
+        chain.push(leaf);
+        chain.extend(self.signing_chain.iter().cloned());
+        chain
+    }
+
+    /// The parameters of an SVID for `identity`, and (issued at, notBefore, notAfter).
+    #[allow(clippy::type_complexity)]
+    fn svid_params(
+        &self,
+        identity: &Identity,
+        lifetime: Duration,
+    ) -> Result<(CertificateParams, (SystemTime, SystemTime, SystemTime)), CaError> {
         if let Some(td) = &self.trust_domain
             && *td != identity.trust_domain
         {
@@ -307,8 +440,6 @@ impl CertificateAuthority {
                 .min(self.signer_not_after),
         );
 
-        let key =
-            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(generate("generating a key"))?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         let uri = Ia5String::try_from(identity.to_string())
@@ -326,21 +457,7 @@ impl CertificateAuthority {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = self.signer_has_ski;
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(generate("signing the certificate"))?;
-
-        let mut chain = Vec::with_capacity(1 + self.signing_chain.len());
-        chain.push(cert.der().clone());
-        chain.extend(self.signing_chain.iter().cloned());
-        Ok(WorkloadCert {
-            identity: identity.clone(),
-            chain,
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            not_before,
-            not_after,
-            issued_at,
-        })
+        Ok((params, (issued_at, not_before, not_after)))
     }
 
     /// Trust anchors peers are verified against.
@@ -480,8 +597,12 @@ fn read_pem_file(path: &Path) -> Result<Vec<u8>, CaError> {
 
 /// Every CERTIFICATE block of a PEM file, in order; at least one.
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
-    let bytes = read_pem_file(path)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
+    parse_certs(&read_pem_file(path)?, path)
+}
+
+/// Every CERTIFICATE block of PEM `bytes` (read from `path`), in order; at least one.
+fn parse_certs(bytes: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CaError::Pem {
             path: path.to_path_buf(),
@@ -504,8 +625,12 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
 
 /// The first private key of a PEM file, as a signing key pair.
 fn read_key(path: &Path) -> Result<KeyPair, CaError> {
-    let bytes = read_pem_file(path)?;
-    let key = PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| match e {
+    parse_key(&read_pem_file(path)?, path)
+}
+
+/// The first private key of PEM `bytes` (read from `path`), as a signing key pair.
+fn parse_key(bytes: &[u8], path: &Path) -> Result<KeyPair, CaError> {
+    let key = PrivateKeyDer::from_pem_slice(bytes).map_err(|e| match e {
         rustls_pki_types::pem::Error::NoItemsFound => CaError::NoKey {
             path: path.to_path_buf(),
         },
@@ -621,6 +746,51 @@ pub(crate) mod tests {
         let ca =
             CertificateAuthority::load_or_create(dir.path(), "cluster.local").expect("local CA");
         (dir, ca)
+    }
+
+    #[test]
+    fn signs_a_csr_for_the_identity_and_the_requests_key_only() {
+        let (dir, ca) = local_ca();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut asked = CertificateParams::new(vec!["evil.example".to_string()]).expect("params");
+        asked.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let csr = asked
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        let chain = ca
+            .sign_csr(&id("shop", "web"), &csr, Duration::from_secs(600))
+            .expect("signed");
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).expect("x509");
+        assert_eq!(
+            leaf.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+        assert!(!leaf.is_ca(), "the request's CA:TRUE was ignored");
+        let sans = leaf.subject_alternative_name().expect("ext").expect("san");
+        let names: Vec<String> = sans
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(names, ["URI(spiffe://cluster.local/ns/shop/sa/web)"]);
+        verify_svid_chain(&chain, ca.roots(), SvidUsage::Client, UnixTime::now())
+            .expect("verifies");
+        let err = ca
+            .sign_csr(&id("shop", "web"), "not a csr", Duration::from_secs(600))
+            .unwrap_err();
+        assert!(matches!(err, CaError::Csr { .. }), "{err}");
+        // The same PEM through from_pem is the same CA.
+        let cert = fs::read(dir.path().join(CA_CERT_FILE)).expect("cert");
+        let key = fs::read(dir.path().join(CA_KEY_FILE)).expect("key");
+        let again = CertificateAuthority::from_pem(&cert, &key, &cert, "secret/x", "cluster.local")
+            .expect("from pem");
+        assert_eq!(again.roots(), ca.roots());
+        let err = CertificateAuthority::from_pem(&cert, b"", &cert, "secret/x", "cluster.local")
+            .unwrap_err();
+        assert!(err.to_string().contains("secret/x/tls.key"), "{err}");
     }
 
     fn ca_params(cn: &str) -> CertificateParams {
