@@ -1,6 +1,7 @@
 //! The Trellis node agent as a library: the `mesh-agent` binary is a thin CLI over it, and the
 //! fuzz targets (`fuzz/`) drive its parsers and matchers directly.
 pub mod admin;
+pub mod cluster_ca;
 pub mod config;
 pub mod enrolment;
 pub mod identity;

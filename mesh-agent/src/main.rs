@@ -86,6 +86,13 @@ enum Command {
         #[arg(long, env = "TRELLIS_TELEMETRY", value_enum, default_value_t = Switch::On)]
         telemetry: Switch,
     },
+    /// Serve the cluster's certificate authority (signs for node agents, see `cluster_ca`).
+    Ca {
+        #[command(flatten)]
+        options: mesh_agent::cluster_ca::CaOptions,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
     /// Show this node's pods, identities and certificates, from the agent's admin API.
     Status {
         #[arg(long, default_value = "127.0.0.1:15000")]
@@ -127,6 +134,19 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("building the tokio runtime")?;
             runtime.block_on(status::run(admin_addr, output))
+        }
+        Command::Ca {
+            options,
+            log_format,
+        } => {
+            let _log_writer = init_logging(log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("ca")
+                .enable_all()
+                .build()
+                .context("building the tokio runtime")?;
+            runtime.block_on(mesh_agent::cluster_ca::run(options))
         }
         Command::Run {
             config,

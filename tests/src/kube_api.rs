@@ -411,6 +411,23 @@ impl KubeApi {
     pub fn apply(&self, mut object: Value) -> anyhow::Result<Value> {
         let resource = resource_of(&object)?;
         let key = object_key(resource, &object)?;
+        if resource == SECRETS {
+            // As the API server does on write: stringData is merged into data, base64-encoded.
+            use base64::Engine as _;
+            if let Some(Value::Object(strings)) =
+                object.as_object_mut().and_then(|o| o.remove("stringData"))
+            {
+                let data = object
+                    .as_object_mut()
+                    .context("a Secret is an object")?
+                    .entry("data")
+                    .or_insert_with(|| json!({}));
+                for (k, v) in strings {
+                    let text = v.as_str().unwrap_or("");
+                    data[k] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+                }
+            }
+        }
         let mut store = self.shared.store();
         let old = store.objects.get(&key).cloned();
         let rv = store.next_rv();
