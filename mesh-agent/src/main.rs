@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 use mesh_agent::{
     admin,
     enrolment::Enrolment,
-    identity::{CertManager, CertificateAuthority},
+    identity::{CertManager, CertificateAuthority, Issuer},
     kubernetes::KubeOptions,
     live::LiveState,
     logwriter,
@@ -239,9 +239,12 @@ async fn run(options: &RunOptions) -> anyhow::Result<Vec<std::thread::JoinHandle
         Some(path) => source::file(path)?,
         None => mesh_agent::kubernetes::start(options.kube.clone()).await?,
     };
-    let ca = certificate_authority(&mesh, state_dir)?;
-    let certs = CertManager::new(
-        Arc::new(ca),
+    let issuer: Arc<dyn Issuer> = match mesh_agent::kubernetes::cluster_ca_issuer(&options.kube)? {
+        Some(cluster_ca) if options.config.is_none() => cluster_ca,
+        _ => Arc::new(certificate_authority(&mesh, state_dir)?),
+    };
+    let certs = CertManager::with_issuer(
+        issuer,
         mesh.identity.certificate_lifetime,
         mesh.identity.rotate_at,
     );

@@ -312,3 +312,114 @@ fn the_ca_refuses_to_start_without_its_root_secret() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn agents_on_two_nodes_get_their_certificates_from_the_cluster_ca() -> anyhow::Result<()> {
+    use mesh_tests::{Agent, Background, CgroupDriver, Node, kube_api};
+    const API_TOKEN: &str = "agents-api-token";
+    let api = KubeApi::start()?;
+    api.require_token(CA_TOKEN);
+    api.require_token(API_TOKEN);
+    let (root_cert, root_key) = root_ca()?;
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": { "name": "trellis-ca-root", "namespace": "trellis-system" },
+        "stringData": { "tls.crt": root_cert, "tls.key": root_key },
+    }))?;
+    let mut n1 = Node::new()?;
+    let mut n2 = Node::new()?;
+    let _link = n1.link(&n2)?;
+    let client_uid = kube_api::new_uid();
+    let server_uid = kube_api::new_uid();
+    let (client, _c1) = n1.add_kubelet_pod("client", &client_uid, CgroupDriver::Systemd)?;
+    let (server, _c2) = n2.add_kubelet_pod("server", &server_uid, CgroupDriver::Cgroupfs)?;
+    let mut app = server.command(env!("CARGO_BIN_EXE_peer-echo"))?;
+    app.args(["http", "8080"]);
+    let _app = Background::spawn_ready(app, "listening")?;
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": { "name": "shop", "labels": { "trellis.dev/dataplane": "enabled" } },
+    }))?;
+    for (pod, uid, sa, node) in [
+        (&client, &client_uid, "frontend", &n1),
+        (&server, &server_uid, "backend", &n2),
+    ] {
+        let mut object = pod_object_running("shop", &pod.name, sa, &node.id, &pod.ip.to_string());
+        object["metadata"]["uid"] = json!(uid);
+        api.apply(object)?;
+    }
+    let ca = CaProcess::start(&api, "cluster-ca-agents")?;
+    let dir = std::env::temp_dir().join(format!("trellis-{}-ca-agents", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    let root_file = dir.join("root.pem");
+    fs::write(&root_file, &root_cert)?;
+    let start = |name: &str, node: &Node| -> anyhow::Result<Agent> {
+        // Each agent's projected token: the agents' service account, bound to its node.
+        let token = format!("token-{name}");
+        let mut user = TokenUser::service_account(
+            "trellis-system",
+            "mesh-agent",
+            &format!("mesh-agent-{name}"),
+            &node.id,
+        );
+        user.audiences = vec!["trellis-ca".into()];
+        api.add_token_review(&token, user);
+        let token_file = dir.join(format!("{name}.token"));
+        fs::write(&token_file, format!("{token}\n"))?;
+        let addr = ca.addr.to_string();
+        let root = root_file.display().to_string();
+        let token_path = token_file.display().to_string();
+        Agent::start_kubernetes(
+            name,
+            &api.kubeconfig(API_TOKEN),
+            &node.id,
+            &node.kubelet_cgroup_root(),
+            None,
+            &[
+                "--ca-addr",
+                &addr,
+                "--ca-root-cert",
+                &root,
+                "--ca-token-file",
+                &token_path,
+            ],
+        )
+    };
+    // Separate state directories: if the agents trust each other, it is through the CA.
+    let mut a1 = start("ca-n1", &n1)?;
+    let mut a2 = start("ca-n2", &n2)?;
+    for (agent, pod) in [(&mut a1, "shop/client"), (&mut a2, "shop/server")] {
+        agent.wait_for_event("enrolled", |e| {
+            message(e) == "pod enrolled" && field(e, "pod") == pod
+        })?;
+    }
+    let (code, body) = client.curl(&format!("http://{}:8080/", server.ip))?;
+    ensure!(code == 200, "status {code}: {body}");
+    let out = a1.wait_for_event("outbound HBONE log", |e| {
+        message(e) == "connection closed" && field(e, "direction") == "outbound"
+    })?;
+    ensure!(
+        field(&out, "path") == "hbone" && field(&out, "security") == "mutual_tls",
+        "{out}"
+    );
+    let log = ca.log_text();
+    for (identity, node) in [("frontend", &n1.id), ("backend", &n2.id)] {
+        ensure!(
+            log.lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .any(|e| message(&e) == "certificate signed"
+                    && field(&e, "identity")
+                        == format!("spiffe://cluster.local/ns/shop/sa/{identity}")
+                    && field(&e, "node") == node.as_str()),
+            "the CA did not sign {identity} for {node}:\n{log}"
+        );
+    }
+    fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+fn pod_object_running(namespace: &str, name: &str, sa: &str, node: &str, ip: &str) -> Value {
+    let mut p = pod(namespace, name, sa, node, "Running");
+    p["status"]["podIP"] = json!(ip);
+    p
+}

@@ -93,6 +93,8 @@ pub enum CaError {
     Generate { what: String, source: rcgen::Error },
     #[error("unusable certificate signing request: {detail}")]
     Csr { detail: String },
+    #[error("cluster CA: {detail}")]
+    Remote { detail: String },
 }
 
 /// Signs X.509 SVIDs. Cheap to share behind an `Arc`; issuing takes `&self`.

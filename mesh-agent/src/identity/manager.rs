@@ -62,9 +62,28 @@ impl WorkloadCert {
     }
 }
 
+/// Signs SVIDs for the [`CertManager`]: a CA in this process ([`CertificateAuthority`]) or
+/// the cluster CA over HTTPS ([`super::remote::ClusterCaClient`]).
+pub trait Issuer: Send + Sync + fmt::Debug {
+    /// A certificate (and its private key) for `id`, valid for about `lifetime`.
+    fn issue(&self, id: &Identity, lifetime: Duration) -> Result<WorkloadCert, CaError>;
+    /// Trust anchors peers' certificates are verified against.
+    fn roots(&self) -> Vec<CertificateDer<'static>>;
+}
+
+impl Issuer for CertificateAuthority {
+    fn issue(&self, id: &Identity, lifetime: Duration) -> Result<WorkloadCert, CaError> {
+        CertificateAuthority::issue(self, id, lifetime)
+    }
+
+    fn roots(&self) -> Vec<CertificateDer<'static>> {
+        CertificateAuthority::roots(self).to_vec()
+    }
+}
+
 /// Holds a certificate only for service accounts with a pod on this node.
 pub struct CertManager {
-    ca: Arc<CertificateAuthority>,
+    ca: Arc<dyn Issuer>,
     lifetime: Duration,
     rotate_fraction: f64,
     certs: Mutex<HashMap<Identity, Arc<WorkloadCert>>>,
@@ -88,6 +107,11 @@ impl CertManager {
         lifetime: Duration,
         rotate_fraction: f64,
     ) -> Arc<Self> {
+        Self::with_issuer(ca, lifetime, rotate_fraction)
+    }
+
+    /// Like [`Self::new`], with any [`Issuer`].
+    pub fn with_issuer(ca: Arc<dyn Issuer>, lifetime: Duration, rotate_fraction: f64) -> Arc<Self> {
         Arc::new(Self {
             ca,
             lifetime,
@@ -150,7 +174,7 @@ impl CertManager {
 
     /// Trust anchors peers are verified against.
     pub fn roots(&self) -> Vec<CertificateDer<'static>> {
-        self.ca.roots().to_vec()
+        self.ca.roots()
     }
 
     /// How often the rotation task looks for due certificates: every second, or every

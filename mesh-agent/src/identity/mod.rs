@@ -9,11 +9,12 @@
 
 pub mod ca;
 pub mod manager;
+pub mod remote;
 
 use std::{fmt, str::FromStr};
 
 pub use ca::{CaError, CertificateAuthority};
-pub use manager::{CertManager, WorkloadCert};
+pub use manager::{CertManager, Issuer, WorkloadCert};
 
 use crate::state::Identity;
 

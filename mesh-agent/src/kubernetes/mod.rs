@@ -82,6 +82,44 @@ pub struct KubeOptions {
     /// SPIFFE trust domain of workload identities.
     #[arg(long, default_value = crate::config::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// The cluster CA (`mesh-agent ca`) to get workload certificates from, `host:port`;
+    /// default: a local CA in --state-dir (every agent its own root).
+    #[arg(long, requires = "ca_root_cert")]
+    pub ca_addr: Option<String>,
+    /// The mesh's root certificates (PEM): they verify the CA's endpoint and peers.
+    #[arg(long)]
+    pub ca_root_cert: Option<PathBuf>,
+    /// The name the CA's certificate is for.
+    #[arg(long, default_value = "trellis-ca.trellis-system.svc")]
+    pub ca_server_name: String,
+    /// The agent's service-account token, sent to the CA (a projected token, ideally with the
+    /// CA's audience).
+    #[arg(
+        long,
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub ca_token_file: PathBuf,
+}
+
+/// The cluster CA client `--ca-addr` asks for, if any.
+pub fn cluster_ca_issuer(
+    options: &KubeOptions,
+) -> anyhow::Result<Option<Arc<dyn crate::identity::Issuer>>> {
+    let Some(addr) = &options.ca_addr else {
+        return Ok(None);
+    };
+    let root = options
+        .ca_root_cert
+        .as_deref()
+        .context("--ca-addr needs --ca-root-cert")?;
+    let client = crate::identity::remote::ClusterCaClient::new(
+        addr,
+        &options.ca_server_name,
+        root,
+        &options.ca_token_file,
+    )
+    .with_context(|| format!("the cluster CA at {addr}"))?;
+    Ok(Some(Arc::new(client)))
 }
 
 /// The reflectors' stores.
