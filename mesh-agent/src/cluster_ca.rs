@@ -340,7 +340,10 @@ pub async fn run(options: CaOptions) -> anyhow::Result<()> {
     let client = client(&options).await?;
     let ca = load_ca(&client, &options).await?;
     let (chain, key) = ca
-        .issue_server(&[options.server_name.clone()], SERVER_CERT_LIFETIME)
+        .issue_server(
+            std::slice::from_ref(&options.server_name),
+            SERVER_CERT_LIFETIME,
+        )
         .context("issuing the CA endpoint's own certificate")?;
     let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
