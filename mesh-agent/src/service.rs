@@ -7,6 +7,9 @@
 //!     namespace: shop
 //!     vips: [10.96.0.10]              # ClusterIPs; at least one
 //!     selector: {app: backend}        # endpoints: pods of `shop` carrying all these labels
+//!     endpoints: [10.61.0.7]          # optional: the endpoint addresses themselves (Kubernetes
+//!                                     # mode: the ready addresses of the EndpointSlices);
+//!                                     # when given, the selector does not pick endpoints
 //!     ports:
 //!       - name: http                  # required when the service has several ports
 //!         port: 80
@@ -64,6 +67,8 @@ pub struct FileService {
     pub vips: Vec<String>,
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub endpoints: Option<Vec<String>>,
     #[serde(default)]
     pub ports: Vec<FileServicePort>,
     #[serde(default)]
@@ -157,8 +162,12 @@ pub struct Service {
     pub vips: Vec<IpAddr>,
     /// At least one; distinct numbers and names.
     pub ports: Vec<ServicePort>,
-    /// Empty = no endpoints (a selector-less Service).
+    /// Empty = no endpoints (a selector-less Service), unless `endpoints` lists them.
     pub selector: BTreeMap<String, String>,
+    /// The endpoint addresses as listed (canonical, sorted, no duplicates); `None` = the pods
+    /// the selector picks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<IpAddr>>,
     pub traffic_policy: TrafficPolicy,
 }
 
@@ -331,7 +340,10 @@ impl ServiceIndex {
             services: services.to_vec(),
             endpoints: services
                 .iter()
-                .map(|svc| endpoints(svc, pods.clone()).iter().map(|w| w.ip).collect())
+                .map(|svc| match &svc.endpoints {
+                    Some(listed) => listed.clone(),
+                    None => endpoints(svc, pods.clone()).iter().map(|w| w.ip).collect(),
+                })
                 .collect(),
             ..Default::default()
         };
@@ -444,10 +456,33 @@ pub fn validate_services(file: Vec<FileService>) -> Result<Vec<Service>, ConfigE
             vips,
             ports,
             selector: s.selector,
+            endpoints: validate_endpoints(s.endpoints.as_deref(), &at)?,
             traffic_policy,
         });
     }
     Ok(services)
+}
+
+fn validate_endpoints(
+    values: Option<&[String]>,
+    at: &str,
+) -> Result<Option<Vec<IpAddr>>, ConfigError> {
+    let Some(values) = values else {
+        return Ok(None);
+    };
+    let mut ips = Vec::with_capacity(values.len());
+    for (k, v) in values.iter().enumerate() {
+        let ip: IpAddr = v.parse().map_err(|_| {
+            ConfigError::new(
+                format!("{at}.endpoints[{k}]"),
+                format!("{v:?} is not an IP address"),
+            )
+        })?;
+        ips.push(ip.to_canonical());
+    }
+    ips.sort();
+    ips.dedup();
+    Ok(Some(ips))
 }
 
 fn validate_vips(values: &[String], at: &str) -> Result<Vec<IpAddr>, ConfigError> {
@@ -1103,5 +1138,24 @@ services:
             .map(|ip| ip.to_string())
             .collect();
         assert_eq!(ips, ["10.0.0.2", "10.0.0.3"]);
+    }
+
+    #[test]
+    fn listed_endpoints_replace_the_selector() {
+        let text = "node: n1\npods:\n  - {name: a, namespace: shop, ip: 10.0.0.2, node: n2, labels: {app: web}}\nservices:\n  - {name: web, namespace: shop, vips: [10.96.0.1], selector: {app: web}, endpoints: [10.0.0.9, 10.0.0.8, 10.0.0.9], ports: [{port: 80}]}\n  - {name: manual, namespace: shop, vips: [10.96.0.2], endpoints: [], ports: [{port: 80}]}\n";
+        let mesh = crate::config::parse(text).expect("valid");
+        let index = ServiceIndex::new(&mesh.services, mesh.pods.values());
+        let web = index.by_name("shop", "web").expect("web");
+        let ips: Vec<String> = index
+            .endpoints(web)
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect();
+        assert_eq!(ips, ["10.0.0.8", "10.0.0.9"], "listed, not selected");
+        let manual = index.by_name("shop", "manual").expect("manual");
+        assert!(index.endpoints(manual).is_empty());
+        let bad = text.replace("10.0.0.8", "ten");
+        let err = crate::config::parse(&bad).unwrap_err();
+        assert_eq!(err.field, "services[0].endpoints[1]");
     }
 }

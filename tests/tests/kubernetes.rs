@@ -467,3 +467,51 @@ fn pods_on_two_nodes_talk_mtls_with_identities_from_the_api() -> anyhow::Result<
     std::fs::remove_dir_all(&fleet_ca).ok();
     Ok(())
 }
+
+#[test]
+fn service_endpoints_are_the_ready_addresses_of_its_endpoint_slices() -> anyhow::Result<()> {
+    let c = cluster(true)?;
+    let vip = "10.96.77.10";
+    c.api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": "web", "namespace": "shop" },
+        "spec": { "type": "ClusterIP", "clusterIP": vip, "clusterIPs": [vip], "selector": { "app": "server" },
+                  "ports": [{ "name": "http", "port": 80, "targetPort": "http", "protocol": "TCP", "appProtocol": "http" }] },
+    }))?;
+    let slice = |server_ready: bool| {
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": { "name": "web-x1", "namespace": "shop",
+                          "labels": { "kubernetes.io/service-name": "web", "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io" } },
+            "addressType": "IPv4",
+            "endpoints": [
+                { "addresses": [c.server.ip.to_string()], "conditions": { "ready": server_ready },
+                  "targetRef": { "kind": "Pod", "namespace": "shop", "name": "server" } },
+                // A pod that is starting: not ready, must get no traffic.
+                { "addresses": ["10.250.0.99"], "conditions": { "ready": false } },
+            ],
+            // The named target port "http", resolved by the EndpointSlice controller.
+            "ports": [{ "name": "http", "port": APP_PORT, "protocol": "TCP", "appProtocol": "http" }],
+        })
+    };
+    c.api.apply(slice(true))?;
+    let mut agent = c.start_agent("k8s-svc", &[])?;
+    wait_count(&mut agent, "pod enrolled", "shop/client", 1)?;
+    let url = format!("http://{vip}/");
+    for _ in 0..5 {
+        let (code, body) = c.client.curl(&url)?;
+        ensure!(code == 200, "status {code}: {body}\n{}", agent.log_text());
+    }
+    // The server fails its readiness probe: the Service has no endpoint left.
+    c.api.apply(slice(false))?;
+    wait_until(
+        "the agent to drop the unready endpoint",
+        AGENT_DEADLINE,
+        || {
+            let (code, _) = c.client.curl(&url).ok()?;
+            (code == 503).then_some(())
+        },
+    )
+    .with_context(|| agent.log_text())?;
+    Ok(())
+}

@@ -317,11 +317,29 @@ fn services(objects: &Objects<'_>) -> Vec<(String, Value)> {
                 "namespace": namespace,
                 "vips": vips,
                 "selector": spec.selector.clone().unwrap_or_default(),
+                "endpoints": ready_addresses(&slices),
                 "ports": ports,
             }),
         ));
     }
     out
+}
+
+/// The ready IPv4 endpoint addresses of a Service's EndpointSlices: what kube-proxy would
+/// send to. Pods that are starting, failing their readiness probe or terminating are not
+/// among them; Services without a selector get theirs from hand-made slices.
+fn ready_addresses(slices: &[&EndpointSlice]) -> Vec<String> {
+    let mut ips: Vec<String> = slices
+        .iter()
+        .filter(|s| s.address_type == "IPv4")
+        .flat_map(|s| s.endpoints.iter())
+        // The API: an unset `ready` means ready.
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .flat_map(|e| e.addresses.iter().cloned())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 fn named_target_port(slices: &[&EndpointSlice], port_name: &str) -> Option<i32> {
@@ -572,7 +590,11 @@ mod tests {
         f.slices.push(arc(json!({
             "metadata": { "name": "web-abc", "namespace": "shop", "labels": { "kubernetes.io/service-name": "web" } },
             "addressType": "IPv4",
-            "endpoints": [],
+            "endpoints": [
+                { "addresses": ["10.1.0.2"], "conditions": { "ready": true } },
+                { "addresses": ["10.2.0.2"] },
+                { "addresses": ["10.1.0.9"], "conditions": { "ready": false, "serving": true } },
+            ],
             "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
         })));
         let built = f.build().expect("builds");
@@ -580,6 +602,14 @@ mod tests {
         let svc = &built.mesh.services[0];
         assert_eq!(svc.ports.len(), 1);
         assert_eq!((svc.ports[0].port, svc.ports[0].target_port), (80, 8080));
+        // Endpoints are the slices' ready addresses (unset = ready), not the selector's pods.
+        let ips: Vec<String> = svc
+            .endpoints
+            .iter()
+            .flatten()
+            .map(|ip| ip.to_string())
+            .collect();
+        assert_eq!(ips, ["10.1.0.2", "10.2.0.2"]);
     }
 
     #[test]

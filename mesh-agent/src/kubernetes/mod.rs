@@ -9,7 +9,7 @@
 //! | Pod | `spec.nodeName=<this node>` | pods to enrol: UID (→ cgroup, netns), IP, service account, labels, opt-out label |
 //! | Pod | `spec.nodeName!=<this node>` | every other node's pods: their IP, node and service account are the HBONE destination and the identity to verify; their labels select Service endpoints and policy targets. Trimmed to those fields before they are stored |
 //! | Service | all | VIPs, ports, app protocols, selectors |
-//! | EndpointSlice | all (trimmed to ports) | the numbers behind named `targetPort`s |
+//! | EndpointSlice | all | Service endpoints: the ready addresses (so pods that are starting, failing readiness or terminating get no traffic, and selector-less Services work); the numbers behind named `targetPort`s |
 //! | HTTPRoute (gateway.networking.k8s.io/v1) | all | GAMMA routes (Service parents) |
 //! | AuthorizationPolicy (security.trellis.dev/v1) | all | authorization |
 //!
@@ -219,7 +219,10 @@ fn strip_service(svc: &mut Service) {
 
 fn strip_endpoint_slice(slice: &mut EndpointSlice) {
     strip_meta(&mut slice.metadata);
-    slice.endpoints = Vec::new();
+    for e in &mut slice.endpoints {
+        e.hints = None;
+        e.deprecated_topology = None;
+    }
 }
 
 fn strip_dynamic(o: &mut DynamicObject) {
