@@ -34,6 +34,9 @@ use mesh_agent::{
     tls::TlsConfigs,
 };
 
+/// How often pods whose enrolment failed (netns not there yet, CA unreachable, ...) are tried
+/// again, while the snapshot stays the same.
+const ENROL_RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// How long shutdown waits for pods' netns threads to clean up.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -279,9 +282,17 @@ async fn run(options: &RunOptions) -> anyhow::Result<Vec<std::thread::JoinHandle
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut retry = tokio::time::interval(ENROL_RETRY_INTERVAL);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: detaching and exiting"); break; }
+            _ = retry.tick() => {
+                let failed = !enrolment.failures.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+                if failed {
+                    enrolment.apply(&inputs.mesh.load_full()).await;
+                }
+            }
             _ = sigint.recv() => { info!("SIGINT: detaching and exiting"); break; }
             update = updates.recv() => {
                 match update {

@@ -64,6 +64,10 @@ impl Drop for CaProcess {
 
 impl CaProcess {
     fn start(api: &KubeApi, name: &str) -> anyhow::Result<Self> {
+        Self::start_on(api, name, "127.0.0.1:0")
+    }
+
+    fn start_on(api: &KubeApi, name: &str, listen: &str) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("trellis-{}-{name}", std::process::id()));
         fs::create_dir_all(&dir)?;
         let kubeconfig = dir.join("kubeconfig");
@@ -71,7 +75,7 @@ impl CaProcess {
         let log = dir.join("ca.log");
         let out = fs::File::create(&log)?;
         let mut child = Command::new(agent_binary()?)
-            .args(["ca", "--log-format", "json", "--listen", "127.0.0.1:0"])
+            .args(["ca", "--log-format", "json", "--listen", listen])
             .arg("--kubeconfig")
             .arg(&kubeconfig)
             .args(["--namespace", "trellis-system", "--audience", "trellis-ca"])
@@ -402,17 +406,26 @@ fn agents_on_two_nodes_get_their_certificates_from_the_cluster_ca() -> anyhow::R
         field(&out, "path") == "hbone" && field(&out, "security") == "mutual_tls",
         "{out}"
     );
-    let log = ca.log_text();
     for (identity, node) in [("frontend", &n1.id), ("backend", &n2.id)] {
-        ensure!(
-            log.lines()
+        let wanted = format!("spiffe://cluster.local/ns/shop/sa/{identity}");
+        // The CA's log is written in batches: wait for the line.
+        wait_until("the CA to log the signature", AGENT_DEADLINE, || {
+            ca.log_text()
+                .lines()
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .any(|e| message(&e) == "certificate signed"
-                    && field(&e, "identity")
-                        == format!("spiffe://cluster.local/ns/shop/sa/{identity}")
-                    && field(&e, "node") == node.as_str()),
-            "the CA did not sign {identity} for {node}:\n{log}"
-        );
+                .any(|e| {
+                    message(&e) == "certificate signed"
+                        && field(&e, "identity") == wanted
+                        && field(&e, "node") == node.as_str()
+                })
+                .then_some(())
+        })
+        .with_context(|| {
+            format!(
+                "the CA did not sign {identity} for {node}:\n{}",
+                ca.log_text()
+            )
+        })?;
     }
     fs::remove_dir_all(&dir).ok();
     Ok(())
@@ -422,4 +435,79 @@ fn pod_object_running(namespace: &str, name: &str, sa: &str, node: &str, ip: &st
     let mut p = pod(namespace, name, sa, node, "Running");
     p["status"]["podIP"] = json!(ip);
     p
+}
+
+#[test]
+fn an_agent_enrols_its_pods_once_the_cluster_ca_is_reachable() -> anyhow::Result<()> {
+    use mesh_tests::{Agent, CgroupDriver, Node, kube_api};
+    const API_TOKEN: &str = "agent-api-token-2";
+    let api = KubeApi::start()?;
+    api.require_token(CA_TOKEN);
+    api.require_token(API_TOKEN);
+    let (root_cert, root_key) = root_ca()?;
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": { "name": "trellis-ca-root", "namespace": "trellis-system" },
+        "stringData": { "tls.crt": root_cert, "tls.key": root_key },
+    }))?;
+    let mut node = Node::new()?;
+    let uid = kube_api::new_uid();
+    let (client, _container) = node.add_kubelet_pod("client", &uid, CgroupDriver::Systemd)?;
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": { "name": "shop", "labels": { "trellis.dev/dataplane": "enabled" } },
+    }))?;
+    let mut object = pod_object_running(
+        "shop",
+        "client",
+        "frontend",
+        &node.id,
+        &client.ip.to_string(),
+    );
+    object["metadata"]["uid"] = json!(uid);
+    api.apply(object)?;
+    let dir = std::env::temp_dir().join(format!("trellis-{}-ca-late", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    let root_file = dir.join("root.pem");
+    fs::write(&root_file, &root_cert)?;
+    let mut user =
+        TokenUser::service_account("trellis-system", "mesh-agent", "mesh-agent-x", &node.id);
+    user.audiences = vec!["trellis-ca".into()];
+    api.add_token_review("late-token", user);
+    let token_file = dir.join("token");
+    fs::write(&token_file, "late-token")?;
+    // A port for the CA, free now; the CA is not there yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut agent = Agent::start_kubernetes(
+        "ca-late",
+        &api.kubeconfig(API_TOKEN),
+        &node.id,
+        &node.kubelet_cgroup_root(),
+        None,
+        &[
+            "--ca-addr",
+            &addr,
+            "--ca-root-cert",
+            &root_file.display().to_string(),
+            "--ca-token-file",
+            &token_file.display().to_string(),
+        ],
+    )?;
+    agent.wait_for_event("the enrolment to fail without the CA", |e| {
+        message(e).starts_with("pod enrolment failed") && field(e, "error").contains("cluster CA")
+    })?;
+    let ca = CaProcess::start_on(&api, "cluster-ca-late", &addr)?;
+    agent.wait_for_event("the pod to be enrolled once the CA is up", |e| {
+        message(e) == "pod enrolled" && field(e, "pod") == "shop/client"
+    })?;
+    // The CA's log is written in batches: wait for the line.
+    wait_until("the CA to log the signature", AGENT_DEADLINE, || {
+        ca.log_text().contains("certificate signed").then_some(())
+    })
+    .with_context(|| ca.log_text())?;
+    fs::remove_dir_all(&dir).ok();
+    Ok(())
 }

@@ -84,7 +84,7 @@ pub struct KubeOptions {
     pub trust_domain: String,
     /// The cluster CA (`mesh-agent ca`) to get workload certificates from, `host:port`;
     /// default: a local CA in --state-dir (every agent its own root).
-    #[arg(long, requires = "ca_root_cert")]
+    #[arg(long, requires = "ca_root_cert", conflicts_with = "config")]
     pub ca_addr: Option<String>,
     /// The mesh's root certificates (PEM): they verify the CA's endpoint and peers.
     #[arg(long)]
