@@ -28,7 +28,10 @@
 //!
 //! Not modelled: writes through HTTP (the agent and the CA only read and create
 //! TokenReviews), admission, defaulting, field validation, discovery (`/api`, `/apis`: the
-//! clients know their resources), TLS (kube-rs speaks plain HTTP to an `http://` server).
+//! clients know their resources), client certificates.
+//!
+//! It serves HTTPS ([`KubeApi::start`]: a certificate for 127.0.0.1 from a CA of its own, in the
+//! kubeconfig it writes) or plain HTTP ([`KubeApi::start_plain`]).
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     convert::Infallible,
@@ -324,13 +327,26 @@ impl Shared {
 pub struct KubeApi {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    /// HTTPS: the server's TLS config and the PEM of the CA that signed its certificate.
+    tls: Option<(tokio_rustls::TlsAcceptor, String)>,
     runtime: tokio::runtime::Runtime,
     accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl KubeApi {
-    /// Starts a stand-in on a free port of 127.0.0.1.
+    /// Starts a stand-in serving HTTPS on a free port of 127.0.0.1, as API servers do: its
+    /// certificate (for `127.0.0.1`) is signed by a CA of its own, which
+    /// [`Self::kubeconfig`] hands to clients as `certificate-authority-data`.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(Some(serving_tls()?))
+    }
+
+    /// Starts a stand-in serving plain HTTP.
+    pub fn start_plain() -> anyhow::Result<Self> {
+        Self::start_with(None)
+    }
+
+    fn start_with(tls: Option<(tokio_rustls::TlsAcceptor, String)>) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("kube-api")
@@ -350,18 +366,24 @@ impl KubeApi {
             bookmark_interval: Mutex::new(Duration::from_secs(1)),
         });
         runtime.spawn(bookmarks(shared.clone()));
-        let accept = runtime.spawn(serve(listener, shared.clone()));
+        let accept = runtime.spawn(serve(
+            listener,
+            shared.clone(),
+            tls.as_ref().map(|(a, _)| a.clone()),
+        ));
         Ok(Self {
             shared,
             addr,
+            tls,
             runtime,
             accept: Mutex::new(Some(accept)),
         })
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `https://127.0.0.1:PORT` (`http://` for [`Self::start_plain`]).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -370,8 +392,16 @@ impl KubeApi {
 
     /// A kubeconfig for this server, authenticating with `token` (see [`Self::require_token`]).
     pub fn kubeconfig(&self, token: &str) -> String {
+        use base64::Engine as _;
+        let ca = match &self.tls {
+            Some((_, pem)) => format!(
+                "    certificate-authority-data: {}\n",
+                base64::engine::general_purpose::STANDARD.encode(pem)
+            ),
+            None => String::new(),
+        };
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: {}\nusers:\n- name: agent\n  user:\n    token: {token}\ncontexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: agent\ncurrent-context: stand-in\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: {}\n{ca}users:\n- name: agent\n  user:\n    token: {token}\ncontexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: agent\ncurrent-context: stand-in\n",
             self.url()
         )
     }
@@ -571,7 +601,11 @@ impl KubeApi {
             Err(last.unwrap_or_else(|| std::io::Error::other("bind failed")))
         });
         let listener = listener.with_context(|| format!("binding {addr} again"))?;
-        *accept = Some(self.runtime.spawn(serve(listener, self.shared.clone())));
+        *accept = Some(self.runtime.spawn(serve(
+            listener,
+            self.shared.clone(),
+            self.tls.as_ref().map(|(a, _)| a.clone()),
+        )));
         Ok(())
     }
 
@@ -806,7 +840,40 @@ impl FieldSelector {
 
 type ResponseBody = BoxBody<Bytes, Infallible>;
 
-async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+/// A serving certificate for 127.0.0.1 from a throw-away CA: (acceptor, the CA's PEM).
+fn serving_tls() -> anyhow::Result<(tokio_rustls::TlsAcceptor, String)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kube-api stand-in CA");
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let key = KeyPair::generate()?;
+    let params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let cert = params.signed_by(&key, &issuer)?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone(), ca_cert.der().clone()],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )?;
+    Ok((
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        ca_cert.pem(),
+    ))
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let mut generation = shared.generation.subscribe();
     let mine = *generation.borrow_and_update();
     loop {
@@ -816,15 +883,32 @@ async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
         };
         let shared = shared.clone();
         let mut cut = shared.generation.subscribe();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(req, &shared).await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let http = hyper::server::conn::http1::Builder::new();
+            let serving = async {
+                match tls {
+                    Some(acceptor) => {
+                        let Ok(stream) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        let _ = http
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    }
+                    None => {
+                        let _ = http
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+            };
             tokio::select! {
-                _ = conn => {}
+                _ = serving => {}
                 _ = cut.wait_for(|g| *g != mine) => {}
             }
         });

@@ -304,7 +304,8 @@ fn leaf_facts(der: &[u8]) -> anyhow::Result<(Vec<u8>, String)> {
 
 #[test]
 fn the_ca_refuses_to_start_without_its_root_secret() -> anyhow::Result<()> {
-    let api = KubeApi::start()?;
+    // Plain HTTP this time (kubeconfigs may point at http:// servers too).
+    let api = KubeApi::start_plain()?;
     api.require_token(CA_TOKEN);
     let err = match CaProcess::start(&api, "cluster-ca-nosecret") {
         Ok(_) => anyhow::bail!("the CA started without a root"),
