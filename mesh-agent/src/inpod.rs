@@ -98,6 +98,8 @@ pub struct PodNetns {
     requests: mpsc::Sender<Request>,
     pool: Arc<SocketPool>,
     netns_cookie: u64,
+    /// Set when another agent takes the pod over: its reply route must stay.
+    keep_route: Arc<AtomicBool>,
 }
 
 impl PodNetns {
@@ -114,9 +116,13 @@ impl PodNetns {
         let path = netns_path.to_path_buf();
         let pool = Arc::new(SocketPool::default());
         let thread_pool = pool.clone();
+        let keep_route = Arc::new(AtomicBool::new(false));
+        let thread_keep_route = keep_route.clone();
         let handle = thread::Builder::new()
             .name(format!("netns-{pod_name}"))
-            .spawn(move || netns_thread(netns, path, inbox, thread_pool, ready_tx))
+            .spawn(move || {
+                netns_thread(netns, path, inbox, thread_pool, thread_keep_route, ready_tx)
+            })
             .context("spawning the pod netns thread")?;
         let netns_cookie = match ready_rx.recv() {
             Ok(Ok(cookie)) => cookie,
@@ -131,6 +137,7 @@ impl PodNetns {
                 requests,
                 pool,
                 netns_cookie,
+                keep_route,
             },
             handle,
         ))
@@ -139,6 +146,11 @@ impl PodNetns {
     /// The namespace's cookie, as BPF's `bpf_get_netns_cookie` reports it.
     pub fn netns_cookie(&self) -> u64 {
         self.netns_cookie
+    }
+
+    /// Leaves the reply route in place when the thread exits (a successor agent uses it).
+    pub fn keep_route_on_exit(&self) {
+        self.keep_route.store(true, Ordering::Release);
     }
 
     /// A new non-blocking TCP socket in the pod's namespace.
@@ -176,6 +188,7 @@ fn netns_thread(
     path: PathBuf,
     inbox: mpsc::Receiver<Request>,
     pool: Arc<SocketPool>,
+    keep_route: Arc<AtomicBool>,
     ready: mpsc::SyncSender<anyhow::Result<u64>>,
 ) {
     let started = (|| -> anyhow::Result<u64> {
@@ -202,7 +215,9 @@ fn netns_thread(
         }
     }
     drop(pool);
-    remove_reply_route();
+    if !keep_route.load(Ordering::Acquire) {
+        remove_reply_route();
+    }
     debug!(netns = %path.display(), "pod netns thread finished");
 }
 
@@ -240,8 +255,9 @@ fn ip(args: &[&str]) -> io::Result<std::process::Output> {
     Command::new("ip").args(args).output()
 }
 
+/// Installs the reply route, or keeps the one in place: a predecessor agent's relays may be
+/// using it right now (handover), so it is never removed and re-added.
 fn install_reply_route() -> anyhow::Result<()> {
-    remove_reply_route();
     let out = ip(&[
         "-4",
         "route",
@@ -259,6 +275,11 @@ fn install_reply_route() -> anyhow::Result<()> {
             "ip route: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ));
+    }
+    let existing =
+        ip(&["-4", "rule", "show", "pref", REPLY_RULE_PRIORITY]).context("running `ip rule`")?;
+    if existing.status.success() && !existing.stdout.is_empty() {
+        return Ok(());
     }
     let out = ip(&[
         "-4",

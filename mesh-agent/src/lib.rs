@@ -2,12 +2,15 @@
 //! fuzz targets (`fuzz/`) drive its parsers and matchers directly.
 pub mod admin;
 pub mod config;
+pub mod drain;
 pub mod enrolment;
+pub mod handover;
 pub mod identity;
 pub mod inpod;
 pub mod live;
 pub mod logwriter;
 pub mod metrics;
+pub mod pinning;
 pub mod policy;
 pub mod proxy;
 pub mod redirect;

@@ -21,11 +21,12 @@ use tracing::{error, info, warn};
 use mesh_agent::{
     admin, config,
     enrolment::Enrolment,
+    handover,
     identity::{CertManager, CertificateAuthority},
     live::LiveState,
     logwriter,
     metrics::Metrics,
-    proxy::{ProxyInputs, pool::HbonePool},
+    proxy::{PodContext, ProxyInputs, pool::HbonePool},
     redirect::Redirector,
     state, status,
     tls::TlsConfigs,
@@ -33,6 +34,10 @@ use mesh_agent::{
 
 /// How often the config file is checked for changes.
 const CONFIG_POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a draining agent checks for connections left.
+const DRAIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a new agent retries binding the admin ports its predecessor releases.
+const ADMIN_BIND_RETRY: Duration = Duration::from_secs(5);
 /// How long shutdown waits for pods' netns threads to clean up.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -72,6 +77,20 @@ enum Command {
         /// Metrics and access logs for every connection and request (`off` for benchmarks).
         #[arg(long, env = "TRELLIS_TELEMETRY", value_enum, default_value_t = Switch::On)]
         telemetry: Switch,
+        /// bpffs directory for the pinned maps and per-pod links (mounted if needed).
+        #[arg(long, default_value = "/sys/fs/bpf/trellis")]
+        bpf_pin_dir: PathBuf,
+        /// On SIGTERM/SIGINT, leave the pods captured (they fail closed until the next agent
+        /// adopts them) instead of detaching everything. What the DaemonSet uses.
+        #[arg(long)]
+        keep_capture_on_exit: bool,
+        /// Unix socket for zero-drop restarts: a new agent started with the same socket takes
+        /// the pods' listeners over from the running one (see `handover`).
+        #[arg(long, default_value = "/run/trellis/handover.sock")]
+        handover_socket: PathBuf,
+        /// After handing over, how long the old agent keeps serving its open connections.
+        #[arg(long, value_parser = parse_seconds, default_value = "30")]
+        drain_timeout_s: Duration,
     },
     /// Show this node's pods, identities and certificates, from the agent's admin API.
     Status {
@@ -94,6 +113,16 @@ struct RunOptions {
     admin_addr: SocketAddr,
     metrics_addr: SocketAddr,
     telemetry: bool,
+    bpf_pin_dir: PathBuf,
+    keep_capture_on_exit: bool,
+    handover_socket: PathBuf,
+    drain_timeout: Duration,
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    text.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("{text:?} is not a whole number of seconds"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -120,12 +149,20 @@ fn main() -> anyhow::Result<()> {
             admin_addr,
             metrics_addr,
             telemetry,
+            bpf_pin_dir,
+            keep_capture_on_exit,
+            handover_socket,
+            drain_timeout_s,
         } => {
             let options = RunOptions {
                 state_dir,
                 admin_addr,
                 metrics_addr,
                 telemetry: telemetry == Switch::On,
+                bpf_pin_dir,
+                keep_capture_on_exit,
+                handover_socket,
+                drain_timeout: drain_timeout_s,
             };
             let _log_writer = init_logging(log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -149,7 +186,7 @@ fn main() -> anyhow::Result<()> {
                     warn!("a pod netns thread did not finish in time");
                 }
             }
-            info!("agent stopped; all programs detached");
+            info!("agent stopped");
             Ok(())
         }
     }
@@ -201,6 +238,13 @@ async fn run(
     let mesh = config::load(config_path)
         .with_context(|| format!("invalid config {}", config_path.display()))?;
     let mut last_config_text = std::fs::read(config_path).unwrap_or_default();
+    // An agent already running on this node hands its pods over before anything is touched.
+    let mut inherited = handover::request(&options.handover_socket)
+        .context("asking the running agent to hand over")?;
+    let inherited_listeners = inherited
+        .as_mut()
+        .map(|i| std::mem::take(&mut i.listeners))
+        .unwrap_or_default();
     let ca = certificate_authority(&mesh, state_dir)?;
     let certs = CertManager::new(
         Arc::new(ca),
@@ -208,7 +252,7 @@ async fn run(
         mesh.identity.rotate_at,
     );
     let _rotation = certs.spawn_rotation();
-    let (redirector, maps) = Redirector::load()?;
+    let (redirector, maps) = Redirector::load(&options.bpf_pin_dir)?;
     let inputs = Arc::new(ProxyInputs {
         mesh: ArcSwap::from_pointee(mesh.clone()),
         local_pods: ArcSwap::default(),
@@ -221,29 +265,51 @@ async fn run(
         l7: Default::default(),
         metrics: Arc::new(Metrics::new()),
         telemetry: options.telemetry,
+        drain: Default::default(),
     });
     inputs.publish(mesh.clone());
-    let mut enrolment = Enrolment::new(redirector, inputs.clone());
+    let mut enrolment = Enrolment::new(redirector, inputs.clone(), inherited_listeners);
     let live = Arc::new(LiveState {
         inputs: inputs.clone(),
         failures: enrolment.failures.clone(),
         started: AtomicBool::new(false),
     });
-    let admin = admin::spawn(options.admin_addr, options.metrics_addr, live.clone())
-        .context("starting the admin and metrics servers")?;
-    info!(admin = %admin.admin_addr, metrics = %admin.metrics_addr, "admin API and metrics listening");
     enrolment.apply(&mesh).await;
+    if let Some(predecessor) = inherited {
+        // Our accept loops run on the inherited sockets; the old agent may stop accepting.
+        match tokio::task::spawn_blocking(move || predecessor.complete()).await {
+            Ok(Ok(())) => info!("took over from the previous agent; it is draining"),
+            Ok(Err(e)) => warn!(
+                error = format!("{e:#}"),
+                "the previous agent did not confirm the handover; serving anyway"
+            ),
+            Err(e) => warn!(error = %e, "handover completion task failed; serving anyway"),
+        }
+    }
+    let admin = spawn_admin(options, live.clone())?;
+    let (handover_tx, mut handover_rx) = tokio::sync::mpsc::channel(1);
+    let handover_listener =
+        handover::HandoverListener::bind(&options.handover_socket, handover_tx)?;
     live.started.store(true, Ordering::Release);
-    info!(node = %mesh.node, pods = mesh.pods.len(), enrolled = enrolment.enrolled_count(), "agent ready");
+    info!(node = %mesh.node, pods = mesh.pods.len(), enrolled = enrolment.enrolled_count(), handover_socket = %handover_listener.path().display(), "agent ready");
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut poll = tokio::time::interval(CONFIG_POLL_INTERVAL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    let successor = loop {
         tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: detaching and exiting"); break; }
-            _ = sigint.recv() => { info!("SIGINT: detaching and exiting"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break None; }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break None; }
+            Some(stream) = handover_rx.recv() => {
+                info!("a new agent asks to take over");
+                let pods = enrolment.listener_fds();
+                match tokio::task::spawn_blocking(move || handover::give(stream, pods)).await {
+                    Ok(Ok(giving)) => break Some(giving),
+                    Ok(Err(e)) => warn!(error = format!("{e:#}"), "handover failed; still serving"),
+                    Err(e) => warn!(error = %e, "handover task failed; still serving"),
+                }
+            }
             _ = poll.tick() => {
                 let Ok(text) = std::fs::read(config_path) else { continue };
                 if text == last_config_text {
@@ -267,7 +333,7 @@ async fn run(
                 }
             }
         }
-    }
+    };
     let counters: Vec<String> = inputs
         .maps
         .counters()
@@ -277,5 +343,69 @@ async fn run(
         .collect();
     info!(counters = %counters.join(" "), "eBPF counters");
     drop(admin);
-    Ok(enrolment.shutdown())
+    let Some(giving) = successor else {
+        let detach = !options.keep_capture_on_exit;
+        let threads = enrolment.shutdown(detach);
+        if detach {
+            info!("all pods detached");
+        } else {
+            info!("pods left captured for the next agent (they fail closed until it comes)");
+        }
+        return Ok(threads);
+    };
+    let (pods, threads) = enrolment.release();
+    giving.released();
+    inputs.drain.start();
+    info!(
+        pods = pods.len(),
+        "handed over to the new agent; draining open connections"
+    );
+    drain(&pods, options.drain_timeout, &mut sigterm, &mut sigint).await;
+    Ok(threads)
+}
+
+/// Waits until the handed-over pods' connections have all ended, the drain deadline passes,
+/// or a signal asks to stop now.
+async fn drain(
+    pods: &[Arc<PodContext>],
+    deadline: Duration,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+) {
+    let end = Instant::now() + deadline;
+    loop {
+        let open: u64 = pods
+            .iter()
+            .map(|p| p.active_connections.load(Ordering::Relaxed))
+            .sum();
+        if open == 0 {
+            info!("drained: no connections left");
+            return;
+        }
+        if Instant::now() >= end {
+            warn!(open, "drain deadline passed; closing what is left");
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(DRAIN_POLL_INTERVAL) => {}
+            _ = sigterm.recv() => { warn!(open, "SIGTERM while draining; closing what is left"); return; }
+            _ = sigint.recv() => { warn!(open, "SIGINT while draining; closing what is left"); return; }
+        }
+    }
+}
+
+/// Binds the admin and metrics ports. After a handover the old agent has just released
+/// them; a short retry covers a slow release.
+fn spawn_admin(options: &RunOptions, live: Arc<LiveState>) -> anyhow::Result<admin::AdminHandle> {
+    let deadline = Instant::now() + ADMIN_BIND_RETRY;
+    loop {
+        match admin::spawn(options.admin_addr, options.metrics_addr, live.clone()) {
+            Ok(handle) => return Ok(handle),
+            Err(e) if Instant::now() < deadline => {
+                warn!(error = format!("{e:#}"), "admin ports busy; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e.context("starting the admin and metrics servers")),
+        }
+    }
 }

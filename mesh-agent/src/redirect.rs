@@ -2,35 +2,41 @@
 //! path's one question about a redirected connection: where did it mean to go?
 //!
 //! Per pod the agent attaches `connect4/6`, `getpeername4/6` and `sock_ops` to the pod's
-//! cgroup and `sk_lookup` to its network namespace. Every attachment is a BPF link owned by a
-//! [`PodAttachment`]: dropping it detaches, and when the agent exits the kernel drops whatever
-//! is left, so nothing outlives the process.
+//! cgroup and `sk_lookup` to its network namespace. Every attachment is a BPF link pinned in
+//! bpffs (`<pin dir>/pods/<pod>/<program>`), and the maps are pinned too (`<pin dir>/maps`):
+//! - unenrolling a pod, or a clean shutdown, unpins (detaches) everything;
+//! - a crash leaves the pins: the pod stays captured and fails closed (outbound connects are
+//!   refused by the closed in-pod listener, inbound SYNs dropped by `sk_lookup`);
+//! - the next agent adopts the pins: it swaps its own programs into the existing links and
+//!   reuses the maps, so capture never stops (see [`crate::pinning`] and [`crate::handover`]).
 use std::{
+    collections::HashSet,
     fs::File,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::fd::AsRawFd,
-    path::Path,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
     sync::Arc,
 };
 
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, SockHash},
-    programs::{
-        CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, cgroup_sock_addr::CgroupSockAddrLink,
-        sk_lookup::SkLookupLink, sock_ops::SockOpsLink,
-    },
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
 use mesh_common::{FlowKey, InboundKey, OriginalDst, names, stats};
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
+use crate::{pinning, state::PodKey};
+
 /// The BPF object built by `mesh-ebpf`, embedded at compile time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
-/// The cgroup-attached programs, in the order they are attached at enrolment. The connect
-/// hooks come last so that nothing is redirected before the rest is in place.
+/// Where bpffs is (or gets) mounted; the pin directory must lie below it.
+pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+/// The cgroup-attached programs of the sock_addr kind.
 const CGROUP_SOCK_ADDR_PROGRAMS: [&str; 4] = [
     names::PROG_GETPEERNAME4,
     names::PROG_GETPEERNAME6,
@@ -38,10 +44,33 @@ const CGROUP_SOCK_ADDR_PROGRAMS: [&str; 4] = [
     names::PROG_CONNECT6,
 ];
 
+/// Every per-pod link, in attach order: the connect hooks come last so that nothing is
+/// redirected before the rest is in place; detaching goes the other way.
+const LINK_ORDER: [&str; 6] = [
+    names::PROG_SOCK_OPS,
+    names::PROG_SK_LOOKUP,
+    names::PROG_GETPEERNAME4,
+    names::PROG_GETPEERNAME6,
+    names::PROG_CONNECT4,
+    names::PROG_CONNECT6,
+];
+
+/// Maps shared across agent generations (pinned by name under `<pin dir>/maps`).
+const PINNED_MAPS: [&str; 5] = [
+    names::MAP_ORIGINAL_DST_BY_COOKIE,
+    names::MAP_ORIGINAL_DST_BY_FLOW,
+    names::MAP_INBOUND_LISTENERS,
+    names::MAP_FAIL_CLOSED_PODS,
+    names::MAP_STATS,
+];
+
 /// The loaded programs and the maps the agent uses while attaching.
 pub struct Redirector {
     ebpf: Ebpf,
     inbound_listeners: SockHash<MapData, InboundKey>,
+    fail_closed: HashMap<MapData, InboundKey, u8>,
+    pin_dir: PathBuf,
+    pods_dir: PathBuf,
 }
 
 /// Read-only views of the maps the data path consults; cheap to share.
@@ -50,22 +79,38 @@ pub struct RedirectMaps {
     stats: PerCpuArray<MapData, u64>,
 }
 
-/// Everything attached for one pod. Dropping it detaches every program from the pod.
+/// One pod's pinned links. Dropping it leaves them attached (the pod stays captured for a
+/// successor, or fails closed); [`Redirector::detach_pod`] removes them.
 pub struct PodAttachment {
-    // Field order is drop order: stop capturing (connect hooks, sk_lookup) before the rest.
-    sock_addr_links: Vec<CgroupSockAddrLink>,
-    sk_lookup_link: SkLookupLink,
-    sock_ops_link: SockOpsLink,
+    dir: PathBuf,
     inbound_key: InboundKey,
+    /// Whether the links were taken over from a previous agent rather than created.
+    pub adopted: bool,
 }
 
 impl Redirector {
-    /// Loads the programs into the kernel (attaching nothing yet) and starts forwarding the
+    /// Loads the programs into the kernel (attaching nothing yet), reusing the maps pinned
+    /// under `pin_dir` by an earlier agent if there are any, and starts forwarding the
     /// programs' `aya-log` records to `tracing`.
-    pub fn load() -> anyhow::Result<(Self, Arc<RedirectMaps>)> {
+    pub fn load(pin_dir: &Path) -> anyhow::Result<(Self, Arc<RedirectMaps>)> {
         raise_memlock_limit();
-        let mut ebpf =
-            Ebpf::load(EBPF_OBJECT).context("loading the eBPF object into the kernel")?;
+        if !pin_dir.starts_with(BPFFS_MOUNT) {
+            return Err(anyhow!(
+                "--bpf-pin-dir {} must lie under {BPFFS_MOUNT}",
+                pin_dir.display()
+            ));
+        }
+        let maps_dir = pin_dir.join("maps");
+        let pods_dir = pin_dir.join("pods");
+        pinning::ensure_dir(Path::new(BPFFS_MOUNT), &maps_dir)?;
+        pinning::ensure_dir(Path::new(BPFFS_MOUNT), &pods_dir)?;
+        let mut loader = EbpfLoader::new();
+        for name in PINNED_MAPS {
+            loader.map_pin_path(name, maps_dir.join(name));
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object into the kernel")?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => forward_ebpf_logs(logger),
             Err(e) => warn!(error = %e, "eBPF programs' log records will not be shown"),
@@ -84,14 +129,18 @@ impl Redirector {
 
         let inbound_listeners =
             SockHash::try_from(take_map(&mut ebpf, names::MAP_INBOUND_LISTENERS)?)?;
+        let fail_closed = HashMap::try_from(take_map(&mut ebpf, names::MAP_FAIL_CLOSED_PODS)?)?;
         let original_dst =
             HashMap::try_from(take_map(&mut ebpf, names::MAP_ORIGINAL_DST_BY_FLOW)?)?;
         let stats = PerCpuArray::try_from(take_map(&mut ebpf, names::MAP_STATS)?)?;
-        info!("eBPF programs loaded");
+        info!(pin_dir = %pin_dir.display(), "eBPF programs loaded");
         Ok((
             Self {
                 ebpf,
                 inbound_listeners,
+                fail_closed,
+                pin_dir: pin_dir.to_path_buf(),
+                pods_dir,
             },
             Arc::new(RedirectMaps {
                 original_dst,
@@ -100,10 +149,11 @@ impl Redirector {
         ))
     }
 
-    /// Starts capturing a pod: registers its inbound listener for `sk_lookup`, then attaches
-    /// the cgroup programs and the netns program.
+    /// Starts capturing a pod: registers its inbound listener for `sk_lookup`, then adopts
+    /// the pod's pinned links (swapping in this agent's programs) or attaches new ones.
     pub fn attach_pod(
         &mut self,
+        pod: &PodKey,
         pod_ip: IpAddr,
         cgroup_dir: &Path,
         netns_file: &File,
@@ -113,73 +163,173 @@ impl Redirector {
             return Err(anyhow!("IPv6 pod addresses are not supported yet"));
         };
         let inbound_key = inbound_key(v4);
+        let cgroup = File::open(cgroup_dir)
+            .with_context(|| format!("opening cgroup {}", cgroup_dir.display()))?;
+        // The pin directory names the exact cgroup and netns (inode numbers): links pinned for
+        // an earlier incarnation of the pod are never mistaken for this one's.
+        let cgroup_ino = cgroup.metadata().map(|m| m.ino()).unwrap_or(0);
+        let netns_ino = netns_file.metadata().map(|m| m.ino()).unwrap_or(0);
+        let dir = self.pods_dir.join(format!(
+            "{}_{}_{cgroup_ino}_{netns_ino}",
+            pod.namespace, pod.name
+        ));
         self.inbound_listeners
             .insert(inbound_key, inbound_listener.as_raw_fd(), 0)
             .context("registering the pod's inbound listener in the sk_lookup map")?;
-        match self.attach_programs(cgroup_dir, netns_file) {
-            Ok((sock_addr_links, sk_lookup_link, sock_ops_link)) => Ok(PodAttachment {
-                sock_addr_links,
-                sk_lookup_link,
-                sock_ops_link,
+        self.fail_closed
+            .insert(inbound_key, 1, 0)
+            .context("marking the pod address fail-closed")?;
+        if dir.exists() {
+            match self.adopt_links(&dir) {
+                Ok(()) => {
+                    return Ok(PodAttachment {
+                        dir,
+                        inbound_key,
+                        adopted: true,
+                    });
+                }
+                Err(e) => {
+                    warn!(pod = %pod, error = format!("{e:#}"), "cannot adopt the pod's pinned links; attaching new ones");
+                    unpin_dir(&dir);
+                }
+            }
+        }
+        match self.attach_links(&cgroup, netns_file, &dir) {
+            Ok(()) => Ok(PodAttachment {
+                dir,
                 inbound_key,
+                adopted: false,
             }),
             Err(e) => {
-                // Links attached so far were dropped (detached) with the error.
+                unpin_dir(&dir);
                 let _ = self.inbound_listeners.remove(&inbound_key);
+                let _ = self.fail_closed.remove(&inbound_key);
                 Err(e)
             }
         }
     }
 
-    fn attach_programs(
-        &mut self,
-        cgroup_dir: &Path,
-        netns_file: &File,
-    ) -> anyhow::Result<(Vec<CgroupSockAddrLink>, SkLookupLink, SockOpsLink)> {
-        let cgroup = File::open(cgroup_dir)
-            .with_context(|| format!("opening cgroup {}", cgroup_dir.display()))?;
-        // "Single" means no flags: cgroup BPF links reject flags, and a link always coexists
-        // with other programs on the cgroup (a CNI's, say), like BPF_F_ALLOW_MULTI.
-
-        let sock_ops: &mut SockOps = program(&mut self.ebpf, names::PROG_SOCK_OPS)?;
-        let id = sock_ops
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .context("attaching sock_ops to the pod cgroup")?;
-        let sock_ops_link = sock_ops.take_link(id)?;
-
-        let sk_lookup: &mut SkLookup = program(&mut self.ebpf, names::PROG_SK_LOOKUP)?;
-        let id = sk_lookup
-            .attach(netns_file)
-            .context("attaching sk_lookup to the pod network namespace")?;
-        let sk_lookup_link = sk_lookup.take_link(id)?;
-
-        let mut sock_addr_links = Vec::with_capacity(CGROUP_SOCK_ADDR_PROGRAMS.len());
-        for name in CGROUP_SOCK_ADDR_PROGRAMS {
-            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to the pod cgroup"))?;
-            // The connect hooks, attached last, go first in the list and so detach first.
-            sock_addr_links.insert(0, prog.take_link(id)?);
+    /// Points every pinned link of a pod at this agent's programs.
+    fn adopt_links(&mut self, dir: &Path) -> anyhow::Result<()> {
+        for name in LINK_ORDER {
+            let link = pinning::open_pinned(&dir.join(name))?;
+            let prog = self
+                .ebpf
+                .program(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+            let fd = prog
+                .fd()
+                .with_context(|| format!("program {name} is not loaded"))?;
+            let raw = std::os::fd::AsFd::as_fd(fd);
+            pinning::update_link(&link, &raw).with_context(|| format!("updating link {name}"))?;
         }
-        Ok((sock_addr_links, sk_lookup_link, sock_ops_link))
+        Ok(())
     }
 
-    /// Stops capturing a pod: detaches its programs, then forgets its inbound listener.
+    fn attach_links(&mut self, cgroup: &File, netns_file: &File, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // "Single" means no flags: cgroup BPF links reject flags, and a link always coexists
+        // with other programs on the cgroup (a CNI's, say), like BPF_F_ALLOW_MULTI.
+        for name in LINK_ORDER {
+            let link: FdLink = if name == names::PROG_SOCK_OPS {
+                let prog: &mut SockOps = program(&mut self.ebpf, name)?;
+                let id = prog
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .context("attaching sock_ops to the pod cgroup")?;
+                prog.take_link(id)?
+                    .try_into()
+                    .context("sock_ops link is not an fd link")?
+            } else if name == names::PROG_SK_LOOKUP {
+                let prog: &mut SkLookup = program(&mut self.ebpf, name)?;
+                let id = prog
+                    .attach(netns_file)
+                    .context("attaching sk_lookup to the pod network namespace")?;
+                prog.take_link(id)?.into()
+            } else {
+                let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+                let id = prog
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {name} to the pod cgroup"))?;
+                prog.take_link(id)?
+                    .try_into()
+                    .with_context(|| format!("{name} link is not an fd link"))?
+            };
+            link.pin(dir.join(name))
+                .with_context(|| format!("pinning link {name} in {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Stops capturing a pod: unpins (detaches) its programs, then forgets its listener.
     pub fn detach_pod(&mut self, attachment: PodAttachment) {
+        unpin_dir(&attachment.dir);
         let key = attachment.inbound_key;
-        drop(attachment);
         if let Err(e) = self.inbound_listeners.remove(&key) {
             warn!(error = %e, "removing the pod's inbound listener from the sk_lookup map");
         }
+        let _ = self.fail_closed.remove(&key);
+    }
+
+    /// Detaches pods pinned by an earlier agent that this one did not adopt (they left the
+    /// config while no agent ran), and forgets their addresses.
+    pub fn remove_stale(&mut self, kept: &[&PodAttachment]) {
+        let keep_dirs: HashSet<&Path> = kept.iter().map(|a| a.dir.as_path()).collect();
+        let keep_keys: HashSet<InboundKey> = kept.iter().map(|a| a.inbound_key).collect();
+        if let Ok(entries) = std::fs::read_dir(&self.pods_dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if !keep_dirs.contains(path.as_path()) {
+                    info!(pins = %path.display(), "detaching a pod pinned by an earlier agent");
+                    unpin_dir(&path);
+                }
+            }
+        }
+        let stale: Vec<InboundKey> = self
+            .fail_closed
+            .keys()
+            .flatten()
+            .filter(|k| !keep_keys.contains(k))
+            .collect();
+        for key in stale {
+            let _ = self.fail_closed.remove(&key);
+        }
+    }
+
+    /// Removes the pinned maps and the pin directory (after every pod was detached), so that
+    /// a clean shutdown leaves nothing in the kernel.
+    pub fn remove_pins(self) {
+        let maps_dir = self.pin_dir.join("maps");
+        for name in PINNED_MAPS {
+            let _ = std::fs::remove_file(maps_dir.join(name));
+        }
+        let _ = std::fs::remove_dir(&maps_dir);
+        let _ = std::fs::remove_dir(&self.pods_dir);
+        let _ = std::fs::remove_dir(&self.pin_dir);
+    }
+}
+
+/// Unpins a pod's links in detach order (connect hooks first) and removes the directory.
+fn unpin_dir(dir: &Path) {
+    for name in LINK_ORDER.iter().rev() {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    // Anything else a different agent version pinned there.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    if let Err(e) = std::fs::remove_dir(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(pins = %dir.display(), error = %e, "could not remove a pod's pin directory");
     }
 }
 
 impl PodAttachment {
     /// Number of BPF links this attachment holds.
     pub fn link_count(&self) -> usize {
-        let _ = (&self.sk_lookup_link, &self.sock_ops_link);
-        self.sock_addr_links.len() + 2
+        LINK_ORDER.len()
     }
 }
 

@@ -95,6 +95,7 @@ pub mod names {
     pub const MAP_ORIGINAL_DST_BY_FLOW: &str = "ORIG_DST_BY_FLOW";
     pub const MAP_INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const MAP_STATS: &str = "STATS";
+    pub const MAP_FAIL_CLOSED_PODS: &str = "FAIL_CLOSED_PODS";
     pub const PROG_CONNECT4: &str = "mesh_connect4";
     pub const PROG_CONNECT6: &str = "mesh_connect6";
     pub const PROG_GETPEERNAME4: &str = "mesh_getpeername4";

@@ -18,7 +18,7 @@ use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-    maps::{LruHashMap, PerCpuArray, SockHash},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use core::ptr::{read_volatile, write_volatile};
@@ -35,6 +35,7 @@ const IPPROTO_TCP: u32 = 6;
 /// Verdicts: cgroup sock_addr programs return 1 to let the syscall proceed.
 const ALLOW: i32 = 1;
 const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
 
 /// 127.0.0.1 as the kernel stores it (network order in a native `u32`).
 const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -49,6 +50,11 @@ static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, OriginalDst> = LruHashMap::with_max
 
 #[map]
 static INBOUND_LISTENERS: SockHash<InboundKey> = SockHash::with_max_entries(4096, 0);
+
+/// Pod addresses whose inbound TCP must never reach the app around the agent: a connection
+/// to one of them with no live agent listener (the agent died) is dropped, not passed.
+#[map]
+static FAIL_CLOSED_PODS: HashMap<InboundKey, u8> = HashMap::with_max_entries(4096, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
@@ -317,7 +323,9 @@ pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
 
 /// Steers a new inbound TCP connection to a pod address to the agent's inbound listener in
 /// that pod. Connections to loopback (the agent's own hop to the app), to excluded ports, and
-/// to addresses without a registered listener are left to the normal socket lookup.
+/// to addresses the agent never enrolled are left to the normal socket lookup. An enrolled
+/// pod address whose listener is gone (the agent died and nobody took over) is dropped: the
+/// peer retries its SYN until an agent is back, and nothing reaches the app unauthorized.
 #[sk_lookup]
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands every sk_lookup program a valid context.
@@ -337,10 +345,20 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local_ip4, 0) {
-        Ok(()) => count(stats::INBOUND_STEERED),
-        Err(_) => count(stats::INBOUND_NO_LISTENER),
+        Ok(()) => {
+            count(stats::INBOUND_STEERED);
+            SK_PASS
+        }
+        Err(_) => {
+            count(stats::INBOUND_NO_LISTENER);
+            // SAFETY: read-only lookup of a plain value.
+            if unsafe { FAIL_CLOSED_PODS.get(&local_ip4) }.is_some() {
+                SK_DROP
+            } else {
+                SK_PASS
+            }
+        }
     }
-    SK_PASS
 }
 
 #[cfg(not(test))]

@@ -68,6 +68,8 @@ pub struct ProxyInputs {
     pub metrics: Arc<Metrics>,
     /// Whether connections and requests are recorded (metrics) and access-logged.
     pub telemetry: bool,
+    /// Set once a successor agent took over: finish what is open, nudge HTTP clients away.
+    pub drain: crate::drain::Drain,
 }
 
 impl ProxyInputs {
@@ -150,10 +152,10 @@ pub struct Peers<'a> {
     pub service: Option<String>,
 }
 
-/// Accepts connections on `listener` until the task is aborted (the pod is unenrolled),
-/// handing each to `handle` on its own task.
+/// Accepts connections on `listener` until the task is aborted (the pod is unenrolled or
+/// handed to a successor), handing each to `handle` on its own task.
 pub async fn serve<F, Fut>(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     name: &'static str,
     pod: Arc<PodContext>,
     inputs: Arc<ProxyInputs>,
