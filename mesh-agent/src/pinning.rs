@@ -67,22 +67,10 @@ fn c_path(path: &Path) -> anyhow::Result<CString> {
 /// Opens a pinned BPF object (`BPF_OBJ_GET`).
 pub fn open_pinned(path: &Path) -> anyhow::Result<OwnedFd> {
     let c = c_path(path)?;
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-    }
+    // bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd, file_flags, path_fd; all else zero
+    // (the kernel rejects stray bytes after the last field: no struct with padding here).
     let mut attr = [0u8; 128];
-    let obj = ObjGet {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-    };
-    // SAFETY: ObjGet is a prefix of the kernel's bpf_attr for BPF_OBJ_GET; the buffer is larger.
-    unsafe { std::ptr::write_unaligned(attr.as_mut_ptr().cast::<ObjGet>(), obj) };
+    attr[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
     let fd =
         bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("opening pin {}", path.display()))?;
     // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
@@ -91,22 +79,10 @@ pub fn open_pinned(path: &Path) -> anyhow::Result<OwnedFd> {
 
 /// Replaces the program of an existing link (`BPF_LINK_UPDATE`), atomically for the hook.
 pub fn update_link(link: &impl AsRawFd, program: &impl AsRawFd) -> anyhow::Result<()> {
-    #[repr(C)]
-    struct LinkUpdate {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
+    // bpf_attr for BPF_LINK_UPDATE: link_fd, new_prog_fd, flags, old_prog_fd (u32 each).
     let mut attr = [0u8; 128];
-    let update = LinkUpdate {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: program.as_raw_fd() as u32,
-        flags: 0,
-        old_prog_fd: 0,
-    };
-    // SAFETY: LinkUpdate is the kernel's link_update member of bpf_attr; the buffer is larger.
-    unsafe { std::ptr::write_unaligned(attr.as_mut_ptr().cast::<LinkUpdate>(), update) };
+    attr[..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
     bpf(BPF_LINK_UPDATE, &mut attr).context("BPF_LINK_UPDATE")?;
     Ok(())
 }

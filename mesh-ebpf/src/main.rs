@@ -52,7 +52,7 @@ static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, OriginalDst> = LruHashMap::with_max
 static INBOUND_LISTENERS: SockHash<InboundKey> = SockHash::with_max_entries(4096, 0);
 
 /// Pod addresses whose inbound TCP must never reach the app around the agent: a connection
-/// to one of them with no live agent listener (the agent died) is dropped, not passed.
+/// to one of them with no live agent listener (the agent died) is refused, not passed.
 #[map]
 static FAIL_CLOSED_PODS: HashMap<InboundKey, u8> = HashMap::with_max_entries(4096, 0);
 
@@ -324,8 +324,8 @@ pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
 /// Steers a new inbound TCP connection to a pod address to the agent's inbound listener in
 /// that pod. Connections to loopback (the agent's own hop to the app), to excluded ports, and
 /// to addresses the agent never enrolled are left to the normal socket lookup. An enrolled
-/// pod address whose listener is gone (the agent died and nobody took over) is dropped: the
-/// peer retries its SYN until an agent is back, and nothing reaches the app unauthorized.
+/// pod address whose listener is gone (the agent died and nobody took over) gets SK_DROP: the
+/// kernel refuses the connection, and nothing reaches the app unauthorized.
 #[sk_lookup]
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands every sk_lookup program a valid context.
