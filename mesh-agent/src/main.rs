@@ -26,7 +26,10 @@ use mesh_agent::{
     live::LiveState,
     logwriter,
     metrics::Metrics,
-    proxy::{PodContext, ProxyInputs, pool::HbonePool},
+    proxy::{
+        ConnectionLimits, PodContext, ProxyInputs,
+        pool::{self, HbonePool},
+    },
     redirect::Redirector,
     state, status,
     tls::TlsConfigs,
@@ -91,6 +94,12 @@ enum Command {
         /// After handing over, how long the old agent keeps serving its open connections.
         #[arg(long, value_parser = parse_seconds, default_value = "30")]
         drain_timeout_s: Duration,
+        /// Open captured connections one pod may have; more are reset at accept.
+        #[arg(long, env = "TRELLIS_MAX_CONNECTIONS_PER_POD", default_value_t = ConnectionLimits::default().per_pod)]
+        max_connections_per_pod: u64,
+        /// Open captured connections over all pods of the node.
+        #[arg(long, env = "TRELLIS_MAX_CONNECTIONS", default_value_t = ConnectionLimits::default().node)]
+        max_connections: u64,
     },
     /// Show this node's pods, identities and certificates, from the agent's admin API.
     Status {
@@ -117,6 +126,8 @@ struct RunOptions {
     keep_capture_on_exit: bool,
     handover_socket: PathBuf,
     drain_timeout: Duration,
+    max_connections_per_pod: u64,
+    max_connections: u64,
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -153,6 +164,8 @@ fn main() -> anyhow::Result<()> {
             keep_capture_on_exit,
             handover_socket,
             drain_timeout_s,
+            max_connections_per_pod,
+            max_connections,
         } => {
             let options = RunOptions {
                 state_dir,
@@ -163,6 +176,8 @@ fn main() -> anyhow::Result<()> {
                 keep_capture_on_exit,
                 handover_socket,
                 drain_timeout: drain_timeout_s,
+                max_connections_per_pod,
+                max_connections,
             };
             let _log_writer = init_logging(log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -252,6 +267,7 @@ async fn run(
         mesh.identity.rotate_at,
     );
     let _rotation = certs.spawn_rotation();
+    raise_fd_limit();
     let (redirector, maps) = Redirector::load(&options.bpf_pin_dir)?;
     let inputs = Arc::new(ProxyInputs {
         mesh: ArcSwap::from_pointee(mesh.clone()),
@@ -266,8 +282,20 @@ async fn run(
         metrics: Arc::new(Metrics::new()),
         telemetry: options.telemetry,
         drain: Default::default(),
+        limits: ConnectionLimits::new(options.max_connections_per_pod, options.max_connections),
     });
     inputs.publish(mesh.clone());
+    let reaper_inputs = inputs.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(pool::POOL_IDLE_TIMEOUT / 4);
+        loop {
+            tick.tick().await;
+            let closed = reaper_inputs.pool.close_idle(pool::POOL_IDLE_TIMEOUT);
+            if closed > 0 {
+                tracing::debug!(closed, "idle HBONE connections let go");
+            }
+        }
+    });
     let mut enrolment = Enrolment::new(redirector, inputs.clone(), inherited_listeners);
     let live = Arc::new(LiveState {
         inputs: inputs.clone(),
@@ -390,6 +418,25 @@ async fn drain(
             _ = tokio::time::sleep(DRAIN_POLL_INTERVAL) => {}
             _ = sigterm.recv() => { warn!(open, "SIGTERM while draining; closing what is left"); return; }
             _ = sigint.recv() => { warn!(open, "SIGINT while draining; closing what is left"); return; }
+        }
+    }
+}
+
+/// Two descriptors per relayed connection: lift the soft limit to the hard one so the
+/// connection limits, not the fd limit, decide when connections are turned away.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                warn!("could not raise the open file limit");
+            }
         }
     }
 }

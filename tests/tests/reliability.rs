@@ -305,3 +305,134 @@ fn a_crashed_agent_fails_closed_and_a_new_one_restores_service() -> anyhow::Resu
     ensure!(verdict == "ok", "node → unenrolled server: {verdict}");
     Ok(())
 }
+
+/// Opens `held` echo connections from the pod and keeps them, then tries one more, then
+/// frees one and tries again. Prints `<held ok> <extra verdict> <after-free verdict>`.
+const NOISY_POD: &str = r#"
+import socket, sys, time
+ip, port, held = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def echo(s, msg):
+    s.sendall(msg)
+    got = b""
+    while len(got) < len(msg):
+        d = s.recv(64)
+        if not d:
+            return "eof"
+        got += d
+    return "ok" if got == msg else "garbled"
+def attempt():
+    try:
+        s = socket.create_connection((ip, port), timeout=3)
+        s.settimeout(3)
+        return s, echo(s, b"extra\n")
+    except ConnectionResetError:
+        return None, "reset"
+    except ConnectionRefusedError:
+        return None, "refused"
+    except socket.timeout:
+        return None, "timeout"
+conns = []
+for i in range(held):
+    s = socket.create_connection((ip, port), timeout=5)
+    s.settimeout(5)
+    assert echo(s, b"held %d\n" % i) == "ok"
+    conns.append(s)
+_, extra = attempt()
+conns.pop().close()
+deadline = time.time() + 10
+while True:
+    s, after = attempt()
+    if after == "ok" or time.time() > deadline:
+        break
+    time.sleep(0.1)
+print(len(conns) + 1, extra, after)
+"#;
+
+fn metrics_text(agent: &Agent) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(agent.metrics_addr()?)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+#[test]
+fn a_pod_over_its_connection_limit_is_reset_and_other_pods_are_unaffected() -> anyhow::Result<()> {
+    let mut s = setup()?;
+    let quiet = s.node.add_pod("quiet")?;
+    let _servers = servers(&s)?;
+    let mut doc = config(&s, true);
+    doc = doc.replacen(
+        "services:",
+        &format!("{}services:", quiet.config_entry("shop", "quiet", true)),
+        1,
+    );
+    let agent = Agent::start_with_env(
+        "limits",
+        &doc,
+        None,
+        &[("TRELLIS_MAX_CONNECTIONS_PER_POD", "5")],
+    )?;
+
+    // The noisy pod holds its 5 connections while the quiet one's keep working.
+    let mut noisy = s
+        .client
+        .command("python3")?
+        .args([
+            "-c",
+            NOISY_POD,
+            &s.server.ip.to_string(),
+            &ECHO_PORT.to_string(),
+            "5",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let quiet_ok = quiet.python(&format!(
+        "import socket\nfor i in range(8):\n    s = socket.create_connection(('{}', {ECHO_PORT}), timeout=5)\n    s.sendall(b'q')\n    assert s.recv(1) == b'q'\n    s.close()\nprint('ok')",
+        s.server.ip
+    ))?;
+    ensure!(quiet_ok.trim() == "ok", "quiet pod: {quiet_ok}");
+    let out = wait_until("the noisy pod's script", Duration::from_secs(60), || {
+        noisy.try_wait().ok().flatten()
+    })
+    .and_then(|_| {
+        let mut text = String::new();
+        use std::io::Read as _;
+        noisy
+            .stdout
+            .take()
+            .context("stdout")?
+            .read_to_string(&mut text)?;
+        Ok(text)
+    })?;
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    ensure!(
+        fields.len() == 3 && fields[0] == "5",
+        "noisy pod output: {out:?}"
+    );
+    ensure!(
+        fields[1] == "reset" || fields[1] == "eof",
+        "the 6th connection was not turned away: {out:?}"
+    );
+    ensure!(
+        fields[2] == "ok",
+        "after freeing one, a new connection failed: {out:?}"
+    );
+
+    let metrics = metrics_text(&agent)?;
+    let rejected = metrics
+        .lines()
+        .find(|l| l.starts_with("trellis_connections_rejected_total{reason=\"pod_limit\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .context("no pod_limit rejection series")?;
+    ensure!(rejected >= 1.0, "rejections counted: {rejected}");
+    ensure!(
+        agent.count_events(|e| message(e) == "connection limit reached; resetting new connections")
+            >= 1,
+        "no log line for the rejection"
+    );
+    Ok(())
+}
