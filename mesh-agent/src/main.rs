@@ -393,7 +393,7 @@ async fn run(
 }
 
 /// Waits until the handed-over pods' connections have all ended, the drain deadline passes,
-/// or a signal asks to stop now.
+/// or SIGINT asks to stop now.
 async fn drain(
     pods: &[Arc<PodContext>],
     deadline: Duration,
@@ -416,7 +416,9 @@ async fn drain(
         }
         tokio::select! {
             _ = tokio::time::sleep(DRAIN_POLL_INTERVAL) => {}
-            _ = sigterm.recv() => { warn!(open, "SIGTERM while draining; closing what is left"); return; }
+            // Kubernetes deletes the old pod once the new one is ready: keep draining until
+            // the deadline (set it below terminationGracePeriodSeconds).
+            _ = sigterm.recv() => { info!(open, "SIGTERM while draining; draining continues until the deadline"); }
             _ = sigint.recv() => { warn!(open, "SIGINT while draining; closing what is left"); return; }
         }
     }
