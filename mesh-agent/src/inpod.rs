@@ -42,6 +42,10 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 /// to the netns thread. Refilled by the thread when it falls to half.
 const POOL_TARGET: usize = 32;
 
+/// Socket requests that may wait for the netns thread; beyond that a connection fails
+/// instead of queueing without bound (the pool serves the common case without the queue).
+const MAX_QUEUED_REQUESTS: usize = 4096;
+
 enum Request {
     Socket {
         domain: Domain,
@@ -95,7 +99,7 @@ impl SocketPool {
 /// removes the reply route when every clone is dropped.
 #[derive(Clone)]
 pub struct PodNetns {
-    requests: mpsc::Sender<Request>,
+    requests: mpsc::SyncSender<Request>,
     pool: Arc<SocketPool>,
     netns_cookie: u64,
     /// Set when another agent takes the pod over: its reply route must stay.
@@ -111,7 +115,7 @@ impl PodNetns {
     ) -> anyhow::Result<(Self, thread::JoinHandle<()>)> {
         let netns = File::open(netns_path)
             .with_context(|| format!("opening network namespace {}", netns_path.display()))?;
-        let (requests, inbox) = mpsc::channel::<Request>();
+        let (requests, inbox) = mpsc::sync_channel::<Request>(MAX_QUEUED_REQUESTS);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<anyhow::Result<u64>>(1);
         let path = netns_path.to_path_buf();
         let pool = Arc::new(SocketPool::default());
@@ -158,7 +162,8 @@ impl PodNetns {
         if domain == Domain::IPV4 {
             let (socket, low) = self.pool.take();
             if low && !self.pool.refill_requested.swap(true, Ordering::AcqRel) {
-                let _ = self.requests.send(Request::Refill);
+                // A full queue has work for the thread already; the refill can wait.
+                let _ = self.requests.try_send(Request::Refill);
             }
             if let Some(socket) = socket {
                 return Ok(socket);
@@ -166,8 +171,15 @@ impl PodNetns {
         }
         let (reply, answer) = oneshot::channel();
         self.requests
-            .send(Request::Socket { domain, reply })
-            .map_err(|_| io::Error::other("pod netns thread has exited"))?;
+            .try_send(Request::Socket { domain, reply })
+            .map_err(|e| match e {
+                mpsc::TrySendError::Full(_) => {
+                    io::Error::other("pod netns thread has too many socket requests queued")
+                }
+                mpsc::TrySendError::Disconnected(_) => {
+                    io::Error::other("pod netns thread has exited")
+                }
+            })?;
         answer
             .await
             .map_err(|_| io::Error::other("pod netns thread dropped the request"))?
