@@ -17,7 +17,7 @@ use std::{
 use anyhow::Context as _;
 use mesh_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use tokio::{net::TcpListener, task::AbortHandle};
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 use crate::{
     handover::PodListeners,
@@ -111,6 +111,7 @@ impl Enrolment {
                 }
             }
         }
+        self.decide_local_pods(mesh);
         {
             let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
             failures.retain(|key, _| {
@@ -132,6 +133,39 @@ impl Enrolment {
         }
         self.publish();
         self.netns_threads.retain(|t| !t.is_finished());
+    }
+
+    /// Lets this node's pods through the start-up gate once the agent knows what to do with
+    /// them: enrolled pods only once their programs are attached (a pod whose enrolment
+    /// failed stays gated: fail closed), pods left out of the mesh at once. Pods no longer
+    /// listed here are forgotten (gated again).
+    fn decide_local_pods(&mut self, mesh: &Mesh) {
+        let mut decided = HashSet::new();
+        for w in mesh.pods.values() {
+            if !w.is_on(&mesh.node) || w.cgroup.as_os_str().is_empty() {
+                continue;
+            }
+            if w.enrolled && !self.pods.contains_key(&w.key) {
+                continue;
+            }
+            match self.redirector.decide(&w.cgroup) {
+                Ok(id) => {
+                    decided.insert(id);
+                }
+                Err(e) => {
+                    debug!(pod = %w.key, error = format!("{e:#}"), "pod not recorded in the start-up gate")
+                }
+            }
+        }
+        self.redirector.retain_decisions(&decided);
+    }
+
+    /// Attaches the start-up gate to the parent cgroup of all pods (see `--gate-cgroup`);
+    /// after the first apply, so that the pods already running are decided.
+    pub fn attach_gate(&mut self, gated: &std::path::Path) -> anyhow::Result<()> {
+        let adopted = self.redirector.attach_gate(gated)?;
+        info!(cgroup = %gated.display(), adopted, "start-up gate attached: undecided pods cannot connect");
+        Ok(())
     }
 
     /// Makes the enrolled set visible to the data path, and lets go of certificates and

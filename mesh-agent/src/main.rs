@@ -100,6 +100,12 @@ enum Command {
         /// Open captured connections over all pods of the node.
         #[arg(long, env = "TRELLIS_MAX_CONNECTIONS", default_value_t = ConnectionLimits::default().node)]
         max_connections: u64,
+        /// Parent cgroup of every pod (kubelet: /sys/fs/cgroup/kubepods.slice). When set, a
+        /// pod the agent has not decided about yet cannot open TCP connections (EPERM) until
+        /// it is enrolled or known to stay out of the mesh: no connection escapes the mesh
+        /// in a pod's first milliseconds.
+        #[arg(long, env = "TRELLIS_GATE_CGROUP")]
+        gate_cgroup: Option<PathBuf>,
     },
     /// Show this node's pods, identities and certificates, from the agent's admin API.
     Status {
@@ -128,6 +134,7 @@ struct RunOptions {
     drain_timeout: Duration,
     max_connections_per_pod: u64,
     max_connections: u64,
+    gate_cgroup: Option<PathBuf>,
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
@@ -166,6 +173,7 @@ fn main() -> anyhow::Result<()> {
             drain_timeout_s,
             max_connections_per_pod,
             max_connections,
+            gate_cgroup,
         } => {
             let options = RunOptions {
                 state_dir,
@@ -178,6 +186,7 @@ fn main() -> anyhow::Result<()> {
                 drain_timeout: drain_timeout_s,
                 max_connections_per_pod,
                 max_connections,
+                gate_cgroup,
             };
             let _log_writer = init_logging(log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -303,6 +312,9 @@ async fn run(
         started: AtomicBool::new(false),
     });
     enrolment.apply(&mesh).await;
+    if let Some(gated) = &options.gate_cgroup {
+        enrolment.attach_gate(gated)?;
+    }
     if let Some(predecessor) = inherited {
         // Our accept loops run on the inherited sockets; the old agent may stop accepting.
         match tokio::task::spawn_blocking(move || predecessor.complete()).await {

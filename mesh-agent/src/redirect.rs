@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
 use mesh_common::{FlowKey, InboundKey, OriginalDst, names, stats};
@@ -37,12 +37,17 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 
 /// The cgroup-attached programs of the sock_addr kind.
-const CGROUP_SOCK_ADDR_PROGRAMS: [&str; 4] = [
+const CGROUP_SOCK_ADDR_PROGRAMS: [&str; 6] = [
     names::PROG_GETPEERNAME4,
     names::PROG_GETPEERNAME6,
     names::PROG_CONNECT4,
     names::PROG_CONNECT6,
+    names::PROG_GATE_CONNECT4,
+    names::PROG_GATE_CONNECT6,
 ];
+
+/// The start-up gate's links, on the parent cgroup of all pods (see `--gate-cgroup`).
+const GATE_LINKS: [&str; 2] = [names::PROG_GATE_CONNECT4, names::PROG_GATE_CONNECT6];
 
 /// Every per-pod link, in attach order: the connect hooks come last so that nothing is
 /// redirected before the rest is in place; detaching goes the other way.
@@ -56,11 +61,14 @@ const LINK_ORDER: [&str; 6] = [
 ];
 
 /// Maps shared across agent generations (pinned by name under `<pin dir>/maps`).
-const PINNED_MAPS: [&str; 5] = [
+const PINNED_MAPS: [&str; 8] = [
     names::MAP_ORIGINAL_DST_BY_COOKIE,
     names::MAP_ORIGINAL_DST_BY_FLOW,
     names::MAP_INBOUND_LISTENERS,
     names::MAP_FAIL_CLOSED_PODS,
+    names::MAP_DECIDED_CGROUPS,
+    names::MAP_GATE_CONFIG,
+    names::MAP_AGENT_TGIDS,
     names::MAP_STATS,
 ];
 
@@ -69,6 +77,9 @@ pub struct Redirector {
     ebpf: Ebpf,
     inbound_listeners: SockHash<MapData, InboundKey>,
     fail_closed: HashMap<MapData, InboundKey, u8>,
+    decided: HashMap<MapData, u64, u8>,
+    gate_config: Array<MapData, u32>,
+    agent_tgids: HashMap<MapData, u32, u8>,
     pin_dir: PathBuf,
     pods_dir: PathBuf,
 }
@@ -130,6 +141,23 @@ impl Redirector {
         let inbound_listeners =
             SockHash::try_from(take_map(&mut ebpf, names::MAP_INBOUND_LISTENERS)?)?;
         let fail_closed = HashMap::try_from(take_map(&mut ebpf, names::MAP_FAIL_CLOSED_PODS)?)?;
+        let decided = HashMap::try_from(take_map(&mut ebpf, names::MAP_DECIDED_CGROUPS)?)?;
+        let gate_config = Array::try_from(take_map(&mut ebpf, names::MAP_GATE_CONFIG)?)?;
+        let mut agent_tgids: HashMap<MapData, u32, u8> =
+            HashMap::try_from(take_map(&mut ebpf, names::MAP_AGENT_TGIDS)?)?;
+        // This agent passes the start-up gate (its own pod is gated too); agents that are gone
+        // are forgotten.
+        let stale: Vec<u32> = agent_tgids
+            .keys()
+            .flatten()
+            .filter(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+            .collect();
+        for pid in stale {
+            let _ = agent_tgids.remove(&pid);
+        }
+        agent_tgids
+            .insert(std::process::id(), 1, 0)
+            .context("registering the agent with the start-up gate")?;
         let original_dst =
             HashMap::try_from(take_map(&mut ebpf, names::MAP_ORIGINAL_DST_BY_FLOW)?)?;
         let stats = PerCpuArray::try_from(take_map(&mut ebpf, names::MAP_STATS)?)?;
@@ -139,6 +167,9 @@ impl Redirector {
                 ebpf,
                 inbound_listeners,
                 fail_closed,
+                decided,
+                gate_config,
+                agent_tgids,
                 pin_dir: pin_dir.to_path_buf(),
                 pods_dir,
             },
@@ -211,7 +242,11 @@ impl Redirector {
 
     /// Points every pinned link of a pod at this agent's programs.
     fn adopt_links(&mut self, dir: &Path) -> anyhow::Result<()> {
-        for name in LINK_ORDER {
+        self.adopt_links_named(dir, &LINK_ORDER)
+    }
+
+    fn adopt_links_named(&mut self, dir: &Path, names: &[&str]) -> anyhow::Result<()> {
+        for &name in names {
             let link = pinning::open_pinned(&dir.join(name))?;
             let prog = self
                 .ebpf
@@ -295,9 +330,86 @@ impl Redirector {
         }
     }
 
+    /// Lets a local pod's connects through the start-up gate: the agent has decided about it
+    /// (enrolled, or not meshed). Returns the cgroup id.
+    pub fn decide(&mut self, cgroup_dir: &Path) -> anyhow::Result<u64> {
+        let id = std::fs::metadata(cgroup_dir)
+            .with_context(|| format!("reading cgroup {}", cgroup_dir.display()))?
+            .ino();
+        self.decided
+            .insert(id, 1, 0)
+            .context("recording the pod in the start-up gate")?;
+        Ok(id)
+    }
+
+    /// Forgets decisions about cgroups not in `keep` (pods that left this node).
+    pub fn retain_decisions(&mut self, keep: &HashSet<u64>) {
+        let stale: Vec<u64> = self
+            .decided
+            .keys()
+            .flatten()
+            .filter(|id| !keep.contains(id))
+            .collect();
+        for id in stale {
+            let _ = self.decided.remove(&id);
+        }
+    }
+
+    /// Attaches the start-up gate to `gated` (the parent cgroup of every pod), or adopts the
+    /// gate a previous agent pinned. Call it once the pods of the first snapshot are decided.
+    pub fn attach_gate(&mut self, gated: &Path) -> anyhow::Result<bool> {
+        let mount = cgroup2_mount()?;
+        let level = gated
+            .strip_prefix(&mount)
+            .with_context(|| {
+                format!(
+                    "--gate-cgroup {} is not under the cgroup v2 mount {}",
+                    gated.display(),
+                    mount.display()
+                )
+            })?
+            .components()
+            .count() as u32;
+        self.gate_config
+            .set(0, level, 0)
+            .context("configuring the start-up gate")?;
+        let dir = self.pin_dir.join("gate");
+        if dir.exists() {
+            match self.adopt_links_named(&dir, &GATE_LINKS) {
+                Ok(()) => return Ok(true),
+                Err(e) => {
+                    warn!(
+                        error = format!("{e:#}"),
+                        "cannot adopt the pinned start-up gate; attaching a new one"
+                    );
+                    unpin_dir(&dir);
+                }
+            }
+        }
+        let cgroup =
+            File::open(gated).with_context(|| format!("opening cgroup {}", gated.display()))?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for name in GATE_LINKS {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", gated.display()))?;
+            let link: FdLink = prog
+                .take_link(id)?
+                .try_into()
+                .with_context(|| format!("{name} link is not an fd link"))?;
+            if let Err(e) = link.pin(dir.join(name)) {
+                unpin_dir(&dir);
+                return Err(e).with_context(|| format!("pinning link {name}"));
+            }
+        }
+        Ok(false)
+    }
+
     /// Removes the pinned maps and the pin directory (after every pod was detached), so that
     /// a clean shutdown leaves nothing in the kernel.
     pub fn remove_pins(self) {
+        unpin_dir(&self.pin_dir.join("gate"));
         let maps_dir = self.pin_dir.join("maps");
         for name in PINNED_MAPS {
             let _ = std::fs::remove_file(maps_dir.join(name));
@@ -305,6 +417,27 @@ impl Redirector {
         let _ = std::fs::remove_dir(&maps_dir);
         let _ = std::fs::remove_dir(&self.pods_dir);
         let _ = std::fs::remove_dir(&self.pin_dir);
+    }
+}
+
+/// Where the cgroup v2 hierarchy is mounted (from /proc/self/mountinfo).
+fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    text.lines()
+        .find_map(|line| {
+            // "... mount-point options ... - fstype source super-options"
+            let (left, right) = line.split_once(" - ")?;
+            let fstype = right.split_whitespace().next()?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .context("no cgroup v2 mount found")
+}
+
+impl Drop for Redirector {
+    fn drop(&mut self) {
+        // This process no longer needs to pass the gate (a successor registered itself).
+        let _ = self.agent_tgids.remove(&std::process::id());
     }
 }
 

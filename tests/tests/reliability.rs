@@ -436,3 +436,118 @@ fn a_pod_over_its_connection_limit_is_reset_and_other_pods_are_unaffected() -> a
     );
     Ok(())
 }
+
+/// An app that dials from its first millisecond: connect attempts every 20 ms until one
+/// succeeds (at most 60 s). Writes the attempts so far to PROGRESS; prints them as JSON.
+const EAGER_APP: &str = r#"
+import json, os, socket, sys, time
+ip, port, progress = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+attempts = []
+deadline = time.time() + 60
+while time.time() < deadline:
+    t = time.time()
+    try:
+        socket.create_connection((ip, port), timeout=5).close()
+        attempts.append([t, "ok"])
+        break
+    except Exception as e:
+        attempts.append([t, type(e).__name__])
+    with open(progress + ".tmp", "w") as f:
+        json.dump(attempts, f)
+    os.replace(progress + ".tmp", progress)
+    time.sleep(0.02)
+print(json.dumps(attempts))
+"#;
+
+#[test]
+fn a_new_pod_cannot_connect_around_the_mesh_before_the_agent_decides() -> anyhow::Result<()> {
+    let mut s = setup()?;
+    let outsider = s.node.add_pod("outsider")?;
+    let _servers = servers(&s)?;
+    let base = config(&s, true);
+    let with_outsider = |enrolled: bool| {
+        base.replacen(
+            "services:",
+            &format!(
+                "{}services:",
+                outsider.config_entry("shop", "outsider", enrolled)
+            ),
+            1,
+        )
+    };
+    // The outsider is a known pod left out of the mesh: the gate lets it through.
+    let gate = s.node.cgroup_dir().display().to_string();
+    let mut agent = Agent::start_with_env(
+        "gate",
+        &with_outsider(false),
+        None,
+        &[("TRELLIS_GATE_CGROUP", gate.as_str())],
+    )?;
+    agent.wait_for_event("the gate", |e| {
+        message(e) == "start-up gate attached: undecided pods cannot connect"
+    })?;
+    let (code, _) = outsider.curl(&format!("http://{}:{HTTP_PORT}/", s.server.ip))?;
+    ensure!(code == 200, "a decided, unmeshed pod: status {code}");
+
+    // A pod the agent has not heard of starts and dials at once.
+    let late = s.node.add_pod("late")?;
+    let progress = agent.dir().join("eager-progress.json");
+    let mut app = late
+        .command("python3")?
+        .args([
+            "-c",
+            EAGER_APP,
+            &s.server.ip.to_string(),
+            &HTTP_PORT.to_string(),
+        ])
+        .arg(&progress)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    wait_until(
+        "the late pod's first refused attempts",
+        Duration::from_secs(30),
+        || {
+            let text = fs::read_to_string(&progress).ok()?;
+            let attempts: Vec<Value> = serde_json::from_str(&text).ok()?;
+            (attempts.len() >= 3).then_some(())
+        },
+    )?;
+    // Now the agent learns about it and enrols it.
+    let doc = with_outsider(false).replacen(
+        "services:",
+        &format!("{}services:", late.config_entry("shop", "late", true)),
+        1,
+    );
+    agent.write_config(&doc)?;
+    agent.wait_for_event("the late pod enrolled", |e| {
+        message(e) == "pod enrolled" && field(e, "pod") == "shop/late"
+    })?;
+    let out = wait_until("the late pod's app", Duration::from_secs(60), || {
+        app.try_wait().ok().flatten()
+    })
+    .and_then(|_| {
+        use std::io::Read as _;
+        let mut text = String::new();
+        app.stdout
+            .take()
+            .context("stdout")?
+            .read_to_string(&mut text)?;
+        Ok(text)
+    })?;
+    let attempts: Vec<(f64, String)> =
+        serde_json::from_str(out.trim()).with_context(|| format!("app output {out:?}"))?;
+    let (_, last) = attempts.last().context("no attempts")?;
+    ensure!(last == "ok", "the app never got through: {attempts:?}");
+    ensure!(
+        attempts[..attempts.len() - 1]
+            .iter()
+            .all(|(_, r)| r == "PermissionError"),
+        "before enrolment every attempt must be refused by the gate: {attempts:?}"
+    );
+    ensure!(attempts.len() >= 4, "{attempts:?}");
+    // The successful connection went through the mesh.
+    agent.wait_for_event("the late pod's connection through the agent", |e| {
+        message(e) == "connection closed" && field(e, "src.pod") == "shop/late"
+    })?;
+    Ok(())
+}
