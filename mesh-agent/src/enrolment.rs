@@ -1,23 +1,26 @@
 //! Keeps the set of enrolled pods equal to what the live snapshot asks for.
 //!
-//! Enrolling a pod: enter its netns (a dedicated thread), open the in-pod listeners, start
-//! their accept loops, then attach the eBPF programs (capture starts last, when everything
-//! that serves it is in place). Unenrolling runs the same steps backwards; connections
-//! already being relayed are left to finish.
+//! Enrolling a pod: enter its netns (a dedicated thread), open the in-pod listeners (or take
+//! the ones a predecessor agent handed over), start their accept loops, then attach the eBPF
+//! programs or adopt the pinned ones (capture starts last, when everything that serves it is
+//! in place). Unenrolling runs the same steps backwards; connections already being relayed
+//! are left to finish.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs::File,
     net::SocketAddr,
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     sync::Arc,
     thread::JoinHandle,
 };
 
 use anyhow::Context as _;
 use mesh_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
-use tokio::task::AbortHandle;
-use tracing::{error, info};
+use tokio::{net::TcpListener, task::AbortHandle};
+use tracing::{debug, error, info};
 
 use crate::{
+    handover::PodListeners,
     inpod::PodNetns,
     proxy::{self, PodContext, ProxyInputs},
     redirect::{PodAttachment, Redirector},
@@ -30,6 +33,8 @@ struct EnrolledPod {
     // Declared first so that it is dropped (programs detached) before the listeners close.
     attachment: Option<PodAttachment>,
     accept_loops: Vec<AbortHandle>,
+    /// Outbound, inbound and HBONE listeners (shared with the accept loops), for a handover.
+    listeners: [Arc<TcpListener>; 3],
 }
 
 pub struct Enrolment {
@@ -39,16 +44,26 @@ pub struct Enrolment {
     inputs: Arc<ProxyInputs>,
     pods: BTreeMap<PodKey, EnrolledPod>,
     netns_threads: Vec<JoinHandle<()>>,
+    /// Whether pins left by an earlier agent were reconciled (after the first apply).
+    stale_pins_removed: bool,
+    /// Listeners handed over by the previous agent, taken by the first apply.
+    inherited: HashMap<PodKey, PodListeners>,
 }
 
 impl Enrolment {
-    pub fn new(redirector: Redirector, inputs: Arc<ProxyInputs>) -> Self {
+    pub fn new(
+        redirector: Redirector,
+        inputs: Arc<ProxyInputs>,
+        inherited: HashMap<PodKey, PodListeners>,
+    ) -> Self {
         Self {
             redirector,
             failures: Default::default(),
             inputs,
             pods: BTreeMap::new(),
             netns_threads: Vec::new(),
+            stale_pins_removed: false,
+            inherited,
         }
     }
 
@@ -96,6 +111,7 @@ impl Enrolment {
                 }
             }
         }
+        self.decide_local_pods(mesh);
         {
             let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
             failures.retain(|key, _| {
@@ -104,8 +120,52 @@ impl Enrolment {
                     .is_some_and(|w| w.enrolled && w.is_on(&mesh.node))
             });
         }
+        if !self.stale_pins_removed {
+            let kept: Vec<&PodAttachment> = self
+                .pods
+                .values()
+                .filter_map(|p| p.attachment.as_ref())
+                .collect();
+            self.redirector.remove_stale(&kept);
+            self.stale_pins_removed = true;
+            // Listeners of pods the predecessor served but this config does not: close them.
+            self.inherited.clear();
+        }
         self.publish();
         self.netns_threads.retain(|t| !t.is_finished());
+    }
+
+    /// Lets this node's pods through the start-up gate once the agent knows what to do with
+    /// them: enrolled pods only once their programs are attached (a pod whose enrolment
+    /// failed stays gated: fail closed), pods left out of the mesh at once. Pods no longer
+    /// listed here are forgotten (gated again).
+    fn decide_local_pods(&mut self, mesh: &Mesh) {
+        let mut decided = HashSet::new();
+        for w in mesh.pods.values() {
+            if !w.is_on(&mesh.node) || w.cgroup.as_os_str().is_empty() {
+                continue;
+            }
+            if w.enrolled && !self.pods.contains_key(&w.key) {
+                continue;
+            }
+            match self.redirector.decide(&w.cgroup) {
+                Ok(id) => {
+                    decided.insert(id);
+                }
+                Err(e) => {
+                    debug!(pod = %w.key, error = format!("{e:#}"), "pod not recorded in the start-up gate")
+                }
+            }
+        }
+        self.redirector.retain_decisions(&decided);
+    }
+
+    /// Attaches the start-up gate to the parent cgroup of all pods (see `--gate-cgroup`);
+    /// after the first apply, so that the pods already running are decided.
+    pub fn attach_gate(&mut self, gated: &std::path::Path) -> anyhow::Result<()> {
+        let adopted = self.redirector.attach_gate(gated)?;
+        info!(cgroup = %gated.display(), adopted, "start-up gate attached: undecided pods cannot connect");
+        Ok(())
     }
 
     /// Makes the enrolled set visible to the data path, and lets go of certificates and
@@ -137,18 +197,24 @@ impl Enrolment {
     async fn enrol(&mut self, workload: &Workload) -> anyhow::Result<()> {
         let (netns, thread) = PodNetns::enter(&workload.netns, &workload.key.name)?;
         self.netns_threads.push(thread);
-        let outbound = netns
-            .listen(SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT)))
-            .await
-            .context("opening the outbound listener 127.0.0.1:15001 in the pod")?;
-        let inbound = netns
-            .listen(SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT)))
-            .await
-            .context("opening the inbound listener 0.0.0.0:15006 in the pod")?;
-        let hbone = netns
-            .listen(SocketAddr::from(([0, 0, 0, 0], HBONE_PORT)))
-            .await
-            .context("opening the HBONE listener 0.0.0.0:15008 in the pod")?;
+        let [outbound, inbound, hbone] = match self.inherited.remove(&workload.key) {
+            Some(fds) => adopt_listeners(fds).context("adopting the handed-over listeners")?,
+            None => [
+                netns
+                    .listen(SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT)))
+                    .await
+                    .context("opening the outbound listener 127.0.0.1:15001 in the pod")?,
+                netns
+                    .listen(SocketAddr::from(([0, 0, 0, 0], INBOUND_PORT)))
+                    .await
+                    .context("opening the inbound listener 0.0.0.0:15006 in the pod")?,
+                netns
+                    .listen(SocketAddr::from(([0, 0, 0, 0], HBONE_PORT)))
+                    .await
+                    .context("opening the HBONE listener 0.0.0.0:15008 in the pod")?,
+            ],
+        };
+        let (outbound, inbound, hbone) = (Arc::new(outbound), Arc::new(inbound), Arc::new(hbone));
         // The pod's certificate must exist before anything can be served for it.
         let cert = self
             .inputs
@@ -159,9 +225,14 @@ impl Enrolment {
             .with_context(|| format!("opening {}", workload.netns.display()))?;
         // Register and attach before the accept loops own the listeners; a failure here
         // drops everything opened so far.
-        let attachment =
-            self.redirector
-                .attach_pod(workload.ip, &workload.cgroup, &netns_file, &inbound)?;
+        let attachment = self.redirector.attach_pod(
+            &workload.key,
+            workload.ip,
+            &workload.cgroup,
+            &netns_file,
+            inbound.as_ref(),
+        )?;
+        let adopted = attachment.adopted;
         let links = attachment.link_count();
 
         let pod = Arc::new(PodContext {
@@ -171,6 +242,7 @@ impl Enrolment {
             http_clients: Default::default(),
         });
         let inputs = &self.inputs;
+        let listeners = [outbound.clone(), inbound.clone(), hbone.clone()];
         let accept_loops = vec![
             tokio::spawn(proxy::serve(
                 outbound,
@@ -202,6 +274,7 @@ impl Enrolment {
             identity = %workload.identity,
             ip = %workload.ip,
             bpf_links = links,
+            adopted_links = adopted,
             cert_expires_in_s = cert.seconds_to_expiry() as u64,
             "pod enrolled"
         );
@@ -212,6 +285,7 @@ impl Enrolment {
                 context: pod,
                 attachment: Some(attachment),
                 accept_loops,
+                listeners,
             },
         );
         Ok(())
@@ -230,16 +304,67 @@ impl Enrolment {
         info!(pod = %key, "pod unenrolled");
     }
 
-    /// Unenrols every pod and waits for the pods' netns threads to remove their routes.
-    /// Connections still being relayed must have been dropped (runtime shut down) for the
-    /// threads to finish; this waits at most a few seconds for them.
-    pub fn shutdown(mut self) -> Vec<JoinHandle<()>> {
+    /// Every enrolled pod's listening sockets, to hand to a successor.
+    pub fn listener_fds(&self) -> Vec<(PodKey, [RawFd; 3])> {
+        self.pods
+            .iter()
+            .map(|(key, pod)| (key.clone(), pod.listeners.each_ref().map(|l| l.as_raw_fd())))
+            .collect()
+    }
+
+    /// Stops accepting and lets go of every pod without detaching anything: the pinned
+    /// links, the reply routes and the listening sockets (held by a successor, if any) stay.
+    /// Returns the pods, whose connections are still being served, and their netns threads.
+    pub fn release(mut self) -> (Vec<Arc<PodContext>>, Vec<JoinHandle<()>>) {
+        let mut contexts = Vec::with_capacity(self.pods.len());
+        for pod in self.pods.values_mut() {
+            pod.context.netns.keep_route_on_exit();
+            for task in pod.accept_loops.drain(..) {
+                task.abort();
+            }
+            contexts.push(pod.context.clone());
+        }
+        // Dropping the attachments closes nothing in the kernel (see PodAttachment).
+        self.pods.clear();
+        self.publish_metrics_only();
+        (contexts, std::mem::take(&mut self.netns_threads))
+    }
+
+    /// Ends this agent's part. With `detach`, every pod is unenrolled and every pin removed:
+    /// nothing is left in the kernel and the pods' traffic flows unmeshed. Without it, the
+    /// pods stay captured (pinned links, reply routes) for a successor: until one comes,
+    /// their new connections fail closed.
+    ///
+    /// Returns the pods' netns threads; connections still being relayed must have been
+    /// dropped (runtime shut down) for them to finish.
+    pub fn shutdown(mut self, detach: bool) -> Vec<JoinHandle<()>> {
+        if !detach {
+            return self.release().1;
+        }
         let keys: Vec<PodKey> = self.pods.keys().cloned().collect();
         for key in keys {
             self.unenrol(&key);
         }
         self.publish();
-        drop(self.redirector);
+        self.redirector.remove_pins();
         std::mem::take(&mut self.netns_threads)
     }
+
+    /// After a release the data path keeps its view of the pods (connections in flight still
+    /// deliver to them); only the gauges change.
+    fn publish_metrics_only(&self) {
+        self.inputs.metrics.set_enrolled_pods(0);
+        self.inputs.metrics.set_ebpf_links(0);
+    }
+}
+
+/// Turns handed-over descriptors back into tokio listeners.
+fn adopt_listeners(fds: PodListeners) -> std::io::Result<[TcpListener; 3]> {
+    let [a, b, c] = fds;
+    let adopt = |fd: OwnedFd| -> std::io::Result<TcpListener> {
+        let std_listener = std::net::TcpListener::from(fd);
+        std_listener.set_nonblocking(true)?;
+        TcpListener::from_std(std_listener)
+    };
+    Ok([adopt(a)?, adopt(b)?, adopt(c)?])
 }

@@ -42,6 +42,10 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 /// to the netns thread. Refilled by the thread when it falls to half.
 const POOL_TARGET: usize = 32;
 
+/// Socket requests that may wait for the netns thread; beyond that a connection fails
+/// instead of queueing without bound (the pool serves the common case without the queue).
+const MAX_QUEUED_REQUESTS: usize = 4096;
+
 enum Request {
     Socket {
         domain: Domain,
@@ -95,9 +99,11 @@ impl SocketPool {
 /// removes the reply route when every clone is dropped.
 #[derive(Clone)]
 pub struct PodNetns {
-    requests: mpsc::Sender<Request>,
+    requests: mpsc::SyncSender<Request>,
     pool: Arc<SocketPool>,
     netns_cookie: u64,
+    /// Set when another agent takes the pod over: its reply route must stay.
+    keep_route: Arc<AtomicBool>,
 }
 
 impl PodNetns {
@@ -109,14 +115,18 @@ impl PodNetns {
     ) -> anyhow::Result<(Self, thread::JoinHandle<()>)> {
         let netns = File::open(netns_path)
             .with_context(|| format!("opening network namespace {}", netns_path.display()))?;
-        let (requests, inbox) = mpsc::channel::<Request>();
+        let (requests, inbox) = mpsc::sync_channel::<Request>(MAX_QUEUED_REQUESTS);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<anyhow::Result<u64>>(1);
         let path = netns_path.to_path_buf();
         let pool = Arc::new(SocketPool::default());
         let thread_pool = pool.clone();
+        let keep_route = Arc::new(AtomicBool::new(false));
+        let thread_keep_route = keep_route.clone();
         let handle = thread::Builder::new()
             .name(format!("netns-{pod_name}"))
-            .spawn(move || netns_thread(netns, path, inbox, thread_pool, ready_tx))
+            .spawn(move || {
+                netns_thread(netns, path, inbox, thread_pool, thread_keep_route, ready_tx)
+            })
             .context("spawning the pod netns thread")?;
         let netns_cookie = match ready_rx.recv() {
             Ok(Ok(cookie)) => cookie,
@@ -131,6 +141,7 @@ impl PodNetns {
                 requests,
                 pool,
                 netns_cookie,
+                keep_route,
             },
             handle,
         ))
@@ -141,12 +152,18 @@ impl PodNetns {
         self.netns_cookie
     }
 
+    /// Leaves the reply route in place when the thread exits (a successor agent uses it).
+    pub fn keep_route_on_exit(&self) {
+        self.keep_route.store(true, Ordering::Release);
+    }
+
     /// A new non-blocking TCP socket in the pod's namespace.
     pub async fn socket(&self, domain: Domain) -> io::Result<Socket> {
         if domain == Domain::IPV4 {
             let (socket, low) = self.pool.take();
             if low && !self.pool.refill_requested.swap(true, Ordering::AcqRel) {
-                let _ = self.requests.send(Request::Refill);
+                // A full queue has work for the thread already; the refill can wait.
+                let _ = self.requests.try_send(Request::Refill);
             }
             if let Some(socket) = socket {
                 return Ok(socket);
@@ -154,8 +171,15 @@ impl PodNetns {
         }
         let (reply, answer) = oneshot::channel();
         self.requests
-            .send(Request::Socket { domain, reply })
-            .map_err(|_| io::Error::other("pod netns thread has exited"))?;
+            .try_send(Request::Socket { domain, reply })
+            .map_err(|e| match e {
+                mpsc::TrySendError::Full(_) => {
+                    io::Error::other("pod netns thread has too many socket requests queued")
+                }
+                mpsc::TrySendError::Disconnected(_) => {
+                    io::Error::other("pod netns thread has exited")
+                }
+            })?;
         answer
             .await
             .map_err(|_| io::Error::other("pod netns thread dropped the request"))?
@@ -176,6 +200,7 @@ fn netns_thread(
     path: PathBuf,
     inbox: mpsc::Receiver<Request>,
     pool: Arc<SocketPool>,
+    keep_route: Arc<AtomicBool>,
     ready: mpsc::SyncSender<anyhow::Result<u64>>,
 ) {
     let started = (|| -> anyhow::Result<u64> {
@@ -202,7 +227,9 @@ fn netns_thread(
         }
     }
     drop(pool);
-    remove_reply_route();
+    if !keep_route.load(Ordering::Acquire) {
+        remove_reply_route();
+    }
     debug!(netns = %path.display(), "pod netns thread finished");
 }
 
@@ -240,8 +267,9 @@ fn ip(args: &[&str]) -> io::Result<std::process::Output> {
     Command::new("ip").args(args).output()
 }
 
+/// Installs the reply route, or keeps the one in place: a predecessor agent's relays may be
+/// using it right now (handover), so it is never removed and re-added.
 fn install_reply_route() -> anyhow::Result<()> {
-    remove_reply_route();
     let out = ip(&[
         "-4",
         "route",
@@ -259,6 +287,11 @@ fn install_reply_route() -> anyhow::Result<()> {
             "ip route: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ));
+    }
+    let existing =
+        ip(&["-4", "rule", "show", "pref", REPLY_RULE_PRIORITY]).context("running `ip rule`")?;
+    if existing.status.success() && !existing.stdout.is_empty() {
+        return Ok(());
     }
     let out = ip(&[
         "-4",

@@ -3,13 +3,16 @@
 pub mod admin;
 pub mod cluster_ca;
 pub mod config;
+pub mod drain;
 pub mod enrolment;
+pub mod handover;
 pub mod identity;
 pub mod inpod;
 pub mod kubernetes;
 pub mod live;
 pub mod logwriter;
 pub mod metrics;
+pub mod pinning;
 pub mod policy;
 pub mod proxy;
 pub mod redirect;

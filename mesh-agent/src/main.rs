@@ -22,12 +22,16 @@ use tracing::{error, info, warn};
 use mesh_agent::{
     admin,
     enrolment::Enrolment,
+    handover,
     identity::{CertManager, CertificateAuthority, Issuer},
     kubernetes::KubeOptions,
     live::LiveState,
     logwriter,
     metrics::Metrics,
-    proxy::{ProxyInputs, pool::HbonePool},
+    proxy::{
+        ConnectionLimits, PodContext, ProxyInputs,
+        pool::{self, HbonePool},
+    },
     redirect::Redirector,
     source::{self, Update},
     state, status,
@@ -37,6 +41,10 @@ use mesh_agent::{
 /// How often pods whose enrolment failed (netns not there yet, CA unreachable, ...) are tried
 /// again, while the snapshot stays the same.
 const ENROL_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a draining agent checks for connections left.
+const DRAIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a new agent retries binding the admin ports its predecessor releases.
+const ADMIN_BIND_RETRY: Duration = Duration::from_secs(5);
 /// How long shutdown waits for pods' netns threads to clean up.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -88,6 +96,32 @@ enum Command {
         /// Metrics and access logs for every connection and request (`off` for benchmarks).
         #[arg(long, env = "TRELLIS_TELEMETRY", value_enum, default_value_t = Switch::On)]
         telemetry: Switch,
+        /// bpffs directory for the pinned maps and per-pod links (mounted if needed).
+        #[arg(long, default_value = "/sys/fs/bpf/trellis")]
+        bpf_pin_dir: PathBuf,
+        /// On SIGTERM/SIGINT, leave the pods captured (they fail closed until the next agent
+        /// adopts them) instead of detaching everything. What the DaemonSet uses.
+        #[arg(long)]
+        keep_capture_on_exit: bool,
+        /// Unix socket for zero-drop restarts: a new agent started with the same socket takes
+        /// the pods' listeners over from the running one (see `handover`).
+        #[arg(long, default_value = "/run/trellis/handover.sock")]
+        handover_socket: PathBuf,
+        /// After handing over, how long the old agent keeps serving its open connections.
+        #[arg(long, value_parser = parse_seconds, default_value = "30")]
+        drain_timeout_s: Duration,
+        /// Open captured connections one pod may have; more are reset at accept.
+        #[arg(long, env = "TRELLIS_MAX_CONNECTIONS_PER_POD", default_value_t = ConnectionLimits::default().per_pod)]
+        max_connections_per_pod: u64,
+        /// Open captured connections over all pods of the node.
+        #[arg(long, env = "TRELLIS_MAX_CONNECTIONS", default_value_t = ConnectionLimits::default().node)]
+        max_connections: u64,
+        /// Parent cgroup of every pod (kubelet: /sys/fs/cgroup/kubepods.slice). When set, a
+        /// pod the agent has not decided about yet cannot open TCP connections (EPERM) until
+        /// it is enrolled or known to stay out of the mesh: no connection escapes the mesh
+        /// in a pod's first milliseconds.
+        #[arg(long, env = "TRELLIS_GATE_CGROUP")]
+        gate_cgroup: Option<PathBuf>,
     },
     /// Serve the cluster's certificate authority (signs for node agents, see `cluster_ca`).
     Ca {
@@ -120,6 +154,19 @@ struct RunOptions {
     admin_addr: SocketAddr,
     metrics_addr: SocketAddr,
     telemetry: bool,
+    bpf_pin_dir: PathBuf,
+    keep_capture_on_exit: bool,
+    handover_socket: PathBuf,
+    drain_timeout: Duration,
+    max_connections_per_pod: u64,
+    max_connections: u64,
+    gate_cgroup: Option<PathBuf>,
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    text.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("{text:?} is not a whole number of seconds"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -161,6 +208,13 @@ fn main() -> anyhow::Result<()> {
             admin_addr,
             metrics_addr,
             telemetry,
+            bpf_pin_dir,
+            keep_capture_on_exit,
+            handover_socket,
+            drain_timeout_s,
+            max_connections_per_pod,
+            max_connections,
+            gate_cgroup,
         } => {
             let options = RunOptions {
                 config,
@@ -169,6 +223,13 @@ fn main() -> anyhow::Result<()> {
                 admin_addr,
                 metrics_addr,
                 telemetry: telemetry == Switch::On,
+                bpf_pin_dir,
+                keep_capture_on_exit,
+                handover_socket,
+                drain_timeout: drain_timeout_s,
+                max_connections_per_pod,
+                max_connections,
+                gate_cgroup,
             };
             let _log_writer = init_logging(log_format);
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -192,7 +253,7 @@ fn main() -> anyhow::Result<()> {
                     warn!("a pod netns thread did not finish in time");
                 }
             }
-            info!("agent stopped; all programs detached");
+            info!("agent stopped");
             Ok(())
         }
     }
@@ -242,6 +303,13 @@ async fn run(options: &RunOptions) -> anyhow::Result<Vec<std::thread::JoinHandle
         Some(path) => source::file(path)?,
         None => mesh_agent::kubernetes::start(options.kube.clone()).await?,
     };
+    // An agent already running on this node hands its pods over before anything is touched.
+    let mut inherited = handover::request(&options.handover_socket)
+        .context("asking the running agent to hand over")?;
+    let inherited_listeners = inherited
+        .as_mut()
+        .map(|i| std::mem::take(&mut i.listeners))
+        .unwrap_or_default();
     let issuer: Arc<dyn Issuer> = match mesh_agent::kubernetes::cluster_ca_issuer(&options.kube)? {
         Some(cluster_ca) if options.config.is_none() => cluster_ca,
         _ => Arc::new(certificate_authority(&mesh, state_dir)?),
@@ -252,7 +320,8 @@ async fn run(options: &RunOptions) -> anyhow::Result<Vec<std::thread::JoinHandle
         mesh.identity.rotate_at,
     );
     let _rotation = certs.spawn_rotation();
-    let (redirector, maps) = Redirector::load()?;
+    raise_fd_limit();
+    let (redirector, maps) = Redirector::load(&options.bpf_pin_dir)?;
     let inputs = Arc::new(ProxyInputs {
         mesh: ArcSwap::from_pointee(mesh.clone()),
         local_pods: ArcSwap::default(),
@@ -265,38 +334,75 @@ async fn run(options: &RunOptions) -> anyhow::Result<Vec<std::thread::JoinHandle
         l7: Default::default(),
         metrics: Arc::new(Metrics::new()),
         telemetry: options.telemetry,
+        drain: Default::default(),
+        limits: ConnectionLimits::new(options.max_connections_per_pod, options.max_connections),
     });
     inputs.publish(mesh.clone());
-    let mut enrolment = Enrolment::new(redirector, inputs.clone());
+    let reaper_inputs = inputs.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(pool::POOL_IDLE_TIMEOUT / 4);
+        loop {
+            tick.tick().await;
+            let closed = reaper_inputs.pool.close_idle(pool::POOL_IDLE_TIMEOUT);
+            if closed > 0 {
+                tracing::debug!(closed, "idle HBONE connections let go");
+            }
+        }
+    });
+    let mut enrolment = Enrolment::new(redirector, inputs.clone(), inherited_listeners);
     let live = Arc::new(LiveState {
         inputs: inputs.clone(),
         failures: enrolment.failures.clone(),
         started: AtomicBool::new(false),
     });
-    let admin = admin::spawn(options.admin_addr, options.metrics_addr, live.clone())
-        .context("starting the admin and metrics servers")?;
-    info!(admin = %admin.admin_addr, metrics = %admin.metrics_addr, "admin API and metrics listening");
     enrolment.apply(&mesh).await;
+    if let Some(gated) = &options.gate_cgroup {
+        enrolment.attach_gate(gated)?;
+    }
+    if let Some(predecessor) = inherited {
+        // Our accept loops run on the inherited sockets; the old agent may stop accepting.
+        match tokio::task::spawn_blocking(move || predecessor.complete()).await {
+            Ok(Ok(())) => info!("took over from the previous agent; it is draining"),
+            Ok(Err(e)) => warn!(
+                error = format!("{e:#}"),
+                "the previous agent did not confirm the handover; serving anyway"
+            ),
+            Err(e) => warn!(error = %e, "handover completion task failed; serving anyway"),
+        }
+    }
+    let admin = spawn_admin(options, live.clone())?;
+    let (handover_tx, mut handover_rx) = tokio::sync::mpsc::channel(1);
+    let handover_listener =
+        handover::HandoverListener::bind(&options.handover_socket, handover_tx)?;
     live.started.store(true, Ordering::Release);
-    info!(node = %mesh.node, pods = mesh.pods.len(), enrolled = enrolment.enrolled_count(), "agent ready");
+    info!(node = %mesh.node, pods = mesh.pods.len(), enrolled = enrolment.enrolled_count(), handover_socket = %handover_listener.path().display(), "agent ready");
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut retry = tokio::time::interval(ENROL_RETRY_INTERVAL);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    let successor = loop {
         tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: detaching and exiting"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break None; }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break None; }
+            Some(stream) = handover_rx.recv() => {
+                info!("a new agent asks to take over");
+                let pods = enrolment.listener_fds();
+                match tokio::task::spawn_blocking(move || handover::give(stream, pods)).await {
+                    Ok(Ok(giving)) => break Some(giving),
+                    Ok(Err(e)) => warn!(error = format!("{e:#}"), "handover failed; still serving"),
+                    Err(e) => warn!(error = %e, "handover task failed; still serving"),
+                }
+            }
             _ = retry.tick() => {
                 let failed = !enrolment.failures.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
                 if failed {
                     enrolment.apply(&inputs.mesh.load_full()).await;
                 }
             }
-            _ = sigint.recv() => { info!("SIGINT: detaching and exiting"); break; }
             update = updates.recv() => {
                 match update {
-                    None => { error!("the snapshot source stopped; exiting"); break; }
+                    None => { error!("the snapshot source stopped; exiting"); break None; }
                     Some(Update::Apply(mesh)) => {
                         let mesh = *mesh;
                         if mesh.identity != inputs.mesh.load().identity {
@@ -314,7 +420,7 @@ async fn run(options: &RunOptions) -> anyhow::Result<Vec<std::thread::JoinHandle
                 }
             }
         }
-    }
+    };
     let counters: Vec<String> = inputs
         .maps
         .counters()
@@ -324,5 +430,90 @@ async fn run(options: &RunOptions) -> anyhow::Result<Vec<std::thread::JoinHandle
         .collect();
     info!(counters = %counters.join(" "), "eBPF counters");
     drop(admin);
-    Ok(enrolment.shutdown())
+    let Some(giving) = successor else {
+        let detach = !options.keep_capture_on_exit;
+        let threads = enrolment.shutdown(detach);
+        if detach {
+            info!("all pods detached");
+        } else {
+            info!("pods left captured for the next agent (they fail closed until it comes)");
+        }
+        return Ok(threads);
+    };
+    let (pods, threads) = enrolment.release();
+    giving.released();
+    inputs.drain.start();
+    info!(
+        pods = pods.len(),
+        "handed over to the new agent; draining open connections"
+    );
+    drain(&pods, options.drain_timeout, &mut sigterm, &mut sigint).await;
+    Ok(threads)
+}
+
+/// Waits until the handed-over pods' connections have all ended, the drain deadline passes,
+/// or SIGINT asks to stop now.
+async fn drain(
+    pods: &[Arc<PodContext>],
+    deadline: Duration,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+) {
+    let end = Instant::now() + deadline;
+    loop {
+        let open: u64 = pods
+            .iter()
+            .map(|p| p.active_connections.load(Ordering::Relaxed))
+            .sum();
+        if open == 0 {
+            info!("drained: no connections left");
+            return;
+        }
+        if Instant::now() >= end {
+            warn!(open, "drain deadline passed; closing what is left");
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(DRAIN_POLL_INTERVAL) => {}
+            // Kubernetes deletes the old pod once the new one is ready: keep draining until
+            // the deadline (set it below terminationGracePeriodSeconds).
+            _ = sigterm.recv() => { info!(open, "SIGTERM while draining; draining continues until the deadline"); }
+            _ = sigint.recv() => { warn!(open, "SIGINT while draining; closing what is left"); return; }
+        }
+    }
+}
+
+/// Two descriptors per relayed connection: lift the soft limit to the hard one so the
+/// connection limits, not the fd limit, decide when connections are turned away.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                warn!("could not raise the open file limit");
+            }
+        }
+    }
+}
+
+/// Binds the admin and metrics ports. After a handover the old agent has just released
+/// them; a short retry covers a slow release.
+fn spawn_admin(options: &RunOptions, live: Arc<LiveState>) -> anyhow::Result<admin::AdminHandle> {
+    let deadline = Instant::now() + ADMIN_BIND_RETRY;
+    loop {
+        match admin::spawn(options.admin_addr, options.metrics_addr, live.clone()) {
+            Ok(handle) => return Ok(handle),
+            Err(e) if Instant::now() < deadline => {
+                warn!(error = format!("{e:#}"), "admin ports busy; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e.context("starting the admin and metrics servers")),
+        }
+    }
 }

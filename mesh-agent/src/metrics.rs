@@ -315,6 +315,33 @@ impl EncodeLabelSet for ReloadLabels {
     }
 }
 
+/// Why a captured connection was turned away before it was served.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The pod already has `--max-connections-per-pod` open.
+    PodLimit,
+    /// The node already has `--max-connections` open.
+    NodeLimit,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct RejectLabels {
+    reason: RejectReason,
+}
+
+impl EncodeLabelSet for RejectLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        label(
+            encoder,
+            "reason",
+            match self.reason {
+                RejectReason::PodLimit => "pod_limit",
+                RejectReason::NodeLimit => "node_limit",
+            },
+        )
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct PolicyLabels {
     allowed: bool,
@@ -371,6 +398,7 @@ pub struct Metrics {
     ebpf_links: Gauge,
     config_reloads: Family<ReloadLabels, Counter>,
     policy_decisions: Family<PolicyLabels, Counter>,
+    connections_rejected: Family<RejectLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -454,8 +482,17 @@ impl Metrics {
             "Authorization decisions, by action and layer",
             policy_decisions.clone(),
         );
+        let connections_rejected = Family::<RejectLabels, Counter>::default();
+        registry.register(
+            "trellis_connections_rejected",
+            "Captured connections reset at accept because a connection limit was reached",
+            connections_rejected.clone(),
+        );
         // Series with a small fixed label space start at 0, so rate() and increase() see the
         // first event.
+        for reason in [RejectReason::PodLimit, RejectReason::NodeLimit] {
+            let _ = connections_rejected.get_or_create(&RejectLabels { reason });
+        }
         for accepted in [true, false] {
             let _ = config_reloads.get_or_create(&ReloadLabels { accepted });
         }
@@ -478,7 +515,15 @@ impl Metrics {
             ebpf_links,
             config_reloads,
             policy_decisions,
+            connections_rejected,
         }
+    }
+
+    /// `trellis_connections_rejected_total{reason}`.
+    pub fn connection_rejected(&self, reason: RejectReason) {
+        self.connections_rejected
+            .get_or_create(&RejectLabels { reason })
+            .inc();
     }
 
     /// A connection was opened: `istio_tcp_connections_opened_total`.

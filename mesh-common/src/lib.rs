@@ -74,6 +74,8 @@ pub mod stats {
     pub const INBOUND_NO_LISTENER: u32 = 4;
     /// Connects left alone because of an exclusion (loopback, DNS, agent ports).
     pub const EXCLUDED: u32 = 5;
+    /// Connects the start-up gate failed: a pod the agent had not decided about yet.
+    pub const GATE_DENIED: u32 = 6;
     /// Number of slots in the array.
     pub const COUNT: u32 = 8;
     /// Human names, indexed like the constants above.
@@ -84,7 +86,7 @@ pub mod stats {
         "inbound_steered",
         "inbound_no_listener",
         "excluded",
-        "unused6",
+        "gate_denied",
         "unused7",
     ];
 }
@@ -95,6 +97,12 @@ pub mod names {
     pub const MAP_ORIGINAL_DST_BY_FLOW: &str = "ORIG_DST_BY_FLOW";
     pub const MAP_INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const MAP_STATS: &str = "STATS";
+    pub const MAP_FAIL_CLOSED_PODS: &str = "FAIL_CLOSED_PODS";
+    pub const MAP_DECIDED_CGROUPS: &str = "DECIDED_CGROUPS";
+    pub const MAP_GATE_CONFIG: &str = "GATE_CONFIG";
+    pub const MAP_AGENT_TGIDS: &str = "AGENT_TGIDS";
+    pub const PROG_GATE_CONNECT4: &str = "mesh_gate_connect4";
+    pub const PROG_GATE_CONNECT6: &str = "mesh_gate_connect6";
     pub const PROG_CONNECT4: &str = "mesh_connect4";
     pub const PROG_CONNECT6: &str = "mesh_connect6";
     pub const PROG_GETPEERNAME4: &str = "mesh_getpeername4";

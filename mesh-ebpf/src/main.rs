@@ -16,9 +16,12 @@
 
 use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
+        bpf_get_socket_cookie,
+    },
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-    maps::{LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use core::ptr::{read_volatile, write_volatile};
@@ -34,7 +37,13 @@ const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 /// Verdicts: cgroup sock_addr programs return 1 to let the syscall proceed.
 const ALLOW: i32 = 1;
+/// ... and 0 to fail it with EPERM.
+const DENY: i32 = 0;
+/// How many levels below the gated cgroup a pod's cgroup may sit (kubelet: QoS class slice,
+/// pod, container); a task's ancestors at these levels are checked against the decisions.
+const GATE_MAX_DEPTH: u32 = 4;
 const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
 
 /// 127.0.0.1 as the kernel stores it (network order in a native `u32`).
 const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -49,6 +58,26 @@ static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, OriginalDst> = LruHashMap::with_max
 
 #[map]
 static INBOUND_LISTENERS: SockHash<InboundKey> = SockHash::with_max_entries(4096, 0);
+
+/// Pod addresses whose inbound TCP must never reach the app around the agent: a connection
+/// to one of them with no live agent listener (the agent died) is refused, not passed.
+#[map]
+static FAIL_CLOSED_PODS: HashMap<InboundKey, u8> = HashMap::with_max_entries(4096, 0);
+
+/// Pod-level cgroups (by cgroup id) the agent has decided about, enrolled or not: the gate
+/// lets their connects through.
+#[map]
+static DECIDED_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(16384, 0);
+
+/// The gate's settings, written by the agent: `[0]` = level of the gated cgroup (the parent
+/// of every pod cgroup, e.g. kubepods.slice) below the cgroup v2 root.
+#[map]
+static GATE_CONFIG: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Process ids (tgid, as the kernel's initial pid namespace sees them) of running agents:
+/// the agent's own pod is gated too, and it must reach the API server to decide anything.
+#[map]
+static AGENT_TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(16, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::COUNT, 0);
@@ -184,6 +213,85 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// The start-up gate, attached to the parent cgroup of all pods: a TCP connect from a pod
+/// the agent has not decided about yet fails with EPERM (the app retries) instead of going
+/// out around the mesh. Loopback and the excluded ports (DNS) always pass. Runs after the
+/// pod's own programs, so an enrolled pod's connect arrives here already redirected.
+#[inline(always)]
+fn gate() -> i32 {
+    let Some(&root_level) = GATE_CONFIG.get(0) else {
+        return ALLOW;
+    };
+    // SAFETY: plain helper call.
+    let tgid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
+    // SAFETY: read-only lookup of a plain value.
+    if unsafe { AGENT_TGIDS.get(&tgid) }.is_some() {
+        return ALLOW;
+    }
+    let mut depth = 1;
+    while depth <= GATE_MAX_DEPTH {
+        // SAFETY: plain helper call; 0 means the task's cgroup is not that deep.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id((root_level + depth) as i32) };
+        if id == 0 {
+            break;
+        }
+        // SAFETY: read-only lookup of a plain value.
+        if unsafe { DECIDED_CGROUPS.get(&id) }.is_some() {
+            return ALLOW;
+        }
+        depth += 1;
+    }
+    count(stats::GATE_DENIED);
+    DENY
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_gate_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if !is_tcp(sa) {
+        return ALLOW;
+    }
+    // SAFETY: valid context.
+    let (addr, port) = unsafe {
+        (
+            read_volatile(&(*sa).user_ip4),
+            u16::from_be(read_volatile(&(*sa).user_port) as u16),
+        )
+    };
+    if is_loopback4(addr) || is_excluded_port(port) {
+        return ALLOW;
+    }
+    gate()
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_gate_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if !is_tcp(sa) {
+        return ALLOW;
+    }
+    // SAFETY: valid context.
+    let (ip6, port) = unsafe {
+        (
+            [
+                read_volatile(&(*sa).user_ip6[0]),
+                read_volatile(&(*sa).user_ip6[1]),
+                read_volatile(&(*sa).user_ip6[2]),
+                read_volatile(&(*sa).user_ip6[3]),
+            ],
+            u16::from_be(read_volatile(&(*sa).user_port) as u16),
+        )
+    };
+    let v6_loopback =
+        ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::from_ne_bytes([0, 0, 0, 1]);
+    let v4_mapped_loopback =
+        ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_PREFIX && is_loopback4(ip6[3]);
+    if v6_loopback || v4_mapped_loopback || is_excluded_port(port) {
+        return ALLOW;
+    }
+    gate()
+}
+
 /// Shows the application the destination it dialled instead of the agent's listener.
 #[inline(always)]
 fn original_peer(ctx: &SockAddrContext) -> Option<OriginalDst> {
@@ -317,7 +425,9 @@ pub fn mesh_sock_ops(ctx: SockOpsContext) -> u32 {
 
 /// Steers a new inbound TCP connection to a pod address to the agent's inbound listener in
 /// that pod. Connections to loopback (the agent's own hop to the app), to excluded ports, and
-/// to addresses without a registered listener are left to the normal socket lookup.
+/// to addresses the agent never enrolled are left to the normal socket lookup. An enrolled
+/// pod address whose listener is gone (the agent died and nobody took over) gets SK_DROP: the
+/// kernel refuses the connection, and nothing reaches the app unauthorized.
 #[sk_lookup]
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands every sk_lookup program a valid context.
@@ -337,10 +447,20 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local_ip4, 0) {
-        Ok(()) => count(stats::INBOUND_STEERED),
-        Err(_) => count(stats::INBOUND_NO_LISTENER),
+        Ok(()) => {
+            count(stats::INBOUND_STEERED);
+            SK_PASS
+        }
+        Err(_) => {
+            count(stats::INBOUND_NO_LISTENER);
+            // SAFETY: read-only lookup of a plain value.
+            if unsafe { FAIL_CLOSED_PODS.get(&local_ip4) }.is_some() {
+                SK_DROP
+            } else {
+                SK_PASS
+            }
+        }
     }
-    SK_PASS
 }
 
 #[cfg(not(test))]

@@ -32,12 +32,24 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
     )
 }
 
-/// A running agent. Killed (SIGKILL) on drop if still running.
+/// Where test agents pin their BPF links and maps: one directory per agent, named after the
+/// harness process so that leftovers of dead runs can be recognised.
+const PIN_ROOT: &str = "/sys/fs/bpf/trellis-test";
+
+/// A running agent. Killed (SIGKILL) on drop if still running, and its pins removed.
 pub struct Agent {
     child: Option<Child>,
     dir: PathBuf,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
+    state_dir: PathBuf,
+    /// The agent's `--bpf-pin-dir`; a successor started with [`Agent::start_successor`] shares it.
+    pub pin_dir: PathBuf,
+    env: Vec<(String, String)>,
+    generation: u32,
+    /// `run`'s arguments that say where snapshots come from (`--config FILE`, or
+    /// `--kubernetes ...`).
+    source: Vec<std::ffi::OsString>,
 }
 
 impl Agent {
@@ -68,8 +80,8 @@ impl Agent {
         let dir = agent_dir(name)?;
         let config_path = dir.join("agent.yaml");
         fs::write(&config_path, config)?;
-        let source = vec!["--config".into(), config_path.into_os_string()];
-        Self::launch(dir, &source, state_dir, env)
+        let source = vec!["--config".into(), config_path.clone().into_os_string()];
+        Self::launch(name, dir, source, state_dir, env)
     }
 
     /// Starts the agent in Kubernetes mode (`run --kubernetes`) against the API server the
@@ -96,12 +108,13 @@ impl Agent {
             kubelet_cgroup_root.as_os_str().to_owned(),
         ];
         source.extend(extra.iter().map(|a| a.into()));
-        Self::launch(dir, &source, state_dir, &[])
+        Self::launch(name, dir, source, state_dir, &[])
     }
 
     fn launch(
+        name: &str,
         dir: PathBuf,
-        source: &[std::ffi::OsString],
+        source: Vec<std::ffi::OsString>,
         state_dir: Option<&Path>,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
@@ -109,13 +122,63 @@ impl Agent {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| dir.join("state"));
         let config_path = dir.join("agent.yaml");
-        let log_path = dir.join("agent.log");
-        let log = fs::File::create(&log_path)?;
+        let pin_dir = Path::new(PIN_ROOT).join(format!("{}-{name}", std::process::id()));
+        let mut agent = Self {
+            child: None,
+            log_path: dir.join("agent.log"),
+            dir,
+            config_path,
+            state_dir,
+            pin_dir,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            generation: 0,
+            source,
+        };
+        agent.spawn()?;
+        agent.wait_for_event("agent ready", |e| message(e) == "agent ready")?;
+        Ok(agent)
+    }
+
+    /// Starts a second agent process on the same config, CA, pin directory and handover
+    /// socket while this one may still run: the upgrade path. Its log is a file of its own.
+    /// Returns once the new agent logged "agent ready".
+    pub fn start_successor(&self) -> anyhow::Result<Self> {
+        let generation = self.generation + 1;
+        let mut next = Self {
+            child: None,
+            dir: self.dir.clone(),
+            config_path: self.config_path.clone(),
+            log_path: self.dir.join(format!("agent.{generation}.log")),
+            state_dir: self.state_dir.clone(),
+            pin_dir: self.pin_dir.clone(),
+            env: self.env.clone(),
+            generation,
+            source: self.source.clone(),
+        };
+        next.spawn()?;
+        next.wait_for_event("agent ready", |e| message(e) == "agent ready")?;
+        Ok(next)
+    }
+
+    /// The handover socket agents of this harness directory share.
+    pub fn handover_socket(&self) -> PathBuf {
+        self.dir.join("handover.sock")
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = fs::File::create(&self.log_path)?;
         let child = Command::new(agent_binary()?)
             .arg("run")
-            .args(source)
+            .args(&self.source)
             .args(["--log-format", "json", "--state-dir"])
-            .arg(&state_dir)
+            .arg(&self.state_dir)
+            .arg("--bpf-pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--handover-socket")
+            .arg(self.handover_socket())
             // Ephemeral ports: several agents run side by side in tests.
             .args([
                 "--admin-addr",
@@ -124,20 +187,35 @@ impl Agent {
                 "127.0.0.1:0",
             ])
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("starting mesh-agent")?;
-        let mut agent = Self {
-            child: Some(child),
-            dir,
-            config_path,
-            log_path,
-        };
-        agent.wait_for_event("agent ready", |e| message(e) == "agent ready")?;
-        Ok(agent)
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Kills the agent with SIGKILL (a crash: nothing of its own shutdown runs) and reaps it.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().context("agent already stopped")?;
+        child.kill().context("killing the agent")?;
+        child.wait().context("reaping the agent")?;
+        Ok(())
+    }
+
+    /// Waits for the agent to exit by itself (e.g. after handing over and draining).
+    pub fn wait_exit(&mut self, deadline: Duration) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().context("agent already stopped")?;
+        let status = wait_until("the agent to exit", deadline, || {
+            child.try_wait().ok().flatten()
+        });
+        if status.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        status
     }
 
     /// The admin API's address (from the agent's start-up log).
@@ -241,6 +319,9 @@ impl Drop for Agent {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            // A killed agent leaves its pins (fail closed, by design); the test is over.
+            // (An agent that exited by itself may have handed them to a successor.)
+            let _ = fs::remove_dir_all(&self.pin_dir);
         }
         // The directory (config, log) stays for post-mortems; the next run of the harness
         // removes it once this process is gone.
@@ -270,6 +351,17 @@ fn remove_stale_dirs() {
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = fs::remove_dir_all(e.path());
+        }
+    }
+    if let Ok(entries) = fs::read_dir(PIN_ROOT) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = fs::remove_dir_all(e.path());
+            }
         }
     }
 }

@@ -94,6 +94,11 @@ impl Node {
         Ok(node)
     }
 
+    /// The node's cgroup: the parent of its pods' cgroups (like kubelet's kubepods.slice).
+    pub fn cgroup_dir(&self) -> &Path {
+        &self.cgroup_dir
+    }
+
     /// The bridge address, the pods' default gateway.
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::new(self.subnet[0], self.subnet[1], self.subnet[2], 1)

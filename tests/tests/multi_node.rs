@@ -607,3 +607,87 @@ fn pods_sharing_an_identity_on_another_node_share_one_pooled_connection() -> any
     );
     Ok(())
 }
+
+const HTTP_BACKEND: &str = env!("CARGO_BIN_EXE_http-backend");
+const RESTART_LOAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/restart_load.py");
+
+/// The destination node's agent is replaced while a client on the other node streams, keeps
+/// an HTTP connection alive and opens new connections through HBONE: the old agent's HBONE
+/// connections get a GOAWAY, the source agent's pool moves new streams to the new agent,
+/// and nothing in flight is lost.
+#[test]
+fn restarting_the_destination_agent_loses_nothing_across_nodes() -> anyhow::Result<()> {
+    let t = two_nodes("handover")?;
+    let mut echo = t.server.command(PEER_ECHO)?;
+    echo.args(["tcp", &ECHO_PORT.to_string()]);
+    let _echo = Background::spawn_ready(echo, "listening")?;
+    let mut http = t.server.command(HTTP_BACKEND)?;
+    http.args([&APP_PORT.to_string(), "--name", "server"]);
+    let _http = Background::spawn_ready(http, "listening")?;
+    let (a1, old) = t.agents("", "")?;
+
+    let progress = a1.dir().join("cross-load-progress.json");
+    let output = a1.dir().join("cross-load-output.json");
+    let seconds = 12;
+    let mut load = t
+        .client
+        .command("python3")?
+        .arg(RESTART_LOAD)
+        .args([&t.server.ip.to_string(), &ECHO_PORT.to_string()])
+        .args([
+            &t.server.ip.to_string(),
+            &APP_PORT.to_string(),
+            &seconds.to_string(),
+        ])
+        .arg(&progress)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&output)?)
+        .spawn()
+        .context("starting the load script")?;
+    let read = || -> Option<Value> {
+        serde_json::from_str(&std::fs::read_to_string(&progress).ok()?).ok()
+    };
+    let count = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let before = wait_until("load flowing across the nodes", AGENT_DEADLINE, || {
+        read().filter(|v| count(v, "http_ok") >= 20 && count(v, "connect_ok") >= 10)
+    })?;
+
+    let mut new = old.start_successor()?;
+    let mut old = old;
+    old.wait_for_event("the old agent to hand over", |e| {
+        message(e) == "handed over to the new agent; draining open connections"
+    })?;
+    wait_until("new connections after the handover", AGENT_DEADLINE, || {
+        read().filter(|v| count(v, "connect_ok") >= count(&before, "connect_ok") + 20)
+    })?;
+    let status = wait_until("the load script", Duration::from_secs(seconds + 90), || {
+        load.try_wait().ok().flatten()
+    })?;
+    ensure!(status.success(), "load script failed: {status}");
+    let result: Value = serde_json::from_str(&std::fs::read_to_string(&output)?)?;
+    for key in ["stream_errors", "http_errors", "connect_errors"] {
+        let errors = result
+            .get(key)
+            .and_then(Value::as_array)
+            .map(Vec::len)
+            .unwrap_or(1);
+        ensure!(errors == 0, "{key}: {result}");
+    }
+    let (sent, verified) = (
+        count(&result, "stream_sent"),
+        count(&result, "stream_verified"),
+    );
+    ensure!(
+        sent > 4 << 20 && verified == sent,
+        "the stream lost bytes: sent {sent}, verified {verified}"
+    );
+    // The old agent finishes its last streams and exits by itself; the new one served the
+    // connections opened after the handover.
+    let status = old.wait_exit(Duration::from_secs(90))?;
+    ensure!(status.success(), "old agent: {status}\n{}", old.log_text());
+    new.wait_for_event("an inbound connection through the new agent", |e| {
+        is_connection(e, "inbound") && field(e, "dst.original").ends_with(&format!(":{ECHO_PORT}"))
+    })?;
+    drop(a1);
+    Ok(())
+}

@@ -1168,19 +1168,19 @@ impl Demo {
         for (node, agent) in [("node 1", &mut a1), ("node 2", &mut a2)] {
             let status = agent.terminate()?;
             let stopped =
-                agent.count_events(|e| message(e) == "agent stopped; all programs detached") > 0;
+                agent.count_events(|e| message(e) == "all pods detached") > 0;
             say(
                 node,
                 &match (status.success(), stopped) {
                     (true, true) => {
-                        "the agent stopped cleanly after logging \"agent stopped; all programs detached\""
+                        "the agent stopped cleanly after logging \"all pods detached\" (links unpinned, maps removed)"
                             .to_string()
                     }
                     (_, true) => format!(
-                        "the agent logged \"agent stopped; all programs detached\" but exited with {status}"
+                        "the agent logged \"all pods detached\" but exited with {status}"
                     ),
                     (_, false) => {
-                        format!("the agent exited with {status} without logging \"agent stopped\"")
+                        format!("the agent exited with {status} without logging \"all pods detached\"")
                     }
                 },
             );

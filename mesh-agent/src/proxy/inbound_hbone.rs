@@ -70,6 +70,7 @@ pub async fn handle(
             return;
         }
     };
+    let drain_inputs = inputs.clone();
     let service = service_fn(move |request| {
         serve_stream(
             request,
@@ -79,10 +80,14 @@ pub async fn handle(
             inputs.clone(),
         )
     });
-    let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
-        .serve_connection(TokioIo::new(tls), service)
+        .serve_connection(TokioIo::new(tls), service);
+    // Draining: GOAWAY, so the peer's pool opens its next streams to the new agent.
+    let result = drain_inputs
+        .drain
+        .run(conn, |conn| conn.graceful_shutdown())
         .await;
     if let Err(e) = result {
         debug!(peer = %peer, error = %e, "HBONE connection ended with an error");

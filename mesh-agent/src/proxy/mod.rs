@@ -68,6 +68,40 @@ pub struct ProxyInputs {
     pub metrics: Arc<Metrics>,
     /// Whether connections and requests are recorded (metrics) and access-logged.
     pub telemetry: bool,
+    /// Set once a successor agent took over: finish what is open, nudge HTTP clients away.
+    pub drain: crate::drain::Drain,
+    /// Caps on open connections, per pod and for the node.
+    pub limits: ConnectionLimits,
+}
+
+/// How many captured connections may be open at once. A connection over a limit is reset
+/// at accept (the client sees a refusal at once, instead of waiting in a backlog), counted
+/// in `trellis_connections_rejected_total` and logged at most once a second per listener.
+/// The per-pod cap is what keeps one noisy pod from taking the node's whole share.
+#[derive(Debug)]
+pub struct ConnectionLimits {
+    pub per_pod: u64,
+    pub node: u64,
+    /// Open connections over all pods (accepted and not yet finished).
+    pub node_open: std::sync::atomic::AtomicU64,
+}
+
+impl ConnectionLimits {
+    pub fn new(per_pod: u64, node: u64) -> Self {
+        Self {
+            per_pod,
+            node,
+            node_open: Default::default(),
+        }
+    }
+}
+
+/// Defaults: a pod rarely needs more than a few thousand concurrent connections, and a node
+/// agent with ~110 pods stays well inside its file descriptor limit (two fds a connection).
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self::new(8192, 65536)
+    }
 }
 
 impl ProxyInputs {
@@ -150,10 +184,10 @@ pub struct Peers<'a> {
     pub service: Option<String>,
 }
 
-/// Accepts connections on `listener` until the task is aborted (the pod is unenrolled),
-/// handing each to `handle` on its own task.
+/// Accepts connections on `listener` until the task is aborted (the pod is unenrolled or
+/// handed to a successor), handing each to `handle` on its own task.
 pub async fn serve<F, Fut>(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     name: &'static str,
     pod: Arc<PodContext>,
     inputs: Arc<ProxyInputs>,
@@ -162,16 +196,37 @@ pub async fn serve<F, Fut>(
     F: Fn(tokio::net::TcpStream, SocketAddr, Arc<PodContext>, Arc<ProxyInputs>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut last_reject_log: Option<std::time::Instant> = None;
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let limits = &inputs.limits;
+                let reason = if pod.active_connections.load(Relaxed) >= limits.per_pod {
+                    Some(crate::metrics::RejectReason::PodLimit)
+                } else if limits.node_open.load(Relaxed) >= limits.node {
+                    Some(crate::metrics::RejectReason::NodeLimit)
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    reject(stream, reason, &inputs);
+                    if last_reject_log.is_none_or(|t| t.elapsed() >= REJECT_LOG_INTERVAL) {
+                        last_reject_log = Some(std::time::Instant::now());
+                        warn!(pod = %pod.workload.key, listener = name, peer = %peer, ?reason, per_pod = limits.per_pod, node = limits.node, "connection limit reached; resetting new connections");
+                    }
+                    continue;
+                }
+                // Counted before the task starts, so a burst cannot overshoot the limits.
+                pod.active_connections.fetch_add(1, Relaxed);
+                limits.node_open.fetch_add(1, Relaxed);
                 let work = handle(stream, peer, pod.clone(), inputs.clone());
                 let pod = pod.clone();
+                let inputs = inputs.clone();
                 tokio::spawn(async move {
-                    use std::sync::atomic::Ordering::Relaxed;
-                    pod.active_connections.fetch_add(1, Relaxed);
                     work.await;
                     pod.active_connections.fetch_sub(1, Relaxed);
+                    inputs.limits.node_open.fetch_sub(1, Relaxed);
                 });
             }
             Err(e) => {
@@ -181,6 +236,20 @@ pub async fn serve<F, Fut>(
             }
         }
     }
+}
+
+/// Log lines about rejected connections: at most one per listener per interval.
+const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Resets a connection over a limit: RST (linger 0) tells the client at once.
+fn reject(
+    stream: tokio::net::TcpStream,
+    reason: crate::metrics::RejectReason,
+    inputs: &ProxyInputs,
+) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+    inputs.metrics.connection_rejected(reason);
 }
 
 /// The workload name metrics use: the pod's `app` label, else its name (bounded: no IPs).

@@ -25,6 +25,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 PING interval and timeout that retire dead pooled connections.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A pooled connection no new stream used for this long is let go: it closes once its
+/// last stream ends (hyper closes an HTTP/2 client connection when its senders are gone).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct PoolKey {
@@ -33,7 +36,13 @@ struct PoolKey {
     dst_node: String,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Empty<Bytes>>>>>;
+/// A pooled connection and when a stream was last opened on it.
+struct Pooled {
+    sender: SendRequest<Empty<Bytes>>,
+    last_used: std::time::Instant,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
 
 /// The HBONE client side of this node.
 #[derive(Default)]
@@ -63,11 +72,17 @@ impl HbonePool {
         for attempt in 0..2 {
             let sender = {
                 let mut pooled = slot.lock().await;
-                match pooled.as_ref() {
-                    Some(s) if !s.is_closed() && attempt == 0 => s.clone(),
+                match pooled.as_mut() {
+                    Some(p) if !p.sender.is_closed() && attempt == 0 => {
+                        p.last_used = std::time::Instant::now();
+                        p.sender.clone()
+                    }
                     _ => {
                         let fresh = establish(inputs, src, dst).await?;
-                        *pooled = Some(fresh.clone());
+                        *pooled = Some(Pooled {
+                            sender: fresh.clone(),
+                            last_used: std::time::Instant::now(),
+                        });
                         fresh
                     }
                 }
@@ -87,6 +102,27 @@ impl HbonePool {
     fn slot(&self, key: &PoolKey) -> Slot {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.entry(key.clone()).or_default().clone()
+    }
+
+    /// Lets go of pooled connections idle for longer than `idle` (and of closed ones), and
+    /// forgets their slots, so neither connections nor slots pile up.
+    pub fn close_idle(&self, idle: Duration) -> usize {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let before = slots.len();
+        slots.retain(|_, slot| {
+            // A slot being used right now is not idle.
+            let Ok(mut pooled) = slot.try_lock() else {
+                return true;
+            };
+            let keep = pooled
+                .as_ref()
+                .is_some_and(|p| !p.sender.is_closed() && p.last_used.elapsed() < idle);
+            if !keep {
+                *pooled = None;
+            }
+            keep
+        });
+        before - slots.len()
     }
 
     /// Drops pooled connections whose source identity is no longer held on this node.
@@ -176,4 +212,35 @@ async fn establish(
     };
     info!(src.identity = %local, dst.identity = %dst.identity, peer = %addr, "HBONE connection established");
     Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(sa: &str) -> Identity {
+        Identity {
+            trust_domain: "cluster.local".into(),
+            namespace: "shop".into(),
+            service_account: sa.into(),
+        }
+    }
+
+    #[test]
+    fn close_idle_forgets_empty_slots_but_not_busy_ones() {
+        let pool = HbonePool::default();
+        let key = |dst: &str| PoolKey {
+            src: id("a"),
+            dst: id(dst),
+            dst_node: "n2".into(),
+        };
+        let _empty = pool.slot(&key("b"));
+        let busy = pool.slot(&key("c"));
+        let guard = busy.try_lock().expect("unlocked");
+        assert_eq!(pool.close_idle(POOL_IDLE_TIMEOUT), 1);
+        drop(guard);
+        // The busy slot stayed; once free and still empty, it goes too.
+        assert_eq!(pool.close_idle(POOL_IDLE_TIMEOUT), 1);
+        assert!(pool.slots.lock().unwrap().is_empty());
+    }
 }

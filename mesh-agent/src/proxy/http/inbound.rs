@@ -63,13 +63,35 @@ pub async fn serve<I>(
         .build(connector);
     let clients = Arc::new((http1, http2));
     let peer = Arc::new(peer);
-    let service = hyper::service::service_fn(move |req| {
-        let (pod, inputs, peer, clients) =
-            (pod.clone(), inputs.clone(), peer.clone(), clients.clone());
-        async move { Ok::<_, Infallible>(handle(req, &pod, &inputs, &peer, port, &clients).await) }
+    let saw_h2 = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drain_inputs = inputs.clone();
+    let service = hyper::service::service_fn({
+        let saw_h2 = saw_h2.clone();
+        move |req| {
+            let (pod, inputs, peer, clients, saw_h2) = (
+                pod.clone(),
+                inputs.clone(),
+                peer.clone(),
+                clients.clone(),
+                saw_h2.clone(),
+            );
+            async move {
+                let version = req.version();
+                let mut response = handle(req, &pod, &inputs, &peer, port, &clients).await;
+                super::close_if_draining(&inputs, version, &saw_h2, &mut response);
+                Ok::<_, Infallible>(response)
+            }
+        }
     });
-    if let Err(e) = super::server_builder()
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
+    let builder = super::server_builder();
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    if let Err(e) = drain_inputs
+        .drain
+        .run(conn, |conn| {
+            if saw_h2.load(std::sync::atomic::Ordering::Relaxed) {
+                conn.graceful_shutdown();
+            }
+        })
         .await
     {
         debug!(error = %e, "inbound HTTP connection ended with an error");

@@ -116,15 +116,52 @@ pub async fn serve_outbound(
         service_label,
         label_cache: Default::default(),
     });
-    let service = hyper::service::service_fn(move |req| {
-        let downstream = downstream.clone();
-        async move { Ok::<_, Infallible>(handle(req, downstream).await) }
+    let inputs = downstream.inputs.clone();
+    let saw_h2 = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let service = hyper::service::service_fn({
+        let saw_h2 = saw_h2.clone();
+        move |req| {
+            let downstream = downstream.clone();
+            let saw_h2 = saw_h2.clone();
+            async move {
+                let version = req.version();
+                let mut response = handle(req, downstream.clone()).await;
+                close_if_draining(&downstream.inputs, version, &saw_h2, &mut response);
+                Ok::<_, Infallible>(response)
+            }
+        }
     });
-    if let Err(e) = server_builder()
-        .serve_connection_with_upgrades(TokioIo::new(client), service)
-        .await
-    {
+    let builder = server_builder();
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
+    // Draining: GOAWAY on HTTP/2; HTTP/1 closes after its next response (see close_if_draining).
+    let result = inputs
+        .drain
+        .run(conn, |conn| {
+            if saw_h2.load(std::sync::atomic::Ordering::Relaxed) {
+                conn.graceful_shutdown();
+            }
+        })
+        .await;
+    if let Err(e) = result {
         debug!(error = %e, "downstream HTTP connection ended with an error");
+    }
+}
+
+/// While draining, an HTTP/1 response closes its connection (see [`crate::drain`]); notes
+/// HTTP/2 connections, which get a GOAWAY instead. (Closing an idle HTTP/1 connection would
+/// race the client's next request.)
+pub(crate) fn close_if_draining<B>(
+    inputs: &ProxyInputs,
+    version: http::Version,
+    saw_h2: &std::sync::atomic::AtomicBool,
+    response: &mut Response<B>,
+) {
+    if version == http::Version::HTTP_2 {
+        saw_h2.store(true, std::sync::atomic::Ordering::Relaxed);
+    } else if inputs.drain.is_draining() && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
     }
 }
 
