@@ -336,6 +336,7 @@ fn validate(file: FileConfig) -> Result<Mesh, ConfigError> {
         policies,
         services,
         routes,
+        passthrough_cgroups: Vec::new(),
     })
 }
 

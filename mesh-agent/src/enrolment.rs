@@ -157,6 +157,12 @@ impl Enrolment {
                 }
             }
         }
+        // Pods the mesh never captures (host network) are decided from the start.
+        for cgroup in &mesh.passthrough_cgroups {
+            if let Ok(id) = self.redirector.decide(cgroup) {
+                decided.insert(id);
+            }
+        }
         self.redirector.retain_decisions(&decided);
     }
 

@@ -26,6 +26,10 @@ pub struct Mesh {
     pub services: Vec<crate::service::Service>,
     /// HTTP routes attached to services.
     pub routes: Vec<crate::route::HttpRoute>,
+    /// Cgroups of this node's pods that are not in `pods` because the mesh can never capture
+    /// them (Kubernetes host-network pods: the node's address is not theirs), but that the
+    /// start-up gate must let through. Empty from the config file.
+    pub passthrough_cgroups: Vec<PathBuf>,
 }
 
 /// JSON map keys must be strings: pods are dumped as a list (each carries its key).

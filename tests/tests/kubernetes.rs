@@ -515,3 +515,87 @@ fn service_endpoints_are_the_ready_addresses_of_its_endpoint_slices() -> anyhow:
     .with_context(|| agent.log_text())?;
     Ok(())
 }
+
+/// Tries one TCP connect and prints how it went (`ok` or the exception's name).
+const TRY_CONNECT: &str = r#"
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()
+    print("ok")
+except Exception as e:
+    print(type(e).__name__)
+"#;
+
+fn try_connect(pod: &Pod, ip: &str, port: u16) -> anyhow::Result<String> {
+    let out = pod
+        .command("python3")?
+        .args(["-c", TRY_CONNECT, ip, &port.to_string()])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn the_start_up_gate_lets_through_every_pod_the_api_says_stays_out() -> anyhow::Result<()> {
+    let mut c = cluster(true)?;
+    // A pod of a namespace that did not opt in, a host-network pod, and a cgroup kubelet made
+    // for a pod the API does not know (yet): only the last must stay gated.
+    let legacy_uid = kube_api::new_uid();
+    let (legacy, _legacy_container) =
+        c.node
+            .add_kubelet_pod("legacy", &legacy_uid, CgroupDriver::Systemd)?;
+    let mut object = pod_object(&legacy, &legacy_uid, "default", &c.node.id);
+    object["metadata"]["namespace"] = json!("legacy");
+    c.api.apply(object)?;
+    let host_pod = |uid: &str| -> anyhow::Result<Pod> {
+        let cgroup = c.node.kubelet_cgroup_root().join(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        ));
+        std::fs::create_dir_all(&cgroup)?;
+        Ok(Pod {
+            name: format!("host-{}", &uid[..4]),
+            ip: c.client.ip,
+            netns: String::new(),
+            // The test's own (host) network namespace.
+            netns_path: "/proc/self/ns/net".into(),
+            cgroup,
+        })
+    };
+    let hostnet_uid = kube_api::new_uid();
+    let hostnet = host_pod(&hostnet_uid)?;
+    c.api.apply(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "node-exporter", "namespace": "legacy", "uid": hostnet_uid },
+        "spec": { "nodeName": c.node.id, "hostNetwork": true, "containers": [] },
+        "status": { "phase": "Running", "podIP": "192.0.2.10" },
+    }))?;
+    let stray = host_pod(&kube_api::new_uid())?;
+    let gate = c.node.kubelet_cgroup_root().join("kubepods.slice");
+    let gate_arg = gate.display().to_string();
+    let mut agent = c.start_agent("k8s-gate", &["--gate-cgroup", &gate_arg])?;
+    agent.wait_for_event("the gate", |e| {
+        message(e) == "start-up gate attached: undecided pods cannot connect"
+    })?;
+    wait_count(&mut agent, "pod enrolled", "shop/server", 1)?;
+    // Nothing listens on this port of the host's own (non-loopback: loopback always passes
+    // the gate) address: a connect that passes the gate is refused by the kernel, one that
+    // does not gets EPERM.
+    let host_ip = mesh_tests::run("ip", &["-4", "-o", "addr", "show", "scope", "global"])?
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next().map(str::to_string))
+        .context("this machine has no global IPv4 address")?;
+    let closed = std::net::TcpListener::bind((host_ip.as_str(), 0))?
+        .local_addr()?
+        .port();
+    ensure!(try_connect(&stray, &host_ip, closed)? == "PermissionError");
+    ensure!(try_connect(&hostnet, &host_ip, closed)? == "ConnectionRefusedError");
+    // The unmeshed pod reaches the enrolled server (plaintext, as outside the mesh).
+    let (code, _) = legacy.curl(&format!("http://{}:{APP_PORT}/", c.server.ip))?;
+    ensure!(code == 200, "status {code}");
+    // And the meshed client goes through the agent.
+    request_is_captured(&c, &mut agent)?;
+    c.client_container.take();
+    Ok(())
+}

@@ -62,11 +62,14 @@ pub struct Built {
 /// The sections of the config document, for mapping an error back to its object.
 const SECTIONS: [&str; 4] = ["pods", "services", "httpRoutes", "authorizationPolicies"];
 
-/// Builds the snapshot. `resolve` finds a local pod's netns and cgroup from its UID. Fails
-/// only when nothing can be built (a node name or trust domain the file would refuse).
+/// Builds the snapshot. `resolve` finds a local pod's netns and cgroup from its UID, for pods
+/// to enrol; `cgroup_of` only its cgroup, for the other local pods (the start-up gate lets
+/// them through once they are known to stay out of the mesh). Fails only when nothing can be
+/// built (a node name or trust domain the file would refuse).
 pub fn build(
     objects: &Objects<'_>,
     mut resolve: impl FnMut(&str) -> Result<PodPaths, String>,
+    cgroup_of: impl Fn(&str) -> Option<std::path::PathBuf>,
 ) -> Result<Built, ConfigError> {
     let enabled: HashSet<&str> = objects
         .namespaces
@@ -76,10 +79,18 @@ pub fn build(
         .filter_map(|ns| ns.metadata.name.as_deref())
         .collect();
     let mut unresolved = BTreeMap::new();
+    let mut passthrough = Vec::new();
     let mut sections: BTreeMap<&str, Vec<(String, Value)>> = BTreeMap::new();
     sections.insert(
         "pods",
-        pods(objects, &enabled, &mut resolve, &mut unresolved),
+        pods(
+            objects,
+            &enabled,
+            &mut resolve,
+            &cgroup_of,
+            &mut unresolved,
+            &mut passthrough,
+        ),
     );
     sections.insert("services", services(objects));
     sections.insert("httpRoutes", http_routes(objects));
@@ -98,7 +109,8 @@ pub fn build(
         let text = serde_yaml::to_string(&doc)
             .map_err(|e| ConfigError::new("<document>", format!("cannot encode: {e}")))?;
         let err = match config::parse(&text) {
-            Ok(mesh) => {
+            Ok(mut mesh) => {
+                mesh.passthrough_cgroups = passthrough;
                 return Ok(Built {
                     mesh,
                     rejected,
@@ -174,7 +186,9 @@ fn pods(
     objects: &Objects<'_>,
     enabled: &HashSet<&str>,
     resolve: &mut impl FnMut(&str) -> Result<PodPaths, String>,
+    cgroup_of: &impl Fn(&str) -> Option<std::path::PathBuf>,
     unresolved: &mut BTreeMap<String, String>,
+    passthrough: &mut Vec<std::path::PathBuf>,
 ) -> Vec<(String, Value)> {
     // Running pods first, so that when a finished pod's address was handed to a new one the
     // new one owns it.
@@ -197,12 +211,17 @@ fn pods(
         let Some(node) = spec.node_name.as_deref().filter(|n| !n.is_empty()) else {
             continue; // not scheduled yet
         };
-        if spec.host_network == Some(true) {
-            continue; // the node's address, not the pod's
-        }
+        let uid = pod.metadata.uid.as_deref().unwrap_or("");
         let status = pod.status.as_ref();
         let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("");
         if phase == "Succeeded" || phase == "Failed" {
+            continue;
+        }
+        if spec.host_network == Some(true) {
+            // The node's address, not the pod's: never captured, but let through the gate.
+            if node == objects.node {
+                passthrough.extend(cgroup_of(uid));
+            }
             continue;
         }
         let Some(ip) = status
@@ -227,17 +246,23 @@ fn pods(
             "labels": pod.metadata.labels.clone().unwrap_or_default(),
         });
         if node == objects.node && enrolled {
-            let uid = pod.metadata.uid.as_deref().unwrap_or("");
             match resolve(uid) {
                 Ok(paths) => {
                     entry["netns"] = json!(paths.netns);
                     entry["cgroup"] = json!(paths.cgroup);
                 }
                 Err(why) => {
+                    // Listed without a cgroup: the start-up gate keeps it from connecting
+                    // until it can be enrolled (fail closed).
                     unresolved.insert(format!("{namespace}/{name}"), why);
                     enrolled = false;
                 }
             }
+        } else if node == objects.node
+            && let Some(cgroup) = cgroup_of(uid)
+        {
+            // Out of the mesh: its cgroup lets the start-up gate know it may connect.
+            entry["cgroup"] = json!(cgroup);
         }
         entry["enrolled"] = json!(enrolled);
         out.push((origin, entry));
@@ -484,22 +509,33 @@ mod tests {
                 policies: &self.policies,
             };
             // Any existing netns and cgroup files serve: validation checks they exist.
-            build(&objects, |uid| {
-                if uid == "uid-web" {
-                    Ok(PodPaths::for_test(
-                        PathBuf::from("/proc/self/ns/net"),
-                        self.cgroup.path().to_path_buf(),
-                    ))
-                } else {
-                    Err("no kubelet cgroup".into())
-                }
-            })
+            let cgroup = self.cgroup.path().to_path_buf();
+            let cgroup_of = move |uid: &str| {
+                ["uid-old", "uid-hostnet"]
+                    .contains(&uid)
+                    .then(|| cgroup.clone())
+            };
+            build(
+                &objects,
+                |uid| {
+                    if uid == "uid-web" {
+                        Ok(PodPaths::for_test(
+                            PathBuf::from("/proc/self/ns/net"),
+                            self.cgroup.path().to_path_buf(),
+                        ))
+                    } else {
+                        Err("no kubelet cgroup".into())
+                    }
+                },
+                cgroup_of,
+            )
         }
     }
 
     #[test]
     fn namespaces_opt_in_and_pods_opt_out() {
-        let built = Fixture::new().build().expect("builds");
+        let f = Fixture::new();
+        let built = f.build().expect("builds");
         let m = &built.mesh;
         let get = |name: &str| {
             m.pods
@@ -519,6 +555,10 @@ mod tests {
         assert!(!get("old").enrolled, "namespace not opted in");
         assert!(!get("out").enrolled, "pod opted out");
         assert!(built.unresolved.is_empty());
+        // A local pod out of the mesh carries its cgroup (the start-up gate lets it through);
+        // a remote one has none.
+        assert_eq!(get("old").cgroup, f.cgroup.path());
+        assert!(get("db").cgroup.as_os_str().is_empty());
     }
 
     #[test]
@@ -539,6 +579,10 @@ mod tests {
             .find(|w| w.key.name == "new")
             .expect("listed");
         assert!(!new.enrolled);
+        assert!(
+            new.cgroup.as_os_str().is_empty(),
+            "stays gated until it can be enrolled"
+        );
         assert!(built.unresolved["shop/new"].contains("no kubelet cgroup"));
     }
 
@@ -550,8 +594,8 @@ mod tests {
             "spec": { "nodeName": "n2", "containers": [] },
         })));
         f.pods.push(arc(json!({
-            "metadata": { "name": "hostnet", "namespace": "shop" },
-            "spec": { "nodeName": "n2", "hostNetwork": true, "containers": [] },
+            "metadata": { "name": "hostnet", "namespace": "shop", "uid": "uid-hostnet" },
+            "spec": { "nodeName": "n1", "hostNetwork": true, "containers": [] },
             "status": { "phase": "Running", "podIP": "192.168.0.1" },
         })));
         // A finished pod still holding the address a running pod now has.
@@ -568,6 +612,8 @@ mod tests {
             .map(|w| w.key.name.as_str())
             .collect();
         assert_eq!(names, ["old", "db", "out", "web"]);
+        // The local host-network pod is let through the start-up gate.
+        assert_eq!(built.mesh.passthrough_cgroups, [f.cgroup.path()]);
     }
 
     #[test]

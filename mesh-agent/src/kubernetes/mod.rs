@@ -371,8 +371,12 @@ impl Builder {
             http_routes: &http_routes,
             policies: &policies,
         };
-        let resolver = &mut self.resolver;
-        let built = build::build(&objects, |uid| resolver.resolve(uid))?;
+        let resolver = std::cell::RefCell::new(&mut self.resolver);
+        let built = build::build(
+            &objects,
+            |uid| resolver.borrow_mut().resolve(uid),
+            |uid| resolver.borrow().cgroup_of(uid),
+        )?;
         let uids = self
             .stores
             .local_pods

@@ -97,6 +97,18 @@ impl PodResolver {
         found
     }
 
+    /// The pod's kubelet cgroup alone (for pods the mesh does not capture, which the start-up
+    /// gate must still let through), if kubelet made it.
+    pub fn cgroup_of(&self, uid: &str) -> Option<PathBuf> {
+        if uid.is_empty() || uid.contains('/') || uid.contains("..") {
+            return None;
+        }
+        kubelet_cgroup_candidates(uid)
+            .into_iter()
+            .map(|p| self.cgroup_root.join(p))
+            .find(|p| p.join("cgroup.procs").is_file())
+    }
+
     /// Forgets pods that are not in `uids` any more.
     pub fn retain(&mut self, uids: &std::collections::HashSet<String>) {
         self.cache.retain(|uid, _| uids.contains(uid));
