@@ -457,6 +457,23 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 }
 
 impl Soaked {
+    /// Fails with the end of its log if the agent has exited (the harness owns the child,
+    /// so /proc says whether it still runs; an unreaped exit shows as a zombie).
+    fn ensure_running(&self) -> anyhow::Result<()> {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        let running = stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'));
+        ensure!(
+            running,
+            "{} (pid {}) exited during the soak:\n{}",
+            self.name,
+            self.pid,
+            tail(&self.agent.log_text(), 20)
+        );
+        Ok(())
+    }
+
     fn reloads(&self) -> anyhow::Result<(u64, u64)> {
         let (status, text) = http_get(self.metrics, "/metrics")?;
         ensure!(status == 200, "{}: /metrics answered {status}", self.name);
@@ -630,9 +647,7 @@ fn run(args: RunArgs) -> anyhow::Result<bool> {
             }
         }
         for a in &mut agents {
-            if let Ok(Some(status)) = a.agent_exited() {
-                bail!("{} exited during the soak ({status})", a.name);
-            }
+            a.ensure_running()?;
             a.log.poll(&a.agent.log_path)?;
         }
         let wake = sample_at.min(next_reload);
@@ -702,28 +717,6 @@ fn unit_label(sample_seconds: u64, n: u64) -> String {
         format!("minute {n:>3}")
     } else {
         format!("sample {n:>3}")
-    }
-}
-
-impl Soaked {
-    fn agent_exited(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
-        // The harness owns the child; /proc tells whether it still runs.
-        if Path::new(&format!("/proc/{}", self.pid)).exists() {
-            let state = fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
-            // A zombie (state Z) has exited but not been reaped by the harness yet.
-            if !state
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-            {
-                return Ok(None);
-            }
-        }
-        bail!(
-            "{} (pid {}) is gone:\n{}",
-            self.name,
-            self.pid,
-            tail(&self.agent.log_text(), 20)
-        )
     }
 }
 
