@@ -93,10 +93,17 @@ pub fn judge(series: &[f64], warmup: usize, rule: Rule) -> Verdict {
             rule.min_rise
         ));
     }
-    let steady = if intervals >= MIN_RISING_INTERVALS {
-        ""
+    let steady = if intervals < MIN_RISING_INTERVALS {
+        "; too few intervals for the steady-rise check".to_string()
+    } else if rising {
+        // Not a failure, but worth seeing: a longer run would tell.
+        format!(
+            "; rose in every interval, by {:.0} in total (at most {:.0} allowed)",
+            last - baseline,
+            rule.min_rise
+        )
     } else {
-        "; too few intervals for the steady-rise check"
+        String::new()
     };
     Verdict::Ok(format!(
         "bounded: baseline {baseline:.0}, last {last:.0}, bound {limit:.0}{steady}"
@@ -133,9 +140,11 @@ mod tests {
     }
 
     #[test]
-    fn a_tiny_steady_rise_is_allowed() {
+    fn a_tiny_steady_rise_is_allowed_but_named() {
         let series: Vec<f64> = (0..10).map(|m| 30_000.0 + 100.0 * m as f64).collect();
-        assert!(!judge(&series, 2, RSS_KIB).failed());
+        let v = judge(&series, 2, RSS_KIB);
+        assert!(!v.failed(), "{v:?}");
+        assert!(v.text().contains("rose in every interval"), "{v:?}");
     }
 
     #[test]
