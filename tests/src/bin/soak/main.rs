@@ -583,7 +583,7 @@ fn run(args: RunArgs) -> anyhow::Result<bool> {
     }
     preflight(&topo)?;
 
-    let loads = (0..2)
+    let mut loads = (0..2)
         .map(|n| {
             LoadProcess::start(
                 &topo.pods[n][CLIENT],
@@ -593,7 +593,6 @@ fn run(args: RunArgs) -> anyhow::Result<bool> {
             )
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut loads = loads;
     let start = Instant::now();
     let end = start + Duration::from_secs(seconds);
     let mut failures: Vec<String> = Vec::new();
@@ -658,7 +657,8 @@ fn run(args: RunArgs) -> anyhow::Result<bool> {
     }
 
     // The generators stop at the deadline and finish what they started.
-    let reports = wait_until("the load generators' final reports", DRAIN_DEADLINE, || {
+    let drain = end.saturating_duration_since(Instant::now()) + DRAIN_DEADLINE;
+    let reports = wait_until("the load generators' final reports", drain, || {
         let all: Vec<Value> = loads.iter().filter_map(LoadProcess::final_report).collect();
         (all.len() == loads.len()).then_some(all)
     })
