@@ -5,10 +5,12 @@
 //! - `manifests`: setup, then validate deploy/ (manifests, CRDs, rendered Helm chart) offline.
 //! - `demo`:  setup, then a small node with pods, the agent, traffic, and its story.
 //! - `bench`: setup, then pod-to-pod direct vs through the agent, side by side.
+//! - `soak`:  setup, then minutes of mixed load on two agents with reloads and rotations.
 mod bench;
 mod demo;
 mod manifests;
 mod setup;
+mod soak;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +38,9 @@ enum Command {
     Demo,
     /// Benchmark pod-to-pod traffic directly and through the agent.
     Bench(bench::BenchArgs),
+    /// Soak two agents: mixed L4 + HTTP + cross-node mTLS load, config reloads and
+    /// certificate rotations; fails on lost requests or growing RSS / open fds.
+    Soak(soak::SoakArgs),
     /// Validate deploy/ (manifests, CRDs, rendered Helm chart) offline; part of `test`.
     Manifests,
 }
@@ -47,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         Command::Test { filter } => test(filter.as_deref()),
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(args),
+        Command::Soak(args) => soak::run(args),
         Command::Manifests => setup::run().and_then(|()| manifests::run()),
     }
 }
