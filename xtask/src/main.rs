@@ -5,8 +5,10 @@
 //! - `manifests`: setup, then validate deploy/ (manifests, CRDs, rendered Helm chart) offline.
 //! - `demo`:  setup, then a small node with pods, the agent, traffic, and its story.
 //! - `bench`: setup, then pod-to-pod direct vs through the agent, side by side.
+//! - `fuzz`:  the cargo-fuzz targets in fuzz/, each for a bounded time (nightly).
 mod bench;
 mod demo;
+mod fuzz;
 mod manifests;
 mod setup;
 mod util;
@@ -38,6 +40,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Validate deploy/ (manifests, CRDs, rendered Helm chart) offline; part of `test`.
     Manifests,
+    /// Run the fuzz targets in fuzz/ (nightly, cargo-fuzz), each for a bounded time.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(args),
         Command::Manifests => setup::run().and_then(|()| manifests::run()),
+        Command::Fuzz(args) => fuzz::run(args),
     }
 }
 

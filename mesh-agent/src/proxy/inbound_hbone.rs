@@ -29,7 +29,7 @@ use crate::{state::Identity, tls};
 
 /// Largest header block the agent serves (counted as HTTP/2 does: name + value + 32 per
 /// field); a larger one gets 431 and a log line.
-const MAX_HEADER_BLOCK: usize = 16 * 1024;
+pub const MAX_HEADER_BLOCK: usize = 16 * 1024;
 /// Hard cap at the HTTP/2 layer, above which the codec refuses the stream by itself.
 const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 /// A client must finish the TLS handshake within this time.
