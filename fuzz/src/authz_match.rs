@@ -188,6 +188,9 @@ struct Input {
     policies: Vec<PolicyIn>,
     dst_namespace: Word,
     dst_labels: Vec<(Word, Word)>,
+    /// The destination also takes the namespace and selector labels of this policy (index
+    /// modulo their number), so that policies select it more often than by chance.
+    dst_like: Option<u8>,
     src: Option<(Word, Word, Word)>,
     src_ip: SrcIp,
     dst_port: u16,
@@ -353,7 +356,21 @@ pub fn check(data: &[u8]) {
             return;
         }
     };
-    let namespace = input.dst_namespace.text();
+    let mut namespace = input.dst_namespace.text();
+    let mut labels: BTreeMap<String, String> = input
+        .dst_labels
+        .iter()
+        .map(|(k, v)| (k.text(), v.text()))
+        .collect();
+    if let Some(i) = input.dst_like
+        && !policies.is_empty()
+    {
+        let like = &policies[i as usize % policies.len()];
+        if like.namespace != policy::ROOT_NAMESPACE {
+            namespace = like.namespace.clone();
+        }
+        labels.extend(like.selector.clone());
+    }
     let dst = Workload {
         key: PodKey {
             namespace: namespace.clone(),
@@ -364,11 +381,7 @@ pub fn check(data: &[u8]) {
         node: "n1".into(),
         netns: PathBuf::new(),
         cgroup: PathBuf::new(),
-        labels: input
-            .dst_labels
-            .iter()
-            .map(|(k, v)| (k.text(), v.text()))
-            .collect::<BTreeMap<_, _>>(),
+        labels,
         enrolled: true,
         identity: Identity {
             trust_domain: "cluster.local".into(),
