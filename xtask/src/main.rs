@@ -6,8 +6,10 @@
 //! - `demo`:  setup, then a small node with pods, the agent, traffic, and its story.
 //! - `bench`: setup, then pod-to-pod direct vs through the agent, side by side.
 //! - `soak`:  setup, then minutes of mixed load on two agents with reloads and rotations.
+//! - `fuzz`:  the cargo-fuzz targets in fuzz/, each for a bounded time (nightly).
 mod bench;
 mod demo;
+mod fuzz;
 mod manifests;
 mod setup;
 mod soak;
@@ -43,6 +45,8 @@ enum Command {
     Soak(soak::SoakArgs),
     /// Validate deploy/ (manifests, CRDs, rendered Helm chart) offline; part of `test`.
     Manifests,
+    /// Run the fuzz targets in fuzz/ (nightly, cargo-fuzz), each for a bounded time.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Soak(args) => soak::run(args),
         Command::Manifests => setup::run().and_then(|()| manifests::run()),
+        Command::Fuzz(args) => fuzz::run(args),
     }
 }
 

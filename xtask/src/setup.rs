@@ -35,6 +35,13 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Only the toolchain pieces the agent's build needs (nightly rust-src, bpf-linker): enough
+/// for `cargo xtask fuzz`, which runs no tests needing the Debian or Python packages.
+pub fn toolchain() -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()
+}
+
 fn debian_packages() -> anyhow::Result<()> {
     install_debian_packages(DEBIAN_PACKAGES)
 }

@@ -17,7 +17,9 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::Empty;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper::{
+    HeaderMap, Method, Request, Response, StatusCode, Uri, body::Incoming, service::service_fn,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
@@ -27,7 +29,7 @@ use crate::{state::Identity, tls};
 
 /// Largest header block the agent serves (counted as HTTP/2 does: name + value + 32 per
 /// field); a larger one gets 431 and a log line.
-const MAX_HEADER_BLOCK: usize = 16 * 1024;
+pub const MAX_HEADER_BLOCK: usize = 16 * 1024;
 /// Hard cap at the HTTP/2 layer, above which the codec refuses the stream by itself.
 const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 /// A client must finish the TLS handshake within this time.
@@ -94,6 +96,52 @@ pub async fn handle(
     }
 }
 
+/// Why a stream's request is not a CONNECT this listener can serve, before any lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    #[error("the header block is too large")]
+    HeaderBlockTooLarge,
+    #[error("only CONNECT is served")]
+    NotConnect,
+    #[error("the CONNECT authority is not ip:port")]
+    BadAuthority,
+}
+
+impl ConnectError {
+    /// The status the stream is answered with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ConnectError::HeaderBlockTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ConnectError::NotConnect => StatusCode::METHOD_NOT_ALLOWED,
+            ConnectError::BadAuthority => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// The destination a HBONE stream asks for: its `CONNECT` authority as `ip:port`, checked in
+/// the order the refusals are documented (header block size, method, authority). Pure, so
+/// that it can be unit-tested and fuzzed without TLS or HTTP/2.
+pub fn connect_target(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<SocketAddr, ConnectError> {
+    // Counted as HTTP/2 counts a header list (RFC 9113 6.5.2), saturating so that no input
+    // can overflow the sum.
+    let header_block = headers.iter().fold(0usize, |sum, (n, v)| {
+        sum.saturating_add(n.as_str().len() + v.len() + 32)
+    });
+    if header_block > MAX_HEADER_BLOCK {
+        return Err(ConnectError::HeaderBlockTooLarge);
+    }
+    if method != Method::CONNECT {
+        return Err(ConnectError::NotConnect);
+    }
+    uri.authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or(ConnectError::BadAuthority)
+}
+
 fn status(code: StatusCode) -> Result<Response<Empty<Bytes>>, std::convert::Infallible> {
     let mut response = Response::new(Empty::new());
     *response.status_mut() = code;
@@ -112,29 +160,9 @@ async fn serve_stream(
         warn!(pod = %pod.workload.key, peer = %peer, src.identity = %peer_identity, uri = %request.uri(), status = code.as_u16(), "HBONE request refused: {why}");
         status(code)
     };
-    let header_block: usize = request
-        .headers()
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 32)
-        .sum();
-    if header_block > MAX_HEADER_BLOCK {
-        return refuse(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "the header block is too large",
-        );
-    }
-    if request.method() != Method::CONNECT {
-        return refuse(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT is served");
-    }
-    let Some(target) = request
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "the CONNECT authority is not ip:port",
-        );
+    let target = match connect_target(request.method(), request.uri(), request.headers()) {
+        Ok(target) => target,
+        Err(e) => return refuse(e.status(), &e.to_string()),
     };
     // The pooled connection a client uses for a (source, destination identity, node) may
     // have been opened to another pod of that identity on this node: serve any enrolled pod
@@ -242,5 +270,77 @@ fn hbone_peers<'a>(
         dst_identity: Some(&pod.workload.identity),
         dst_pod: Some(&pod.workload),
         service: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<SocketAddr, ConnectError> {
+        let mut map = HeaderMap::new();
+        for (n, v) in headers {
+            map.append(
+                http::header::HeaderName::from_bytes(n.as_bytes()).expect("name"),
+                http::HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        let method = Method::from_bytes(method.as_bytes()).expect("method");
+        connect_target(&method, &uri.parse().expect("uri"), &map)
+    }
+
+    #[test]
+    fn connect_to_ip_port_is_served() {
+        assert_eq!(
+            target("CONNECT", "10.1.0.2:8080", &[]),
+            Ok("10.1.0.2:8080".parse().expect("addr"))
+        );
+        assert_eq!(
+            target("CONNECT", "[fd00::2]:80", &[("baggage", "k=v")]),
+            Ok("[fd00::2]:80".parse().expect("addr"))
+        );
+    }
+
+    #[test]
+    fn refusals_come_in_the_documented_order() {
+        assert_eq!(
+            target("GET", "10.1.0.2:80", &[]),
+            Err(ConnectError::NotConnect)
+        );
+        assert_eq!(
+            target("CONNECT", "backend.shop:80", &[]),
+            Err(ConnectError::BadAuthority)
+        );
+        assert_eq!(
+            target("CONNECT", "10.1.0.2", &[]),
+            Err(ConnectError::BadAuthority)
+        );
+        assert_eq!(
+            target("CONNECT", "/path", &[]),
+            Err(ConnectError::BadAuthority)
+        );
+        assert_eq!(
+            target("CONNECT", "user@10.1.0.2:80", &[]),
+            Err(ConnectError::BadAuthority)
+        );
+        // The size check comes first, even for a method that would be refused anyway.
+        let big = "x".repeat(MAX_HEADER_BLOCK);
+        assert_eq!(
+            target("GET", "10.1.0.2:80", &[("x-big", &big)]),
+            Err(ConnectError::HeaderBlockTooLarge)
+        );
+        assert_eq!(
+            ConnectError::HeaderBlockTooLarge.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+        assert_eq!(
+            ConnectError::NotConnect.status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(ConnectError::BadAuthority.status(), StatusCode::BAD_REQUEST);
     }
 }
