@@ -1167,8 +1167,7 @@ impl Demo {
         util::step("stopping both agents (SIGTERM)");
         for (node, agent) in [("node 1", &mut a1), ("node 2", &mut a2)] {
             let status = agent.terminate()?;
-            let stopped =
-                agent.count_events(|e| message(e) == "all pods detached") > 0;
+            let stopped = agent.count_events(|e| message(e) == "all pods detached") > 0;
             say(
                 node,
                 &match (status.success(), stopped) {
