@@ -278,21 +278,6 @@ impl CaState {
     }
 }
 
-async fn client(options: &CaOptions) -> anyhow::Result<Client> {
-    let config = match &options.kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &Default::default())
-                .await
-                .with_context(|| format!("using the kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::incluster()
-            .context("no --kubeconfig/KUBECONFIG and not running in a pod (in-cluster config)")?,
-    };
-    Client::try_from(config).context("building the Kubernetes client")
-}
-
 /// Reads the root Secret and builds the CA.
 async fn load_ca(client: &Client, options: &CaOptions) -> anyhow::Result<CertificateAuthority> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &options.namespace);
@@ -337,7 +322,7 @@ pub async fn run(options: CaOptions) -> anyhow::Result<()> {
     if options.server_name.is_empty() {
         bail!("--server-name must not be empty");
     }
-    let client = client(&options).await?;
+    let client = crate::kubernetes::client(options.kubeconfig.as_deref()).await?;
     let ca = load_ca(&client, &options).await?;
     let (chain, key) = ca
         .issue_server(

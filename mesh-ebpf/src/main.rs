@@ -148,19 +148,43 @@ fn is_tcp(sa: *const bpf_sock_addr) -> bool {
     }
 }
 
+/// The IPv4 destination (network-order address, host-order port) a connect4 asks for.
+#[inline(always)]
+fn dst4(sa: *mut bpf_sock_addr) -> (u32, u16) {
+    // SAFETY: the kernel hands every sock_addr program a valid context; user_port holds the
+    // network-order port in its low 16 bits.
+    unsafe {
+        (
+            read_volatile(&(*sa).user_ip4),
+            u16::from_be(read_volatile(&(*sa).user_port) as u16),
+        )
+    }
+}
+
+/// The IPv6 destination (four network-order words, host-order port) a connect6 asks for.
+#[inline(always)]
+fn dst6(sa: *mut bpf_sock_addr) -> ([u32; 4], u16) {
+    // SAFETY: as in dst4; each word is read separately, as the verifier wants.
+    unsafe {
+        (
+            [
+                read_volatile(&(*sa).user_ip6[0]),
+                read_volatile(&(*sa).user_ip6[1]),
+                read_volatile(&(*sa).user_ip6[2]),
+                read_volatile(&(*sa).user_ip6[3]),
+            ],
+            u16::from_be(read_volatile(&(*sa).user_port) as u16),
+        )
+    }
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     if !is_tcp(sa) {
         return ALLOW;
     }
-    // SAFETY: valid context; user_port holds the network-order port in its low 16 bits.
-    let (addr, port) = unsafe {
-        (
-            read_volatile(&(*sa).user_ip4),
-            u16::from_be(read_volatile(&(*sa).user_port) as u16),
-        )
-    };
+    let (addr, port) = dst4(sa);
     if is_loopback4(addr) || is_excluded_port(port) {
         count(stats::EXCLUDED);
         return ALLOW;
@@ -183,18 +207,7 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     if !is_tcp(sa) {
         return ALLOW;
     }
-    // SAFETY: valid context.
-    let (ip6, port) = unsafe {
-        (
-            [
-                read_volatile(&(*sa).user_ip6[0]),
-                read_volatile(&(*sa).user_ip6[1]),
-                read_volatile(&(*sa).user_ip6[2]),
-                read_volatile(&(*sa).user_ip6[3]),
-            ],
-            u16::from_be(read_volatile(&(*sa).user_port) as u16),
-        )
-    };
+    let (ip6, port) = dst6(sa);
     if ip6[0] != 0 || ip6[1] != 0 || ip6[2] != V4_MAPPED_PREFIX {
         return ALLOW;
     }
@@ -222,8 +235,7 @@ fn gate() -> i32 {
     let Some(&root_level) = GATE_CONFIG.get(0) else {
         return ALLOW;
     };
-    // SAFETY: plain helper call.
-    let tgid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: read-only lookup of a plain value.
     if unsafe { AGENT_TGIDS.get(&tgid) }.is_some() {
         return ALLOW;
@@ -251,13 +263,7 @@ pub fn mesh_gate_connect4(ctx: SockAddrContext) -> i32 {
     if !is_tcp(sa) {
         return ALLOW;
     }
-    // SAFETY: valid context.
-    let (addr, port) = unsafe {
-        (
-            read_volatile(&(*sa).user_ip4),
-            u16::from_be(read_volatile(&(*sa).user_port) as u16),
-        )
-    };
+    let (addr, port) = dst4(sa);
     if is_loopback4(addr) || is_excluded_port(port) {
         return ALLOW;
     }
@@ -270,18 +276,7 @@ pub fn mesh_gate_connect6(ctx: SockAddrContext) -> i32 {
     if !is_tcp(sa) {
         return ALLOW;
     }
-    // SAFETY: valid context.
-    let (ip6, port) = unsafe {
-        (
-            [
-                read_volatile(&(*sa).user_ip6[0]),
-                read_volatile(&(*sa).user_ip6[1]),
-                read_volatile(&(*sa).user_ip6[2]),
-                read_volatile(&(*sa).user_ip6[3]),
-            ],
-            u16::from_be(read_volatile(&(*sa).user_port) as u16),
-        )
-    };
+    let (ip6, port) = dst6(sa);
     let v6_loopback =
         ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == u32::from_ne_bytes([0, 0, 0, 1]);
     let v4_mapped_loopback =
@@ -304,13 +299,7 @@ fn original_peer(ctx: &SockAddrContext) -> Option<OriginalDst> {
 #[cgroup_sock_addr(getpeername4)]
 pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    // SAFETY: valid context.
-    let (addr, port) = unsafe {
-        (
-            read_volatile(&(*sa).user_ip4),
-            u16::from_be(read_volatile(&(*sa).user_port) as u16),
-        )
-    };
+    let (addr, port) = dst4(sa);
     if addr != LOOPBACK4 || port != OUTBOUND_PORT {
         return ALLOW;
     }
@@ -331,18 +320,7 @@ pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    // SAFETY: valid context.
-    let (ip6, port) = unsafe {
-        (
-            [
-                read_volatile(&(*sa).user_ip6[0]),
-                read_volatile(&(*sa).user_ip6[1]),
-                read_volatile(&(*sa).user_ip6[2]),
-                read_volatile(&(*sa).user_ip6[3]),
-            ],
-            u16::from_be(read_volatile(&(*sa).user_port) as u16),
-        )
-    };
+    let (ip6, port) = dst6(sa);
     if ip6[0] != 0 || ip6[1] != 0 || ip6[2] != V4_MAPPED_PREFIX || ip6[3] != LOOPBACK4 {
         return ALLOW;
     }

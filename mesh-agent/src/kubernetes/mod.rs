@@ -162,8 +162,10 @@ pub fn authorization_policy_resource() -> ApiResource {
     )
 }
 
-async fn client(options: &KubeOptions) -> anyhow::Result<Client> {
-    let config = match &options.kubeconfig {
+/// A Kubernetes client from a kubeconfig file, or the in-cluster service account when none
+/// is given. The agent's watchers and the cluster CA both use it.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
@@ -239,7 +241,7 @@ pub async fn start(options: KubeOptions) -> anyhow::Result<(Mesh, mpsc::Receiver
     let Some(node) = options.node_name.clone().filter(|n| !n.is_empty()) else {
         bail!("--kubernetes needs this node's name: --node-name or NODE_NAME");
     };
-    let client = client(&options).await?;
+    let client = client(options.kubeconfig.as_deref()).await?;
     let changed = Arc::new(Notify::new());
     let all = || watcher::Config::default();
     let stores = Stores {
