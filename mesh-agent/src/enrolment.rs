@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::Context as _;
 use mesh_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
-use tokio::{net::TcpListener, task::AbortHandle};
+use tokio::task::AbortHandle;
 use tracing::{debug, error, info};
 
 use crate::{
@@ -33,8 +33,9 @@ struct EnrolledPod {
     // Declared first so that it is dropped (programs detached) before the listeners close.
     attachment: Option<PodAttachment>,
     accept_loops: Vec<AbortHandle>,
-    /// Outbound, inbound and HBONE listeners (shared with the accept loops), for a handover.
-    listeners: [Arc<TcpListener>; 3],
+    /// Outbound, inbound and HBONE listeners, for a handover. Each worker accepts on its
+    /// own dup of them.
+    listeners: [std::net::TcpListener; 3],
 }
 
 pub struct Enrolment {
@@ -220,7 +221,6 @@ impl Enrolment {
                     .context("opening the HBONE listener 0.0.0.0:15008 in the pod")?,
             ],
         };
-        let (outbound, inbound, hbone) = (Arc::new(outbound), Arc::new(inbound), Arc::new(hbone));
         // The pod's certificate must exist before anything can be served for it.
         let cert = self
             .inputs
@@ -236,45 +236,62 @@ impl Enrolment {
             workload.ip,
             &workload.cgroup,
             &netns_file,
-            inbound.as_ref(),
+            &inbound,
         )?;
         let adopted = attachment.adopted;
         let links = attachment.link_count();
 
-        let pod = Arc::new(PodContext {
-            workload: workload.clone(),
-            netns,
-            active_connections: Default::default(),
-            http_clients: Default::default(),
-        });
-        let inputs = &self.inputs;
-        let listeners = [outbound.clone(), inbound.clone(), hbone.clone()];
-        let accept_loops = vec![
-            tokio::spawn(proxy::serve(
-                outbound,
-                "outbound",
-                pod.clone(),
-                inputs.clone(),
-                proxy::outbound::handle,
-            ))
-            .abort_handle(),
-            tokio::spawn(proxy::serve(
-                inbound,
-                "inbound",
-                pod.clone(),
-                inputs.clone(),
-                proxy::inbound_plain::handle,
-            ))
-            .abort_handle(),
-            tokio::spawn(proxy::serve(
-                hbone,
-                "hbone",
-                pod.clone(),
-                inputs.clone(),
-                proxy::inbound_hbone::handle,
-            ))
-            .abort_handle(),
-        ];
+        let pod = Arc::new(PodContext::new(workload.clone(), netns));
+        let mut accept_loops = Vec::new();
+        for (listener, name) in [
+            (&outbound, "outbound"),
+            (&inbound, "inbound"),
+            (&hbone, "hbone"),
+        ] {
+            // One dup per worker, made here so that a failure (out of fds) fails the enrolment.
+            let mut dups = (0..crate::workers::count())
+                .map(|_| listener.try_clone())
+                .collect::<std::io::Result<Vec<_>>>()
+                .with_context(|| format!("duplicating the {name} listener for the workers"))?;
+            let inputs = self.inputs.clone();
+            let pod = pod.clone();
+            accept_loops.extend(crate::workers::spawn_on_each(move |worker| {
+                let dup = dups.pop();
+                let (pod, inputs) = (pod.clone(), inputs.clone());
+                async move {
+                    let Some(dup) = dup else { return };
+                    match name {
+                        "outbound" => {
+                            proxy::serve(dup, name, worker, pod, inputs, proxy::outbound::handle)
+                                .await
+                        }
+                        "inbound" => {
+                            proxy::serve(
+                                dup,
+                                name,
+                                worker,
+                                pod,
+                                inputs,
+                                proxy::inbound_plain::handle,
+                            )
+                            .await
+                        }
+                        _ => {
+                            proxy::serve(
+                                dup,
+                                name,
+                                worker,
+                                pod,
+                                inputs,
+                                proxy::inbound_hbone::handle,
+                            )
+                            .await
+                        }
+                    }
+                }
+            }));
+        }
+        let listeners = [outbound, inbound, hbone];
         info!(
             pod = %workload.key,
             identity = %workload.identity,
@@ -364,13 +381,13 @@ impl Enrolment {
     }
 }
 
-/// Turns handed-over descriptors back into tokio listeners.
-fn adopt_listeners(fds: PodListeners) -> std::io::Result<[TcpListener; 3]> {
+/// Turns handed-over descriptors back into (non-blocking) listeners.
+fn adopt_listeners(fds: PodListeners) -> std::io::Result<[std::net::TcpListener; 3]> {
     let [a, b, c] = fds;
-    let adopt = |fd: OwnedFd| -> std::io::Result<TcpListener> {
-        let std_listener = std::net::TcpListener::from(fd);
-        std_listener.set_nonblocking(true)?;
-        TcpListener::from_std(std_listener)
+    let adopt = |fd: OwnedFd| -> std::io::Result<std::net::TcpListener> {
+        let listener = std::net::TcpListener::from(fd);
+        listener.set_nonblocking(true)?;
+        Ok(listener)
     };
     Ok([adopt(a)?, adopt(b)?, adopt(c)?])
 }

@@ -186,12 +186,15 @@ impl PodNetns {
     }
 
     /// A listening socket bound to `addr` in the pod's namespace, adopted by tokio.
-    pub async fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    /// A non-blocking listener, registered with no runtime yet (each worker registers its
+    /// own dup).
+    pub async fn listen(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         let socket = self.socket(Domain::for_address(addr)).await?;
         socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
         socket.listen(1024)?;
-        tokio::net::TcpListener::from_std(socket.into())
+        Ok(socket.into())
     }
 }
 

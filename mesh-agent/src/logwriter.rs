@@ -44,10 +44,14 @@ impl BatchedStderr {
     }
 
     fn flush_now(&self) {
-        let pending = std::mem::take(&mut *self.lock());
-        if !pending.is_empty() {
-            let _ = std::io::stderr().write_all(&pending);
-        }
+        let pending = {
+            let mut buffer = self.lock();
+            if buffer.is_empty() {
+                return;
+            }
+            std::mem::replace(&mut *buffer, fresh_buffer())
+        };
+        let _ = std::io::stderr().write_all(&pending);
     }
 }
 
@@ -55,6 +59,11 @@ impl Drop for FlushOnDrop {
     fn drop(&mut self) {
         self.0.flush_now();
     }
+}
+
+/// A buffer that holds a batch without growing (growing copies what it holds).
+fn fresh_buffer() -> Vec<u8> {
+    Vec::with_capacity(FLUSH_BYTES + 4096)
 }
 
 /// One log line being written.
@@ -65,7 +74,7 @@ impl Write for LineWriter<'_> {
         let mut buffer = self.0.lock();
         buffer.extend_from_slice(bytes);
         if buffer.len() >= FLUSH_BYTES {
-            let pending = std::mem::take(&mut *buffer);
+            let pending = std::mem::replace(&mut *buffer, fresh_buffer());
             drop(buffer);
             std::io::stderr().write_all(&pending)?;
         }

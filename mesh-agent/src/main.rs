@@ -232,15 +232,19 @@ fn main() -> anyhow::Result<()> {
                 gate_cgroup,
             };
             let _log_writer = init_logging(log_format);
+            // The control plane (config, certificates, enrolment, admin) on one thread; the
+            // connections on `workers` single-threaded runtimes (see `workers`).
             let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(workers.max(1))
-                .thread_name("dataplane")
+                .worker_threads(1)
+                .thread_name("control")
                 .enable_all()
                 .build()
                 .context("building the tokio runtime")?;
+            let data_plane = mesh_agent::workers::DataPlane::start(workers)?;
             let threads = runtime.block_on(run(&options))?;
-            // Dropping the runtime drops every relay task, so the pods' netns threads lose
-            // their last users and remove their routes.
+            // Dropping the workers' runtimes drops every relay task, so the pods' netns
+            // threads lose their last users and remove their routes.
+            data_plane.shutdown(Duration::from_secs(2));
             runtime.shutdown_timeout(Duration::from_secs(1));
             let deadline = Instant::now() + SHUTDOWN_GRACE;
             for t in threads {
@@ -270,7 +274,9 @@ fn init_logging(format: LogFormat) -> logwriter::FlushOnDrop {
         .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Json => builder
+            .event_format(mesh_agent::logformat::JsonLines)
+            .init(),
     }
     guard
 }

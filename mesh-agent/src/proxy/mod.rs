@@ -28,7 +28,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     identity::CertManager,
@@ -122,8 +122,22 @@ pub struct PodContext {
     pub netns: PodNetns,
     /// Connections this pod's listeners are serving right now.
     pub active_connections: std::sync::atomic::AtomicU64,
-    /// Upstream HTTP clients of this pod, created on its first L7 request.
-    pub http_clients: std::sync::OnceLock<Arc<http::client::PodClients>>,
+    /// Upstream HTTP clients of this pod, one set per worker (so that a request and its
+    /// pooled upstream connection stay on one thread), created on first use.
+    pub http_clients: Box<[std::sync::OnceLock<Arc<http::client::PodClients>>]>,
+}
+
+impl PodContext {
+    pub fn new(workload: Workload, netns: PodNetns) -> Self {
+        Self {
+            workload,
+            netns,
+            active_connections: Default::default(),
+            http_clients: (0..crate::workers::count())
+                .map(|_| Default::default())
+                .collect(),
+        }
+    }
 }
 
 /// Which way a relayed connection goes relative to the pod that captured it.
@@ -184,11 +198,13 @@ pub struct Peers<'a> {
     pub service: Option<String>,
 }
 
-/// Accepts connections on `listener` until the task is aborted (the pod is unenrolled or
-/// handed to a successor), handing each to `handle` on its own task.
+/// Accepts connections on `listener` (this worker's dup of a pod listener) until the task
+/// is aborted (the pod is unenrolled or handed to a successor), handing each to `handle` on
+/// its own task.
 pub async fn serve<F, Fut>(
-    listener: Arc<TcpListener>,
+    listener: std::net::TcpListener,
     name: &'static str,
+    worker: usize,
     pod: Arc<PodContext>,
     inputs: Arc<ProxyInputs>,
     handle: F,
@@ -197,6 +213,13 @@ pub async fn serve<F, Fut>(
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     use std::sync::atomic::Ordering::Relaxed;
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            error!(pod = %pod.workload.key, listener = name, worker, error = %e, "cannot register the listener with this worker; it does not accept here");
+            return;
+        }
+    };
     let mut last_reject_log: Option<std::time::Instant> = None;
     loop {
         match listener.accept().await {

@@ -983,9 +983,10 @@ pub fn pick_l4_endpoint(
 }
 
 impl PodContext {
-    /// This pod's upstream HTTP clients, created on first use.
+    /// This pod's upstream HTTP clients of the calling worker, created on first use.
     pub fn http_clients(self: &Arc<Self>, inputs: &Arc<ProxyInputs>) -> Arc<PodClients> {
-        self.http_clients
+        let worker = crate::workers::current().min(self.http_clients.len() - 1);
+        self.http_clients[worker]
             .get_or_init(|| Arc::new(PodClients::new(inputs, self)))
             .clone()
     }
