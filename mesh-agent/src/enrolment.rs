@@ -242,55 +242,30 @@ impl Enrolment {
         let links = attachment.link_count();
 
         let pod = Arc::new(PodContext::new(workload.clone(), netns));
-        let mut accept_loops = Vec::new();
-        for (listener, name) in [
-            (&outbound, "outbound"),
-            (&inbound, "inbound"),
-            (&hbone, "hbone"),
-        ] {
-            // One dup per worker, made here so that a failure (out of fds) fails the enrolment.
-            let mut dups = (0..crate::workers::count())
-                .map(|_| listener.try_clone())
-                .collect::<std::io::Result<Vec<_>>>()
-                .with_context(|| format!("duplicating the {name} listener for the workers"))?;
-            let inputs = self.inputs.clone();
-            let pod = pod.clone();
-            accept_loops.extend(crate::workers::spawn_on_each(move |worker| {
-                let dup = dups.pop();
-                let (pod, inputs) = (pod.clone(), inputs.clone());
-                async move {
-                    let Some(dup) = dup else { return };
-                    match name {
-                        "outbound" => {
-                            proxy::serve(dup, name, worker, pod, inputs, proxy::outbound::handle)
-                                .await
-                        }
-                        "inbound" => {
-                            proxy::serve(
-                                dup,
-                                name,
-                                worker,
-                                pod,
-                                inputs,
-                                proxy::inbound_plain::handle,
-                            )
-                            .await
-                        }
-                        _ => {
-                            proxy::serve(
-                                dup,
-                                name,
-                                worker,
-                                pod,
-                                inputs,
-                                proxy::inbound_hbone::handle,
-                            )
-                            .await
-                        }
-                    }
-                }
-            }));
-        }
+        let accept_loops = [
+            spawn_accept_loops(
+                &outbound,
+                "outbound",
+                &pod,
+                &self.inputs,
+                proxy::outbound::handle,
+            )?,
+            spawn_accept_loops(
+                &inbound,
+                "inbound",
+                &pod,
+                &self.inputs,
+                proxy::inbound_plain::handle,
+            )?,
+            spawn_accept_loops(
+                &hbone,
+                "hbone",
+                &pod,
+                &self.inputs,
+                proxy::inbound_hbone::handle,
+            )?,
+        ]
+        .concat();
         let listeners = [outbound, inbound, hbone];
         info!(
             pod = %workload.key,
@@ -379,6 +354,37 @@ impl Enrolment {
         self.inputs.metrics.set_enrolled_pods(0);
         self.inputs.metrics.set_ebpf_links(0);
     }
+}
+
+/// The accept loops of one pod listener: one per worker, each on its own dup of the socket.
+fn spawn_accept_loops<F, Fut>(
+    listener: &std::net::TcpListener,
+    name: &'static str,
+    pod: &Arc<PodContext>,
+    inputs: &Arc<ProxyInputs>,
+    handle: F,
+) -> anyhow::Result<Vec<AbortHandle>>
+where
+    F: Fn(tokio::net::TcpStream, SocketAddr, Arc<PodContext>, Arc<ProxyInputs>) -> Fut
+        + Copy
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    // Duplicated here, so that running out of fds fails the enrolment instead of a worker.
+    let mut dups = (0..crate::workers::count())
+        .map(|_| listener.try_clone())
+        .collect::<std::io::Result<Vec<_>>>()
+        .with_context(|| format!("duplicating the {name} listener for the workers"))?;
+    Ok(crate::workers::spawn_on_each(|worker| {
+        let dup = dups.pop();
+        let (pod, inputs) = (pod.clone(), inputs.clone());
+        async move {
+            if let Some(dup) = dup {
+                proxy::serve(dup, name, worker, pod, inputs, handle).await;
+            }
+        }
+    }))
 }
 
 /// Turns handed-over descriptors back into (non-blocking) listeners.

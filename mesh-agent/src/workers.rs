@@ -40,6 +40,9 @@ pub struct DataPlane {
 impl DataPlane {
     /// Starts `count` workers (at least one) and makes them the process's data plane.
     pub fn start(count: usize) -> anyhow::Result<Self> {
+        if HANDLES.get().is_some() {
+            anyhow::bail!("the data plane was already started in this process");
+        }
         let count = count.max(1);
         let mut handles = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
