@@ -261,12 +261,12 @@ impl Agent {
             if let Some(e) = self.events().into_iter().find(|e| matches(e)) {
                 return Some(Ok(e));
             }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Some(Err(anyhow::anyhow!(
-                        "agent exited ({status}) before {what}"
-                    )));
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Some(Err(anyhow::anyhow!(
+                    "agent exited ({status}) before {what}"
+                )));
             }
             None
         });

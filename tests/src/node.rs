@@ -432,12 +432,12 @@ fn remove_stale_leftovers() {
             }
         }
     }
-    if let Ok(root) = cgroup2_root() {
-        if let Ok(entries) = fs::read_dir(root.join(CGROUP_PARENT)) {
-            for e in entries.flatten() {
-                if !alive(&e.file_name().to_string_lossy()) {
-                    remove_cgroup_tree(&e.path());
-                }
+    if let Ok(root) = cgroup2_root()
+        && let Ok(entries) = fs::read_dir(root.join(CGROUP_PARENT))
+    {
+        for e in entries.flatten() {
+            if !alive(&e.file_name().to_string_lossy()) {
+                remove_cgroup_tree(&e.path());
             }
         }
     }

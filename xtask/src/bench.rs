@@ -468,10 +468,10 @@ fn telemetry_rounds(env: &Env, rounds: u32) -> anyhow::Result<()> {
     for _ in 0..rounds {
         let on = l7_agent(env, L7_AGENT, Http::H1, true)?;
         let off = l7_agent(env, L7_AGENT_TELEMETRY_OFF, Http::H1, false)?;
-        if let (Some(a), Some(b)) = (on.row.rps, off.row.rps) {
-            if b > 0.0 {
-                ratios.push((a, b, a / b));
-            }
+        if let (Some(a), Some(b)) = (on.row.rps, off.row.rps)
+            && b > 0.0
+        {
+            ratios.push((a, b, a / b));
         }
     }
     if ratios.is_empty() {
@@ -1908,18 +1908,17 @@ fn print_results(args: &BenchArgs, results: &[Measured]) {
     if let (Some(on), Some(off)) = (
         find(L7_AGENT).and_then(|m| m.row.rps),
         find(L7_AGENT_TELEMETRY_OFF).and_then(|m| m.row.rps),
-    ) {
-        if off > 0.0 {
-            let r = on / off;
-            println!(
-                "target {L7_AGENT} (telemetry on) req/s >= {TELEMETRY_RPS_TARGET:.2}x {L7_AGENT_TELEMETRY_OFF}: {} ({r:.2}x; informational)",
-                if r >= TELEMETRY_RPS_TARGET {
-                    "met"
-                } else {
-                    "NOT met"
-                }
-            );
-        }
+    ) && off > 0.0
+    {
+        let r = on / off;
+        println!(
+            "target {L7_AGENT} (telemetry on) req/s >= {TELEMETRY_RPS_TARGET:.2}x {L7_AGENT_TELEMETRY_OFF}: {} ({r:.2}x; informational)",
+            if r >= TELEMETRY_RPS_TARGET {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
     }
     println!();
     for m in results {

@@ -181,6 +181,11 @@ impl<K: Hash + Eq + Clone> RateLimiters<K> {
         self.shards.iter().map(|s| lock(s).len()).sum()
     }
 
+    /// No key has a bucket.
+    pub fn is_empty(&self) -> bool {
+        self.shards.iter().all(|s| lock(s).is_empty())
+    }
+
     /// Makes room for at least one key: drops full buckets, then, if the shard is still
     /// full, the least recently used eighth (at least one), so that the O(n) pass runs once
     /// per many inserts rather than on each.
