@@ -15,13 +15,11 @@ use bytes::Bytes;
 use http::Uri;
 use http_body_util::combinators::BoxBody;
 use hyper_util::{
-    client::legacy::{
-        Client,
-        connect::{Connected, Connection},
-    },
+    client::legacy::Client,
     rt::{TokioExecutor, TokioIo, TokioTimer},
 };
 
+use super::coalesce::CoalescingIo;
 use crate::proxy::{
     PodContext, ProxyInputs,
     upstream::{self, Authorization, UpstreamIo},
@@ -73,44 +71,8 @@ pub struct MeshConnector {
     pod: Weak<PodContext>,
 }
 
-/// A connection as hyper's pooled client wants it: any byte stream, with no extra
-/// connection info to report.
-pub struct ConnIo<T>(pub T);
-
-impl<T> Connection for ConnIo<T> {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ConnIo<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ConnIo<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-}
-
 impl tower_service::Service<Uri> for MeshConnector {
-    type Response = TokioIo<ConnIo<UpstreamIo>>;
+    type Response = TokioIo<CoalescingIo<UpstreamIo>>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -133,7 +95,7 @@ impl tower_service::Service<Uri> for MeshConnector {
             // The L7 proxy authorizes each request itself.
             let up =
                 upstream::open(&inputs, &mesh, &pod, target, Authorization::PerRequest).await?;
-            Ok(TokioIo::new(ConnIo(up.io)))
+            Ok(TokioIo::new(CoalescingIo::new(up.io)))
         })
     }
 }

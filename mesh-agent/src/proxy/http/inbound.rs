@@ -25,7 +25,8 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
-    client::{Body, BoxError, ConnIo},
+    client::{Body, BoxError},
+    coalesce::CoalescingIo,
     local_response, strip_hop_by_hop,
 };
 use crate::{
@@ -84,7 +85,7 @@ pub async fn serve<I>(
         }
     });
     let builder = super::server_builder();
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(CoalescingIo::new(io)), service);
     if let Err(e) = drain_inputs
         .drain
         .run(conn, |conn| {
@@ -246,7 +247,7 @@ struct AppConnector {
 }
 
 impl tower_service::Service<Uri> for AppConnector {
-    type Response = TokioIo<ConnIo<TcpStream>>;
+    type Response = TokioIo<CoalescingIo<TcpStream>>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -258,7 +259,7 @@ impl tower_service::Service<Uri> for AppConnector {
         let this = self.clone();
         Box::pin(async move {
             let tcp = deliver::connect_to_app(&this.pod, this.client, this.port).await?;
-            Ok(TokioIo::new(ConnIo(tcp)))
+            Ok(TokioIo::new(CoalescingIo::new(tcp)))
         })
     }
 }

@@ -9,6 +9,7 @@
 //! connect failure, budgeted, exponential backoff with jitter) → response filters → one
 //! access log line.
 pub mod client;
+pub mod coalesce;
 pub mod detect;
 pub mod inbound;
 pub mod runtime;
@@ -35,6 +36,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use self::client::{Body, BoxError, PodClients};
+use self::coalesce::CoalescingIo;
 use super::{PodContext, ProxyInputs};
 use crate::metrics::{Layer, Reporter, RequestHandles, RequestLabels};
 use crate::{
@@ -134,7 +136,8 @@ pub async fn serve_outbound(
         }
     });
     let builder = server_builder();
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
+    let conn =
+        builder.serve_connection_with_upgrades(TokioIo::new(CoalescingIo::new(client)), service);
     // Draining: GOAWAY on HTTP/2; HTTP/1 closes after its next response (see close_if_draining).
     let result = inputs
         .drain

@@ -11,6 +11,10 @@ const TRACEPARENT_HEADER: HeaderName = HeaderName::from_static(TRACEPARENT);
 const TRACESTATE_HEADER: HeaderName = HeaderName::from_static("tracestate");
 
 /// Makes sure `headers` carry a request id and trace context; returns the request id.
+///
+/// Values the agent creates are marked sensitive. Unique to one request, they are useless
+/// in an HTTP/2 HPACK table, and inserting each one there would evict the shared headers
+/// that are worth indexing (HPACK then sends them "never indexed"; HTTP/1 ignores the mark).
 pub fn ensure(headers: &mut HeaderMap, rng: &mut fastrand::Rng) -> String {
     let id = match headers
         .get(&REQUEST_ID_HEADER)
@@ -19,7 +23,8 @@ pub fn ensure(headers: &mut HeaderMap, rng: &mut fastrand::Rng) -> String {
         Some(id) if !id.is_empty() && id.len() <= 128 => id.to_string(),
         _ => {
             let id = uuid_v4(rng);
-            if let Ok(v) = HeaderValue::from_str(&id) {
+            if let Ok(mut v) = HeaderValue::from_str(&id) {
+                v.set_sensitive(true);
                 headers.insert(REQUEST_ID_HEADER, v);
             }
             id
@@ -40,7 +45,8 @@ pub fn ensure(headers: &mut HeaderMap, rng: &mut fastrand::Rng) -> String {
         value[35] = b'-';
         hex_into(&nonzero_u64(rng).to_be_bytes(), &mut value[36..52]);
         value[52..].copy_from_slice(b"-01");
-        if let Ok(v) = HeaderValue::from_bytes(&value) {
+        if let Ok(mut v) = HeaderValue::from_bytes(&value) {
+            v.set_sensitive(true);
             headers.insert(TRACEPARENT_HEADER, v);
         }
     }
