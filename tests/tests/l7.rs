@@ -829,6 +829,59 @@ print(json.dumps(results))
 }
 
 #[test]
+fn max_connections_caps_upstream_connections_with_503_uo() -> anyhow::Result<()> {
+    let shop = Shop::new(&[("b", &[("app", "backend")])])?;
+    let _b = backend(&shop.backends[0].0, "b", &[])?;
+    let extra = format!(
+        "services:\n{}",
+        service(
+            "backend",
+            &shop.vip.to_string(),
+            "app: backend",
+            "    trafficPolicy: {connectionPool: {maxConnections: 1}}\n"
+        )
+    );
+    let _agent = Agent::start("maxconn", &shop.config(&extra))?;
+    // Five slow HTTP/1.1 requests at once: the first takes the only upstream connection,
+    // the others would each need another one. The agent's worker threads pool connections
+    // separately and each may open its first one to an endpoint (as Envoy's workers do), so
+    // one or two go through.
+    let script = format!(
+        r#"
+import http.client, json, threading
+results = []
+def call():
+    c = http.client.HTTPConnection("{vip}", 80, timeout=20)
+    c.request("GET", "/delay/3000")
+    r = c.getresponse()
+    r.read()
+    results.append((r.status, r.getheader("x-trellis-response-flags", "-")))
+threads = [threading.Thread(target=call) for _ in range(5)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps(results))
+"#,
+        vip = shop.vip
+    );
+    let stdout = shop.client.python(&script)?;
+    let results: Vec<(u16, String)> = serde_json::from_str(&stdout)?;
+    let ok = results.iter().filter(|(s, _)| *s == 200).count();
+    let shed = results
+        .iter()
+        .filter(|(s, f)| *s == 503 && f == "UO")
+        .count();
+    ensure!((1..=2).contains(&ok) && ok + shed == 5, "{results:?}");
+    // The connections went back to their pools: sequential requests reuse them, none is
+    // refused.
+    let vip = shop.vip.to_string();
+    for _ in 0..3 {
+        let (status, text) = curl(&shop.client, &[&format!("http://{vip}/")])?;
+        ensure!(status == 200, "after the burst: {status} {text}");
+    }
+    Ok(())
+}
+
+#[test]
 fn an_undeclared_service_port_is_sniffed_http_or_left_l4() -> anyhow::Result<()> {
     let shop = Shop::new(&[("b", &[("app", "backend")])])?;
     let _b = backend(&shop.backends[0].0, "b", &[])?;

@@ -26,9 +26,7 @@
 //!    [`RetryBudget::try_withdraw`] (refused: return this outcome) → wait
 //!    [`Backoff::delay`] → back to 4, preferring another endpoint.
 
-// Kept ahead of their users, tested: connection and pending-request permits and the per-key
-// token bucket back limits the L7 proxy parses but does not enforce yet
-// (connectionPool.maxConnections / maxPendingRequests); a few accessors serve tests only.
+// A few accessors and re-exports serve tests only.
 #![allow(dead_code, unused_imports)]
 
 mod backoff;

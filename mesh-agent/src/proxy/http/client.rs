@@ -2,14 +2,28 @@
 //! whose connector opens connections through the mesh (`proxy::upstream`): in-process to
 //! pods of this node, HBONE to pods of other nodes, plain TCP elsewhere. The request URI's
 //! authority is the endpoint `ip:port`; the pool keeps connections per endpoint.
+//!
+//! Circuit breaking on connections: the proxy sends each request inside a
+//! [`DESTINATION`] scope naming the destination service's runtime, and a connection the
+//! pool opens for it holds a [`ConnectionPermit`] of that destination's breaker for its
+//! whole life (idle in the pool included, as Envoy counts them) and a [`PendingPermit`]
+//! while it is being established. A request that needs a connection beyond either cap
+//! fails at once with the breaker's overflow, answered 503 `UO`; unlike Envoy it does not
+//! queue for a busy HTTP/1 connection to come free. As in Envoy, whose pools are per
+//! worker, each pool (here: per source pod and worker) may always open its first
+//! connection to an endpoint, so that a low cap cannot leave a pool with no way to reach an
+//! endpoint at all: the cap can be exceeded by at most one connection per pool and endpoint.
 use std::{
+    collections::HashMap,
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Weak},
+    sync::{Arc, Mutex, Weak},
     task::{Context, Poll},
     time::Duration,
 };
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use bytes::Bytes;
 use http::Uri;
@@ -19,11 +33,20 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
 };
 
-use super::coalesce::CoalescingIo;
-use crate::proxy::{
-    PodContext, ProxyInputs,
-    upstream::{self, Authorization, UpstreamIo},
+use super::{coalesce::CoalescingIo, runtime::ServiceRuntime};
+use crate::{
+    proxy::{
+        PodContext, ProxyInputs,
+        upstream::{self, Authorization, UpstreamIo},
+    },
+    resilience::{ConnectionPermit, Overflow, PendingPermit},
 };
+
+tokio::task_local! {
+    /// The destination service a request is being sent to, for the connections the pooled
+    /// client opens on its behalf (see the module doc).
+    pub static DESTINATION: Arc<ServiceRuntime>;
+}
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -45,6 +68,7 @@ impl PodClients {
         let connector = MeshConnector {
             inputs: Arc::downgrade(inputs),
             pod: Arc::downgrade(pod),
+            live: Arc::default(),
         };
         let mut http1 = Client::builder(TokioExecutor::new());
         http1
@@ -69,10 +93,12 @@ impl PodClients {
 pub struct MeshConnector {
     inputs: Weak<ProxyInputs>,
     pod: Weak<PodContext>,
+    /// Connections open or being opened by this connector's pools, per endpoint.
+    live: Arc<Mutex<HashMap<SocketAddr, usize>>>,
 }
 
 impl tower_service::Service<Uri> for MeshConnector {
-    type Response = TokioIo<CoalescingIo<UpstreamIo>>;
+    type Response = TokioIo<CoalescingIo<Permitted<UpstreamIo>>>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -83,19 +109,146 @@ impl tower_service::Service<Uri> for MeshConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let inputs = self.inputs.upgrade();
         let pod = self.pod.upgrade();
+        let Some(target) = uri
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        else {
+            return Box::pin(async move {
+                Err(format!("upstream URI {uri} has no ip:port authority").into())
+            });
+        };
+        let live = LiveConnection::new(&self.live, target);
+        // Taken here, in the requesting task, where the scope is set: hyper may finish the
+        // connect in a background task.
+        let permits = match DESTINATION.try_with(|rt| admit_connection(rt)) {
+            Ok(Ok(permits)) => Some(permits),
+            Ok(Err(overflow)) if !live.is_first() => {
+                return Box::pin(async move { Err(overflow.into()) });
+            }
+            // Over the cap but this pool's first connection to the endpoint (see the module
+            // doc), or not sent on behalf of a destination service.
+            _ => None,
+        };
         Box::pin(async move {
+            let (connection, _pending) = permits.unzip();
             let (Some(inputs), Some(pod)) = (inputs, pod) else {
                 return Err("the source pod is no longer enrolled".into());
             };
-            let target: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| format!("upstream URI {uri} has no ip:port authority"))?;
             let mesh = inputs.mesh.load();
             // The L7 proxy authorizes each request itself.
             let up =
                 upstream::open(&inputs, &mesh, &pod, target, Authorization::PerRequest).await?;
-            Ok(TokioIo::new(CoalescingIo::new(up.io)))
+            Ok(TokioIo::new(CoalescingIo::new(Permitted {
+                io: up.io,
+                _permit: connection,
+                _live: live,
+            })))
         })
+    }
+}
+
+/// Counts one connection of a connector to an endpoint, from the connect on, until dropped.
+struct LiveConnection {
+    live: Arc<Mutex<HashMap<SocketAddr, usize>>>,
+    endpoint: SocketAddr,
+    first: bool,
+}
+
+impl LiveConnection {
+    fn new(live: &Arc<Mutex<HashMap<SocketAddr, usize>>>, endpoint: SocketAddr) -> Self {
+        let mut counts = live.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(endpoint).or_insert(0);
+        *count += 1;
+        Self {
+            live: live.clone(),
+            endpoint,
+            first: *count == 1,
+        }
+    }
+
+    /// No other connection to the endpoint was open or opening when this one started.
+    fn is_first(&self) -> bool {
+        self.first
+    }
+}
+
+impl Drop for LiveConnection {
+    fn drop(&mut self) {
+        let mut counts = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.endpoint) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.endpoint);
+            }
+        }
+    }
+}
+
+/// The permits a new connection to `destination` needs: one for its life, one while it is
+/// being established.
+fn admit_connection(
+    destination: &ServiceRuntime,
+) -> Result<(ConnectionPermit, PendingPermit), Overflow> {
+    let connection = destination.circuit.try_connection()?;
+    let pending = destination.circuit.try_pending()?;
+    Ok((connection, pending))
+}
+
+/// Whether `error`, or one of its causes, is a circuit breaker's overflow.
+pub fn is_overflow(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<Overflow>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// A connection that holds its destination's connection permit until it is dropped.
+pub struct Permitted<T> {
+    io: T,
+    _permit: Option<ConnectionPermit>,
+    _live: LiveConnection,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Permitted<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Permitted<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }

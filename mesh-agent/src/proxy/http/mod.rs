@@ -727,7 +727,7 @@ async fn route_and_forward(
             (None, Some(dl)) => Some(dl.saturating_duration_since(Instant::now())),
             (None, None) => None,
         };
-        let sent = client.request(upstream_req);
+        let sent = client::DESTINATION.scope(runtime.clone(), client.request(upstream_req));
         let result = match try_timeout {
             Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| TimedOut),
             None => Ok(sent.await),
@@ -787,6 +787,19 @@ async fn route_and_forward(
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 return (StatusCode::BAD_REQUEST, "DPE", response);
+            }
+            // A connection cap of the destination's circuit breaker, not a failing endpoint.
+            Ok(Err(e)) if client::is_overflow(&e) => {
+                drop(outstanding);
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UO",
+                    local_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UO",
+                        "upstream overflow (circuit breaker open)",
+                    ),
+                );
             }
             Ok(Err(e)) => {
                 outstanding.finish(FAILURE_LATENCY_PENALTY);
