@@ -369,7 +369,7 @@ fn a_pod_over_its_connection_limit_is_reset_and_other_pods_are_unaffected() -> a
         &format!("{}services:", quiet.config_entry("shop", "quiet", true)),
         1,
     );
-    let agent = Agent::start_with_env(
+    let mut agent = Agent::start_with_env(
         "limits",
         &doc,
         None,
@@ -429,11 +429,10 @@ fn a_pod_over_its_connection_limit_is_reset_and_other_pods_are_unaffected() -> a
         .and_then(|v| v.parse::<f64>().ok())
         .context("no pod_limit rejection series")?;
     ensure!(rejected >= 1.0, "rejections counted: {rejected}");
-    ensure!(
-        agent.count_events(|e| message(e) == "connection limit reached; resetting new connections")
-            >= 1,
-        "no log line for the rejection"
-    );
+    // Log lines are written in batches: wait for it rather than read once.
+    agent.wait_for_event("the log line for the rejection", |e| {
+        message(e) == "connection limit reached; resetting new connections"
+    })?;
     Ok(())
 }
 
