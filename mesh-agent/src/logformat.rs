@@ -7,6 +7,7 @@
 //! that was about a tenth of the proxy's CPU per request. This writer escapes as it goes and
 //! allocates nothing.
 use std::{
+    cell::RefCell,
     fmt::{self, Write as _},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -20,6 +21,12 @@ use tracing_subscriber::{
 /// The JSON line format (see the module docs).
 pub struct JsonLines;
 
+thread_local! {
+    /// The line being formatted. A concrete `String` rather than the subscriber's
+    /// `dyn fmt::Write`, so that the many small writes of a line are inlined pushes.
+    static LINE: RefCell<String> = RefCell::new(String::with_capacity(1024));
+}
+
 impl<S, N> FormatEvent<S, N> for JsonLines
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
@@ -31,30 +38,44 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let meta = event.metadata();
-        writer.write_str("{\"timestamp\":\"")?;
-        write_timestamp(&mut writer, SystemTime::now())?;
-        write!(writer, "\",\"level\":\"{}\"", meta.level())?;
-        let mut fields = Fields {
-            out: &mut writer,
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
-        writer.write_str(",\"target\":")?;
-        write_str(&mut writer, meta.target())?;
-        writer.write_str("}\n")
+        LINE.with(|line| match line.try_borrow_mut() {
+            Ok(mut line) => {
+                line.clear();
+                write_event(&mut *line, event, SystemTime::now())?;
+                writer.write_str(&line)
+            }
+            // An event logged while formatting one (a field's Display logging): no scratch.
+            Err(_) => write_event(&mut writer, event, SystemTime::now()),
+        })
     }
 }
 
+fn write_event(out: &mut impl fmt::Write, event: &Event<'_>, now: SystemTime) -> fmt::Result {
+    let meta = event.metadata();
+    out.write_str("{\"timestamp\":\"")?;
+    write_timestamp(out, now)?;
+    out.write_str("\",\"level\":\"")?;
+    out.write_str(meta.level().as_str())?;
+    out.write_char('"')?;
+    let mut fields = Fields {
+        out: &mut *out,
+        result: Ok(()),
+    };
+    event.record(&mut fields);
+    fields.result?;
+    out.write_str(",\"target\":")?;
+    write_str(out, meta.target())?;
+    out.write_str("}\n")
+}
+
 /// Writes each field as `,"name":value`.
-struct Fields<'a, 'w> {
-    out: &'a mut Writer<'w>,
+struct Fields<'a, W> {
+    out: &'a mut W,
     result: fmt::Result,
 }
 
-impl Fields<'_, '_> {
-    fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
+impl<W: fmt::Write> Fields<'_, W> {
+    fn field(&mut self, field: &Field, value: impl FnOnce(&mut W) -> fmt::Result) {
         if self.result.is_err() {
             return;
         }
@@ -67,21 +88,28 @@ impl Fields<'_, '_> {
     }
 }
 
-impl tracing::field::Visit for Fields<'_, '_> {
+impl<W: fmt::Write> tracing::field::Visit for Fields<'_, W> {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.field(field, |out| write_str(out, value));
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.field(field, |out| write!(out, "{value}"));
+        self.field(field, |out| write_u64(out, value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.field(field, |out| write!(out, "{value}"));
+        self.field(field, |out| {
+            if value < 0 {
+                out.write_char('-')?;
+            }
+            write_u64(out, value.unsigned_abs())
+        });
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.field(field, |out| write!(out, "{value}"));
+        self.field(field, |out| {
+            out.write_str(if value { "true" } else { "false" })
+        });
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
@@ -99,6 +127,24 @@ impl tracing::field::Visit for Fields<'_, '_> {
             out.write_char('"')
         });
     }
+}
+
+/// Decimal digits of `value` (what `{value}` writes, without the formatting machinery).
+fn write_u64(out: &mut impl fmt::Write, value: u64) -> fmt::Result {
+    write_padded(out, value, 1)
+}
+
+/// Decimal digits of `value`, zero-padded to at least `width` (at most 20).
+fn write_padded(out: &mut impl fmt::Write, mut value: u64, width: usize) -> fmt::Result {
+    let mut digits = [b'0'; 20];
+    let mut start = digits.len();
+    while value > 0 || digits.len() - start < width.clamp(1, 20) {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+    // Only ASCII digits were written.
+    out.write_str(std::str::from_utf8(&digits[start..]).map_err(|_| fmt::Error)?)
 }
 
 /// A JSON string literal.
@@ -144,14 +190,20 @@ fn write_timestamp(out: &mut impl fmt::Write, now: SystemTime) -> fmt::Result {
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days as i64);
-    write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_micros()
-    )
+    write_padded(out, year.max(0) as u64, 4)?;
+    out.write_char('-')?;
+    write_padded(out, u64::from(month), 2)?;
+    out.write_char('-')?;
+    write_padded(out, u64::from(day), 2)?;
+    out.write_char('T')?;
+    write_padded(out, rem / 3600, 2)?;
+    out.write_char(':')?;
+    write_padded(out, rem % 3600 / 60, 2)?;
+    out.write_char(':')?;
+    write_padded(out, rem % 60, 2)?;
+    out.write_char('.')?;
+    write_padded(out, u64::from(since.subsec_micros()), 6)?;
+    out.write_char('Z')
 }
 
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
@@ -194,6 +246,22 @@ mod tests {
     }
 
     #[test]
+    fn numbers_are_plain_decimal() {
+        for (value, width, expected) in [
+            (0, 1, "0"),
+            (7, 2, "07"),
+            (42, 1, "42"),
+            (2026, 4, "2026"),
+            (5, 6, "000005"),
+            (u64::MAX, 1, "18446744073709551615"),
+        ] {
+            let mut s = String::new();
+            write_padded(&mut s, value, width).expect("write");
+            assert_eq!(s, expected);
+        }
+    }
+
+    #[test]
     fn strings_are_escaped() {
         let mut s = String::new();
         write_str(&mut s, "a\"b\\c\nd\u{1}é").expect("write");
@@ -223,7 +291,7 @@ mod tests {
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             let addr: std::net::SocketAddr = "10.0.0.1:80".parse().expect("addr");
-            tracing::info!(target: "access", n = 3u64, neg = -2i64, ok = true, text = "q\"uote", addr = %addr, dbg = ?Some(1), "http request");
+            tracing::info!(target: "access", n = 3u64, zero = 0u64, neg = -2i64, ok = true, no = false, text = "q\"uote", addr = %addr, dbg = ?Some(1), "http request");
         });
         let bytes = captured.0.lock().expect("lock").clone();
         let line = String::from_utf8(bytes).expect("utf-8");
@@ -233,8 +301,10 @@ mod tests {
         assert_eq!(v["target"], "access");
         assert_eq!(v["message"], "http request");
         assert_eq!(v["n"], 3);
+        assert_eq!(v["zero"], 0);
         assert_eq!(v["neg"], -2);
         assert_eq!(v["ok"], true);
+        assert_eq!(v["no"], false);
         assert_eq!(v["text"], "q\"uote");
         assert_eq!(v["addr"], "10.0.0.1:80");
         assert_eq!(v["dbg"], "Some(1)");
