@@ -210,7 +210,29 @@ fn empty() -> Body {
 }
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
+// Constant names: a `&str` name is parsed again on every lookup.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one hop, and `Connection` may name more.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::TRAILER,
+        header::UPGRADE,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+    ]
+    .contains(name)
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of them: one pass over the names instead of a lookup each.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let listed: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -225,9 +247,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         headers.remove(name.as_str());
     }
-    // Constant names: a `&str` name is parsed again on every lookup.
-    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
     for name in [
         KEEP_ALIVE,
         PROXY_CONNECTION,
@@ -567,8 +586,8 @@ async fn route_and_forward(
         },
         None => (&d.service, &d.port),
     };
-    log.backend = format!("{}.{}.svc.cluster.local", backend.name, backend.namespace);
     let runtime = inputs.l7.service(backend);
+    log.backend.clone_from(&runtime.host);
     let endpoints = services.endpoints(backend);
     if endpoints.is_empty() {
         return (
@@ -684,20 +703,21 @@ async fn route_and_forward(
             // A streamed body was consumed by the first attempt: no retry possible.
             (None, None) => break,
         };
-        let mut upstream_req = Request::from_parts(parts.clone(), body);
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        match Uri::builder()
-            .scheme("http")
-            .authority(endpoint.addr.to_string())
-            .path_and_query(path_and_query)
-            .build()
-        {
-            Ok(uri) => *upstream_req.uri_mut() = uri,
-            Err(_) => {
+        // The last attempt takes the request head; earlier ones copy it for the next.
+        let attempt_parts = if attempt + 1 == max_attempts {
+            std::mem::replace(&mut parts, Request::new(()).into_parts().0)
+        } else {
+            parts.clone()
+        };
+        let uri = upstream_uri(
+            &attempt_parts.uri,
+            endpoint.stats.authority.as_ref(),
+            endpoint.addr,
+        );
+        let mut upstream_req = Request::from_parts(attempt_parts, body);
+        match uri {
+            Some(uri) => *upstream_req.uri_mut() = uri,
+            None => {
                 return (
                     StatusCode::BAD_REQUEST,
                     "-",
@@ -975,6 +995,27 @@ fn bridge_upgrade(downstream: hyper::upgrade::OnUpgrade, response: &mut Response
             Err(e) => debug!(error = %e, "upgrade failed"),
         }
     });
+}
+
+/// The request's path and query sent to `endpoint`: `http://ip:port/path?query`, the form
+/// the pooled client keys its connections by.
+fn upstream_uri(
+    uri: &Uri,
+    authority: Option<&http::uri::Authority>,
+    endpoint: SocketAddr,
+) -> Option<Uri> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(match authority {
+        Some(a) => a.clone(),
+        None => http::uri::Authority::try_from(endpoint.to_string()).ok()?,
+    });
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).ok()
 }
 
 /// An attempt ran out of time.

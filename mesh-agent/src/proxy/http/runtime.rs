@@ -33,7 +33,8 @@ const RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
 /// All L7 runtime state of this agent.
 #[derive(Default)]
 pub struct L7Runtime {
-    services: Mutex<HashMap<(String, String), Arc<ServiceRuntime>>>,
+    /// By namespace, then name: looked up with `&str`s, so a request allocates no key.
+    services: Mutex<HashMap<String, HashMap<String, Arc<ServiceRuntime>>>>,
     rate_limits: Mutex<HashMap<String, Arc<RateLimiters<std::net::IpAddr>>>>,
 }
 
@@ -46,6 +47,8 @@ pub struct Endpoint {
 pub struct EndpointRuntime {
     pub stats: Arc<EndpointStats>,
     outlier: OutlierState,
+    /// `ip:port` as a URI authority, built once rather than per request.
+    pub authority: Option<http::uri::Authority>,
 }
 
 pub struct ServiceRuntime {
@@ -56,20 +59,26 @@ pub struct ServiceRuntime {
     round_robin: AtomicUsize,
     endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointRuntime>>>,
     name: String,
+    /// `name.namespace.svc.cluster.local`, as access logs and metrics name the backend.
+    pub host: String,
 }
 
 impl L7Runtime {
     /// The runtime of `service`, created on first use or when its traffic policy changed.
     pub fn service(&self, service: &Service) -> Arc<ServiceRuntime> {
-        let key = (service.namespace.clone(), service.name.clone());
         let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rt) = services.get(&key)
+        if let Some(rt) = services
+            .get(&service.namespace)
+            .and_then(|names| names.get(&service.name))
             && rt.policy == service.traffic_policy
         {
             return rt.clone();
         }
         let rt = Arc::new(ServiceRuntime::new(service));
-        services.insert(key, rt.clone());
+        services
+            .entry(service.namespace.clone())
+            .or_default()
+            .insert(service.name.clone(), rt.clone());
         rt
     }
 
@@ -127,6 +136,7 @@ impl ServiceRuntime {
             round_robin: AtomicUsize::new(0),
             endpoints: Mutex::new(HashMap::new()),
             name: format!("{}/{}", service.namespace, service.name),
+            host: format!("{}.{}.svc.cluster.local", service.name, service.namespace),
         }
     }
 
@@ -138,6 +148,7 @@ impl ServiceRuntime {
                 Arc::new(EndpointRuntime {
                     stats: Arc::new(EndpointStats::default()),
                     outlier: OutlierState::new(),
+                    authority: http::uri::Authority::try_from(addr.to_string()).ok(),
                 })
             })
             .clone()
@@ -155,6 +166,11 @@ impl ServiceRuntime {
             return None;
         }
         let now = Instant::now();
+        if self.policy.load_balancer == LoadBalancer::LeastRequest
+            && let Some(chosen) = self.pick_p2c_sampled(endpoints, port, rng, now)
+        {
+            return Some(chosen);
+        }
         let all: Vec<Endpoint> = endpoints
             .iter()
             .map(|&ip| {
@@ -193,6 +209,43 @@ impl ServiceRuntime {
             addr: chosen.addr,
             stats: chosen.stats.clone(),
         })
+    }
+
+    /// Power of two choices without visiting every endpoint: two distinct endpoints drawn at
+    /// random, an ejected draw redrawn (rejection sampling keeps the choice uniform over the
+    /// healthy ones). `None` when a few draws find no two healthy ones; the caller then scans
+    /// them all.
+    fn pick_p2c_sampled(
+        &self,
+        endpoints: &[IpAddr],
+        port: u16,
+        rng: &mut fastrand::Rng,
+        now: Instant,
+    ) -> Option<Endpoint> {
+        const DRAWS: usize = 4;
+        let n = endpoints.len();
+        let mut draw = |other: Option<usize>| {
+            (0..DRAWS).find_map(|_| {
+                let i = rng.usize(0..n);
+                if Some(i) == other {
+                    return None;
+                }
+                let addr = SocketAddr::new(endpoints[i], port);
+                let stats = self.endpoint(addr);
+                let ejected = self.outlier.is_some() && stats.outlier.is_ejected(now);
+                (!ejected).then_some((i, Endpoint { addr, stats }))
+            })
+        };
+        let (first_index, first) = draw(None)?;
+        if n == 1 {
+            return Some(first);
+        }
+        let (_, second) = draw(Some(first_index))?;
+        let pair = [first.stats.stats.as_ref(), second.stats.stats.as_ref()];
+        match resilience::pick_p2c(&pair, rng)? {
+            0 => Some(first),
+            _ => Some(second),
+        }
     }
 
     /// Feeds an attempt's outcome to outlier detection.
