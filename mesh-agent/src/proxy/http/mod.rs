@@ -129,7 +129,10 @@ pub async fn serve_outbound(
             let saw_h2 = saw_h2.clone();
             async move {
                 let version = req.version();
-                let mut response = handle(req, downstream.clone()).await;
+                // Boxed: the request's state machine is a few KiB, and hyper moves the
+                // service future into a spawned task per HTTP/2 stream; a box moves as a
+                // pointer.
+                let mut response = Box::pin(handle(req, downstream.clone())).await;
                 close_if_draining(&downstream.inputs, version, &saw_h2, &mut response);
                 Ok::<_, Infallible>(response)
             }
