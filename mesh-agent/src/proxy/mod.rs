@@ -107,10 +107,9 @@ impl Default for ConnectionLimits {
 impl ProxyInputs {
     /// Swaps in a new snapshot and the tables derived from it.
     pub fn publish(&self, mesh: Mesh) {
-        self.services.store(Arc::new(ServiceIndex::new(
-            &mesh.services,
-            mesh.pods.values(),
-        )));
+        let services = ServiceIndex::new(&mesh.services, mesh.pods.values());
+        self.l7.prune(&services);
+        self.services.store(Arc::new(services));
         self.routes.store(Arc::new(RouteTable::new(&mesh.routes)));
         self.mesh.store(Arc::new(mesh));
     }

@@ -16,7 +16,7 @@ use crate::{
         self, CircuitBreaker, CircuitLimits, EndpointStats, OutlierDetector, OutlierState,
         RateLimiters, RetryBudget,
     },
-    service::{LoadBalancer, Service, TrafficPolicy},
+    service::{LoadBalancer, Service, ServiceIndex, TrafficPolicy},
 };
 
 /// At most this many rate-limit buckets per route rule (one per destination workload).
@@ -82,6 +82,23 @@ impl L7Runtime {
         rt
     }
 
+    /// Forgets what the current services no longer need: the runtimes of services that are
+    /// gone and the state of endpoints that left their service. Pod addresses change with
+    /// every rollout; without this the maps would keep every address a service ever had.
+    pub fn prune(&self, current: &ServiceIndex) {
+        let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        services.retain(|namespace, names| {
+            names.retain(|name, rt| match current.by_name(namespace, name) {
+                Some(service) => {
+                    rt.retain_endpoints(current.endpoints(service));
+                    true
+                }
+                None => false,
+            });
+            !names.is_empty()
+        });
+    }
+
     /// Takes a token from the bucket of (`route rule`, `endpoint`).
     pub fn rate_limit(
         &self,
@@ -138,6 +155,22 @@ impl ServiceRuntime {
             name: format!("{}/{}", service.namespace, service.name),
             host: format!("{}.{}.svc.cluster.local", service.name, service.namespace),
         }
+    }
+
+    /// Drops the state of endpoints whose address is not in `current`.
+    fn retain_endpoints(&self, current: &[IpAddr]) {
+        let current: std::collections::HashSet<IpAddr> = current.iter().copied().collect();
+        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        endpoints.retain(|addr, _| current.contains(&addr.ip()));
+    }
+
+    /// Endpoints this runtime keeps state for.
+    #[cfg(test)]
+    fn tracked_endpoints(&self) -> usize {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     fn endpoint(&self, addr: SocketAddr) -> Arc<EndpointRuntime> {
@@ -275,5 +308,50 @@ impl ServiceRuntime {
         ) {
             warn!(service = %self.name, endpoint = %endpoint.addr, ejection = ?ejection, "endpoint ejected by outlier detection");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn services(endpoints: &[&str]) -> Vec<Service> {
+        let yaml = format!(
+            "- name: web\n  namespace: shop\n  vips: [10.96.0.1]\n  endpoints: [{}]\n  ports: [{{port: 80, appProtocol: http}}]\n",
+            endpoints.join(", ")
+        );
+        let file: Vec<crate::service::FileService> =
+            serde_yaml::from_str(&yaml).expect("well-formed YAML");
+        crate::service::validate_services(file).expect("valid")
+    }
+
+    #[test]
+    fn prune_forgets_departed_endpoints_and_services() {
+        let l7 = L7Runtime::default();
+        let before = services(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        let index = ServiceIndex::new(&before, std::iter::empty());
+        let rt = l7.service(&before[0]);
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..200 {
+            rt.pick(index.endpoints(&before[0]), 80, &mut rng)
+                .expect("an endpoint");
+        }
+        assert_eq!(rt.tracked_endpoints(), 3, "every endpoint was picked");
+
+        // A rollout replaced two of them.
+        let after = services(&["10.0.0.1", "10.0.0.9"]);
+        l7.prune(&ServiceIndex::new(&after, std::iter::empty()));
+        assert_eq!(rt.tracked_endpoints(), 1, "only 10.0.0.1 is left");
+        assert!(
+            Arc::ptr_eq(&rt, &l7.service(&after[0])),
+            "the runtime is kept"
+        );
+
+        // The service is deleted.
+        l7.prune(&ServiceIndex::new(&[], std::iter::empty()));
+        assert!(
+            !Arc::ptr_eq(&rt, &l7.service(&after[0])),
+            "the runtime was dropped"
+        );
     }
 }
