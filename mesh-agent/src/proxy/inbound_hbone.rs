@@ -24,7 +24,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::{Direction, Path, Peers, PodContext, ProxyInputs, deliver, log_connection, relay};
+use super::{
+    Direction, Path, Peers, PodContext, ProxyInputs, coalesce::CoalescingIo, deliver,
+    log_connection, relay,
+};
 use crate::{state::Identity, tls};
 
 /// Largest header block the agent serves (counted as HTTP/2 does: name + value + 32 per
@@ -85,7 +88,7 @@ pub async fn handle(
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_LIST_SIZE)
-        .serve_connection(TokioIo::new(tls), service);
+        .serve_connection(TokioIo::new(CoalescingIo::new(tls)), service);
     // Draining: GOAWAY, so the peer's pool opens its next streams to the new agent.
     let result = drain_inputs
         .drain

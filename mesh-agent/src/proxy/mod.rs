@@ -10,6 +10,7 @@
 //!   (in-pod listener 15006, steered there by `sk_lookup`).
 //! - [`deliver`]: the last hop to the app and the authorization check before it.
 //! - [`pool`]: pooled HBONE connections. [`relay`]: the byte pump.
+pub mod coalesce;
 pub mod deliver;
 pub mod http;
 pub mod inbound_hbone;

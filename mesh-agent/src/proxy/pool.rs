@@ -17,7 +17,7 @@ use mesh_common::HBONE_PORT;
 use rustls_pki_types::ServerName;
 use tracing::{debug, info};
 
-use super::{PodContext, ProxyInputs, outbound::connect_from_pod};
+use super::{PodContext, ProxyInputs, coalesce::CoalescingIo, outbound::connect_from_pod};
 use crate::state::{Identity, Workload};
 
 /// How long the TLS and HTTP/2 handshakes of a new pooled connection may take.
@@ -194,7 +194,7 @@ async fn establish(
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .handshake(TokioIo::new(tls))
+            .handshake(TokioIo::new(CoalescingIo::new(tls)))
             .await
             .context("HTTP/2 handshake")?;
         let label = format!("{local} -> {} ({addr})", dst.identity);

@@ -33,10 +33,11 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
 };
 
-use super::{coalesce::CoalescingIo, runtime::ServiceRuntime};
+use super::runtime::ServiceRuntime;
 use crate::{
     proxy::{
         PodContext, ProxyInputs,
+        coalesce::CoalescingIo,
         upstream::{self, Authorization, UpstreamIo},
     },
     resilience::{ConnectionPermit, Overflow, PendingPermit},

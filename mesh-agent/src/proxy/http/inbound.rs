@@ -26,12 +26,11 @@ use tracing::{debug, info, warn};
 
 use super::{
     client::{Body, BoxError},
-    coalesce::CoalescingIo,
     local_response, strip_hop_by_hop,
 };
 use crate::{
     policy::{self, ConnectionAttrs, RequestAttrs},
-    proxy::{PodContext, ProxyInputs, deliver},
+    proxy::{PodContext, ProxyInputs, coalesce::CoalescingIo, deliver},
     state::Identity,
 };
 

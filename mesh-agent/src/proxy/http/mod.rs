@@ -9,7 +9,6 @@
 //! connect failure, budgeted, exponential backoff with jitter) → response filters → one
 //! access log line.
 pub mod client;
-pub mod coalesce;
 pub mod detect;
 pub mod inbound;
 pub mod runtime;
@@ -36,7 +35,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use self::client::{Body, BoxError, PodClients};
-use self::coalesce::CoalescingIo;
+use super::coalesce::CoalescingIo;
 use super::{PodContext, ProxyInputs};
 use crate::metrics::{Layer, Reporter, RequestHandles, RequestLabels};
 use crate::{

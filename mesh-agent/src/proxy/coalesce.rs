@@ -1,4 +1,5 @@
-//! Write coalescing for the connections hyper serves and opens.
+//! Write coalescing for the connections hyper serves and opens: the L7 proxy's downstream
+//! and upstream connections and the HBONE (HTTP/2 over mTLS) connections between nodes.
 //!
 //! hyper's HTTP/2 codec (the `h2` crate) keeps at most one DATA payload of 256 bytes or
 //! more by reference when the transport does vectored writes, and must write it out
