@@ -185,9 +185,8 @@ impl PodNetns {
             .map_err(|_| io::Error::other("pod netns thread dropped the request"))?
     }
 
-    /// A listening socket bound to `addr` in the pod's namespace, adopted by tokio.
-    /// A non-blocking listener, registered with no runtime yet (each worker registers its
-    /// own dup).
+    /// A non-blocking listening socket bound to `addr` in the pod's namespace, registered
+    /// with no runtime yet (each worker registers its own dup).
     pub async fn listen(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         let socket = self.socket(Domain::for_address(addr)).await?;
         socket.set_reuse_address(true)?;

@@ -248,12 +248,7 @@ fn main() -> anyhow::Result<()> {
             runtime.shutdown_timeout(Duration::from_secs(1));
             let deadline = Instant::now() + SHUTDOWN_GRACE;
             for t in threads {
-                while !t.is_finished() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                if t.is_finished() {
-                    let _ = t.join();
-                } else {
+                if !mesh_agent::workers::join_by(t, deadline) {
                     warn!("a pod netns thread did not finish in time");
                 }
             }

@@ -78,16 +78,23 @@ impl DataPlane {
         let deadline = Instant::now() + grace;
         for (stop, thread) in self.threads {
             let _ = stop.send(());
-            while !thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if thread.is_finished() {
-                let _ = thread.join();
-            } else {
+            if !join_by(thread, deadline) {
                 warn!("a data-plane worker did not stop in time");
             }
         }
     }
+}
+
+/// Joins `thread` if it ends by `deadline`; false (and the thread left running) if not.
+pub fn join_by(thread: JoinHandle<()>, deadline: Instant) -> bool {
+    while !thread.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let finished = thread.is_finished();
+    if finished {
+        let _ = thread.join();
+    }
+    finished
 }
 
 /// How many workers there are (1 when none were started).

@@ -783,31 +783,44 @@ fn tcp_service_ports_are_balanced_per_connection() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn the_circuit_breaker_sheds_excess_requests_with_503_uo() -> anyhow::Result<()> {
-    let shop = Shop::new(&[("b", &[("app", "backend")])])?;
-    let _b = backend(&shop.backends[0].0, "b", &[])?;
+/// An agent whose `backend` service (one pod) has `connectionPool: {pool}`.
+fn agent_with_connection_pool(shop: &Shop, name: &str, pool: &str) -> anyhow::Result<Agent> {
     let extra = format!(
         "services:\n{}",
         service(
             "backend",
             &shop.vip.to_string(),
             "app: backend",
-            "    trafficPolicy: {connectionPool: {maxRequests: 2}}\n"
+            &format!("    trafficPolicy: {{connectionPool: {pool}}}\n")
         )
     );
-    let _agent = Agent::start("circuit", &shop.config(&extra))?;
+    Agent::start(name, &shop.config(&extra))
+}
+
+/// How a burst of requests was answered.
+struct Burst {
+    /// 200s.
+    ok: usize,
+    /// 503s flagged `UO`.
+    shed: usize,
+    /// Every (status, response flags).
+    results: Vec<(u16, String)>,
+}
+
+/// `count` HTTP/1.1 requests to the backend at once, each answered after `delay_ms`, on
+/// their own connections.
+fn slow_requests_at_once(shop: &Shop, count: usize, delay_ms: u32) -> anyhow::Result<Burst> {
     let script = format!(
         r#"
 import http.client, json, threading
 results = []
 def call():
     c = http.client.HTTPConnection("{vip}", 80, timeout=20)
-    c.request("GET", "/delay/4000")
+    c.request("GET", "/delay/{delay_ms}")
     r = c.getresponse()
     r.read()
     results.append((r.status, r.getheader("x-trellis-response-flags", "-")))
-threads = [threading.Thread(target=call) for _ in range(6)]
+threads = [threading.Thread(target=call) for _ in range({count})]
 for t in threads: t.start()
 for t in threads: t.join()
 print(json.dumps(results))
@@ -821,6 +834,15 @@ print(json.dumps(results))
         .iter()
         .filter(|(s, f)| *s == 503 && f == "UO")
         .count();
+    Ok(Burst { ok, shed, results })
+}
+
+#[test]
+fn the_circuit_breaker_sheds_excess_requests_with_503_uo() -> anyhow::Result<()> {
+    let shop = Shop::new(&[("b", &[("app", "backend")])])?;
+    let _b = backend(&shop.backends[0].0, "b", &[])?;
+    let _agent = agent_with_connection_pool(&shop, "circuit", "{maxRequests: 2}")?;
+    let Burst { ok, shed, results } = slow_requests_at_once(&shop, 6, 4000)?;
     ensure!(
         ok + shed == 6 && (1..=2).contains(&ok) && shed >= 4,
         "{results:?}"
@@ -832,44 +854,12 @@ print(json.dumps(results))
 fn max_connections_caps_upstream_connections_with_503_uo() -> anyhow::Result<()> {
     let shop = Shop::new(&[("b", &[("app", "backend")])])?;
     let _b = backend(&shop.backends[0].0, "b", &[])?;
-    let extra = format!(
-        "services:\n{}",
-        service(
-            "backend",
-            &shop.vip.to_string(),
-            "app: backend",
-            "    trafficPolicy: {connectionPool: {maxConnections: 1}}\n"
-        )
-    );
-    let _agent = Agent::start("maxconn", &shop.config(&extra))?;
-    // Five slow HTTP/1.1 requests at once: the first takes the only upstream connection,
-    // the others would each need another one. The agent's worker threads pool connections
-    // separately and each may open its first one to an endpoint (as Envoy's workers do), so
-    // one or two go through.
-    let script = format!(
-        r#"
-import http.client, json, threading
-results = []
-def call():
-    c = http.client.HTTPConnection("{vip}", 80, timeout=20)
-    c.request("GET", "/delay/3000")
-    r = c.getresponse()
-    r.read()
-    results.append((r.status, r.getheader("x-trellis-response-flags", "-")))
-threads = [threading.Thread(target=call) for _ in range(5)]
-for t in threads: t.start()
-for t in threads: t.join()
-print(json.dumps(results))
-"#,
-        vip = shop.vip
-    );
-    let stdout = shop.client.python(&script)?;
-    let results: Vec<(u16, String)> = serde_json::from_str(&stdout)?;
-    let ok = results.iter().filter(|(s, _)| *s == 200).count();
-    let shed = results
-        .iter()
-        .filter(|(s, f)| *s == 503 && f == "UO")
-        .count();
+    let _agent = agent_with_connection_pool(&shop, "maxconn", "{maxConnections: 1}")?;
+    // Five slow requests at once: the first takes the only upstream connection, the others
+    // would each need another one. The agent's worker threads pool connections separately
+    // and each may open its first one to an endpoint (as Envoy's workers do), so one or two
+    // go through.
+    let Burst { ok, shed, results } = slow_requests_at_once(&shop, 5, 3000)?;
     ensure!((1..=2).contains(&ok) && ok + shed == 5, "{results:?}");
     // The connections went back to their pools: sequential requests reuse them, none is
     // refused.

@@ -93,17 +93,23 @@ impl Drop for Slot {
 /// A request in flight; frees its slot when dropped.
 #[must_use = "the slot is freed as soon as the permit is dropped"]
 #[derive(Debug)]
-pub struct RequestPermit(Slot);
+pub struct RequestPermit {
+    _slot: Slot,
+}
 
 /// A request waiting for a connection; frees its slot when dropped.
 #[must_use = "the slot is freed as soon as the permit is dropped"]
 #[derive(Debug)]
-pub struct PendingPermit(Slot);
+pub struct PendingPermit {
+    _slot: Slot,
+}
 
 /// An open upstream connection; frees its slot when dropped.
 #[must_use = "the slot is freed as soon as the permit is dropped"]
 #[derive(Debug)]
-pub struct ConnectionPermit(Slot);
+pub struct ConnectionPermit {
+    _slot: Slot,
+}
 
 impl CircuitBreaker {
     pub fn new(limits: CircuitLimits) -> Self {
@@ -135,7 +141,7 @@ impl CircuitBreaker {
     pub fn try_request(&self) -> Result<RequestPermit, Overflow> {
         let max = self.limits.max_requests;
         Slot::acquire(&self.requests, max)
-            .map(RequestPermit)
+            .map(|_slot| RequestPermit { _slot })
             .ok_or(Overflow::Requests { max })
     }
 
@@ -143,7 +149,7 @@ impl CircuitBreaker {
     pub fn try_pending(&self) -> Result<PendingPermit, Overflow> {
         let max = self.limits.max_pending_requests;
         Slot::acquire(&self.pending, max)
-            .map(PendingPermit)
+            .map(|_slot| PendingPermit { _slot })
             .ok_or(Overflow::PendingRequests { max })
     }
 
@@ -151,7 +157,7 @@ impl CircuitBreaker {
     pub fn try_connection(&self) -> Result<ConnectionPermit, Overflow> {
         let max = self.limits.max_connections;
         Slot::acquire(&self.connections, max)
-            .map(ConnectionPermit)
+            .map(|_slot| ConnectionPermit { _slot })
             .ok_or(Overflow::Connections { max })
     }
 

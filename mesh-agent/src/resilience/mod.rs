@@ -26,9 +26,6 @@
 //!    [`RetryBudget::try_withdraw`] (refused: return this outcome) → wait
 //!    [`Backoff::delay`] → back to 4, preferring another endpoint.
 
-// A few accessors and re-exports serve tests only.
-#![allow(dead_code, unused_imports)]
-
 mod backoff;
 mod balancer;
 mod budget;
@@ -38,7 +35,7 @@ mod ratelimit;
 
 use std::sync::{Mutex, MutexGuard};
 
-// The module's interface; `allow` until the proxy uses it.
+// The module's interface.
 pub use self::{
     backoff::Backoff,
     balancer::{EndpointStats, Outstanding, pick_p2c, pick_random, pick_round_robin},
@@ -47,7 +44,10 @@ pub use self::{
         CircuitBreaker, CircuitLimits, ConnectionPermit, Overflow, PendingPermit, RequestPermit,
     },
     outlier::{Ejection, EjectionReason, Outcome, OutlierDetector, OutlierState},
-    ratelimit::{RATE_LIMITED_FLAG, RATE_LIMITED_STATUS, RateLimit, RateLimiters, TokenBucket},
+    ratelimit::{
+        DEFAULT_MAX_KEYS, RATE_LIMITED_FLAG, RATE_LIMITED_STATUS, RateLimit, RateLimiters,
+        TokenBucket,
+    },
 };
 
 /// Locks `mutex` even if a panicking thread poisoned it: every critical section in this

@@ -195,16 +195,9 @@ fn admit_connection(
     Ok((connection, pending))
 }
 
-/// Whether `error`, or one of its causes, is a circuit breaker's overflow.
-pub fn is_overflow(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(e) = cause {
-        if e.is::<Overflow>() {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
+/// The circuit breaker's overflow that `error` is, or is caused by.
+pub fn overflow_in<'e>(error: &'e (dyn std::error::Error + 'static)) -> Option<&'e Overflow> {
+    std::iter::successors(Some(error), |e| e.source()).find_map(|e| e.downcast_ref())
 }
 
 /// A connection that holds its destination's connection permit until it is dropped.

@@ -40,7 +40,7 @@ use super::{PodContext, ProxyInputs};
 use crate::metrics::{Layer, Reporter, RequestHandles, RequestLabels};
 use crate::{
     policy::{self, ConnectionAttrs, RequestAttrs},
-    resilience::Backoff,
+    resilience::{Backoff, Overflow},
     route::RouteDecision,
     service::{AppProtocol, Service, ServicePort},
     state::Mesh,
@@ -188,6 +188,13 @@ pub(crate) fn server_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// A cap of the destination's circuit breaker was reached.
+fn upstream_overflow(overflow: &Overflow) -> (StatusCode, &'static str, Response<Body>) {
+    let (status, flag) = (overflow.status(), overflow.response_flag());
+    let message = format!("{overflow} (circuit breaker open)");
+    (status, flag, local_response(status, flag, &message))
+}
+
 /// A response the agent generates itself, flagged like Envoy's response flags.
 fn local_response(status: StatusCode, flags: &str, message: &str) -> Response<Body> {
     let mut response = Response::new(full(Bytes::from(format!("{message}\n"))));
@@ -211,28 +218,25 @@ fn empty() -> Body {
         .boxed()
 }
 
-/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
 // Constant names: a `&str` name is parsed again on every lookup.
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Headers that describe one hop, and `Connection` may name more.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    [
-        header::CONNECTION,
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::TRAILER,
-        header::UPGRADE,
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-    ]
-    .contains(name)
-}
+/// Headers that describe one hop (`Connection` may name more).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::TRAILER,
+    header::UPGRADE,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+];
 
+/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Most messages carry none of them: one pass over the names instead of a lookup each.
-    if !headers.keys().any(is_hop_by_hop) {
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
         return;
     }
     let listed: Vec<String> = headers
@@ -600,18 +604,7 @@ async fn route_and_forward(
     }
     let _request_permit = match runtime.circuit.try_request() {
         Ok(p) => p,
-        Err(overflow) => {
-            let flag = overflow.response_flag();
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                flag,
-                local_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    flag,
-                    "upstream overflow (circuit breaker open)",
-                ),
-            );
-        }
+        Err(overflow) => return upstream_overflow(&overflow),
     };
 
     // The body: buffered when small enough to be retried, streamed otherwise.
@@ -711,11 +704,11 @@ async fn route_and_forward(
         } else {
             parts.clone()
         };
-        let uri = upstream_uri(
-            &attempt_parts.uri,
-            endpoint.stats.authority.as_ref(),
-            endpoint.addr,
-        );
+        let uri = endpoint
+            .stats
+            .authority
+            .as_ref()
+            .and_then(|authority| upstream_uri(&attempt_parts.uri, authority));
         let mut upstream_req = Request::from_parts(attempt_parts, body);
         match uri {
             Some(uri) => *upstream_req.uri_mut() = uri,
@@ -810,20 +803,13 @@ async fn route_and_forward(
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 return (StatusCode::BAD_REQUEST, "DPE", response);
             }
-            // A connection cap of the destination's circuit breaker, not a failing endpoint.
-            Ok(Err(e)) if client::is_overflow(&e) => {
-                drop(outstanding);
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UO",
-                    local_response(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "UO",
-                        "upstream overflow (circuit breaker open)",
-                    ),
-                );
-            }
             Ok(Err(e)) => {
+                // A connection cap of the destination's circuit breaker, not a failing
+                // endpoint.
+                if let Some(overflow) = client::overflow_in(&e) {
+                    drop(outstanding);
+                    return upstream_overflow(overflow);
+                }
                 outstanding.finish(FAILURE_LATENCY_PENALTY);
                 let connect_failure = e.is_connect();
                 runtime.record(
@@ -999,19 +985,12 @@ fn bridge_upgrade(downstream: hyper::upgrade::OnUpgrade, response: &mut Response
     });
 }
 
-/// The request's path and query sent to `endpoint`: `http://ip:port/path?query`, the form
-/// the pooled client keys its connections by.
-fn upstream_uri(
-    uri: &Uri,
-    authority: Option<&http::uri::Authority>,
-    endpoint: SocketAddr,
-) -> Option<Uri> {
+/// The request's path and query sent to the endpoint at `authority` (`ip:port`):
+/// `http://ip:port/path?query`, the form the pooled client keys its connections by.
+fn upstream_uri(uri: &Uri, authority: &http::uri::Authority) -> Option<Uri> {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(match authority {
-        Some(a) => a.clone(),
-        None => http::uri::Authority::try_from(endpoint.to_string()).ok()?,
-    });
+    parts.authority = Some(authority.clone());
     parts.path_and_query = Some(
         uri.path_and_query()
             .cloned()

@@ -19,8 +19,6 @@ use crate::{
     service::{LoadBalancer, Service, ServiceIndex, TrafficPolicy},
 };
 
-/// At most this many rate-limit buckets per route rule (one per destination workload).
-const MAX_RATE_LIMIT_KEYS: usize = 10_000;
 /// Longest outlier ejection.
 const MAX_EJECTION: Duration = Duration::from_secs(300);
 
@@ -115,7 +113,7 @@ impl L7Runtime {
                     Arc::new(RateLimiters::new(
                         requests_per_second,
                         burst,
-                        MAX_RATE_LIMIT_KEYS,
+                        resilience::DEFAULT_MAX_KEYS,
                     ))
                 })
                 .clone()
@@ -257,12 +255,16 @@ impl ServiceRuntime {
     ) -> Option<Endpoint> {
         const DRAWS: usize = 4;
         let n = endpoints.len();
+        // `other`: an index not to draw (the first choice), skipped rather than redrawn.
         let mut draw = |other: Option<usize>| {
             (0..DRAWS).find_map(|_| {
-                let i = rng.usize(0..n);
-                if Some(i) == other {
-                    return None;
-                }
+                let i = match other {
+                    None => rng.usize(0..n),
+                    Some(o) => {
+                        let i = rng.usize(0..n - 1);
+                        if i >= o { i + 1 } else { i }
+                    }
+                };
                 let addr = SocketAddr::new(endpoints[i], port);
                 let stats = self.endpoint(addr);
                 let ejected = self.outlier.is_some() && stats.outlier.is_ejected(now);

@@ -142,6 +142,9 @@ mod tests {
             id.bytes()
                 .all(|c| c == b'-' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
         );
+        // Generated values stay out of HPACK tables.
+        assert!(h.get(REQUEST_ID).is_some_and(HeaderValue::is_sensitive));
+        assert!(h.get(TRACEPARENT).is_some_and(HeaderValue::is_sensitive));
         let tp = h
             .get(TRACEPARENT)
             .expect("traceparent")
