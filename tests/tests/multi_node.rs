@@ -476,6 +476,18 @@ fn certificates_rotate_under_live_traffic() -> anyhow::Result<()> {
         })?;
     }
     ensure!(fresh >= 5, "only {fresh} new connections were tried");
+    // New streams after a rotation go on a new HBONE connection that presents the new
+    // certificate, instead of on the pooled one made with the old.
+    wait_until("node 1 retiring a pooled connection", AGENT_DEADLINE, || {
+        (a1.count_events(|e| message(e).starts_with("source certificate rotated")) >= 1)
+            .then_some(())
+    })
+    .with_context(|| format!("node 1's log:\n{}", a1.log_text()))?;
+    let established = a1.count_events(|e| message(e) == "HBONE connection established");
+    ensure!(
+        established >= 2,
+        "node 1 made {established} HBONE connection(s) across its rotations"
+    );
     Ok(())
 }
 

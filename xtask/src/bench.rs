@@ -45,8 +45,8 @@
 //! run is bounded by `-D`, by a 10 s inactivity timeout (`-N`) and by a kill after `--seconds`
 //! plus [`CLIENT_SLACK`]. `rps` is h2load's; `p50_us`/`p99_us` come from its `--log-file`
 //! (one duration per request); `cpu_us_per_req` is the proxy process's utime+stime over the
-//! run divided by the requests completed, `rss_kb` its VmRSS after the run (both null for
-//! direct). A run fails unless every request completed with a 2xx, and unless the backend's
+//! run divided by the requests completed (`cpu_user_us_per_req` its utime part), `rss_kb` its
+//! VmRSS after the run (all null for direct). A run fails unless every request completed with a 2xx, and unless the backend's
 //! own request counter grew by at least as many. The L7 target (agent req/s >= 1.0x
 //! haproxy's, CPU per request <= 1.0x) is reported for HTTP/1.1 and h2c, informational only.
 //!
@@ -181,6 +181,9 @@ pub struct Row {
     pub conn_per_s: Option<f64>,
     pub gbit_s: Option<f64>,
     pub cpu_us_per_req: Option<f64>,
+    /// The user-space part of `cpu_us_per_req` (the rest is the kernel's, mostly the TCP
+    /// stack): where a proxy's own code and libraries spend.
+    pub cpu_user_us_per_req: Option<f64>,
     pub rss_kb: Option<u64>,
 }
 
@@ -1040,10 +1043,10 @@ fn measure_l7(
         .context("the client pod's cgroup has no parent")?;
     let start = CpuSnapshot::take(&[node_cgroup], agent_pids)?;
     let served_before = backend_served(env)?;
-    let proxy_before = proxy.map(cpu_ticks).transpose()?;
+    let proxy_before = proxy.map(CpuTicks::read).transpose()?;
     let counters_before = proxy.map(ProcCounters::read).transpose()?;
     let run = run_h2load(env, scenario, http, target)?;
-    let proxy_after = proxy.map(cpu_ticks).transpose()?;
+    let proxy_after = proxy.map(CpuTicks::read).transpose()?;
     let counters_after = proxy.map(ProcCounters::read).transpose()?;
     let served_after = backend_served(env)?;
     let rss_kb = proxy.map(rss_kb).transpose()?;
@@ -1057,10 +1060,15 @@ fn measure_l7(
         );
     }
     let ticks_to_us = 1e6 / clock_ticks_per_second();
+    // (user, system) µs over the run.
     let proxy_cpu_us = match (proxy_before, proxy_after) {
-        (Some(b), Some(a)) => Some(a.saturating_sub(b) as f64 * ticks_to_us),
+        (Some(b), Some(a)) => Some((
+            a.user.saturating_sub(b.user) as f64 * ticks_to_us,
+            a.system.saturating_sub(b.system) as f64 * ticks_to_us,
+        )),
         _ => None,
     };
+    let per_request = |us: f64| round(us / run.done.max(1) as f64, 2);
     let streams = http.streams(args);
     let mut notes = vec![
         format!(
@@ -1077,15 +1085,20 @@ fn measure_l7(
             others_share * 100.0
         ),
     ];
-    if let (Some(us), Some(b), Some(a)) = (proxy_cpu_us, counters_before, counters_after) {
+    if let (Some((user, system)), Some(b), Some(a)) =
+        (proxy_cpu_us, counters_before, counters_after)
+    {
+        let us = user + system;
         let per_req =
             |after: u64, before: u64| after.saturating_sub(before) as f64 / run.done as f64;
         notes.insert(
             1,
             format!(
-                "proxy CPU {:.2} s over the run ({:.0}% of one core), {:.2} context switches per request",
+                "proxy CPU {:.2} s over the run ({:.0}% of one core; per request {:.1} µs user + {:.1} µs system), {:.2} context switches per request",
                 us / 1e6,
                 us / 1e6 / run.seconds.max(1e-9) * 100.0,
+                per_request(user),
+                per_request(system),
                 per_req(a.context_switches, b.context_switches),
             ),
         );
@@ -1100,7 +1113,8 @@ fn measure_l7(
             p99_us: Some(round(run.p99_us, 1)),
             conn_per_s: None,
             gbit_s: None,
-            cpu_us_per_req: proxy_cpu_us.map(|us| round(us / run.done as f64, 2)),
+            cpu_us_per_req: proxy_cpu_us.map(|(user, system)| per_request(user + system)),
+            cpu_user_us_per_req: proxy_cpu_us.map(|(user, _)| per_request(user)),
             rss_kb,
         },
         notes: notes
@@ -1363,6 +1377,7 @@ fn measure(bench: &Bench, scenario: &str, agent_pids: &[u32]) -> anyhow::Result<
             conn_per_s: Some(round(conn.conn_per_s, 1)),
             gbit_s: Some(round(stream.gbit_s, 2)),
             cpu_us_per_req,
+            cpu_user_us_per_req: None,
             rss_kb,
         },
         notes: notes
@@ -1614,23 +1629,40 @@ fn run_with_deadline(
 
 /// A process's user + system CPU time so far, in clock ticks (all its threads).
 fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // Fields after the command name (which may contain spaces) start at field 3 (state);
-    // utime and stime are fields 14 and 15.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("unexpected /proc/PID/stat format")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| -> anyhow::Result<u64> {
-        fields
-            .get(i)
-            .context("short /proc/PID/stat")?
-            .parse()
-            .context("parsing /proc/PID/stat")
-    };
-    Ok(field(11)? + field(12)?)
+    CpuTicks::read(pid).map(|t| t.user + t.system)
+}
+
+/// A process's CPU time so far in clock ticks, all its threads: `utime` and `stime` of
+/// /proc/PID/stat.
+#[derive(Clone, Copy)]
+struct CpuTicks {
+    user: u64,
+    system: u64,
+}
+
+impl CpuTicks {
+    fn read(pid: u32) -> anyhow::Result<Self> {
+        let path = format!("/proc/{pid}/stat");
+        let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        // Fields after the command name (which may contain spaces) start at field 3 (state);
+        // utime and stime are fields 14 and 15.
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .context("unexpected /proc/PID/stat format")?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| -> anyhow::Result<u64> {
+            fields
+                .get(i)
+                .context("short /proc/PID/stat")?
+                .parse()
+                .context("parsing /proc/PID/stat")
+        };
+        Ok(Self {
+            user: field(11)?,
+            system: field(12)?,
+        })
+    }
 }
 
 /// A process's context switch count so far (all its threads). (Socket syscalls are not
@@ -1896,8 +1928,17 @@ fn print_results(args: &BenchArgs, results: &[Measured]) {
             continue;
         }
         let (r, c) = (a_rps / h_rps, a_cpu / h_cpu);
+        // The split shows whose work differs: user space is the proxies' own code.
+        let split = match (a.row.cpu_user_us_per_req, h.row.cpu_user_us_per_req) {
+            (Some(au), Some(hu)) if hu > 0.0 && h_cpu > hu => format!(
+                " = user {:.2}x, system {:.2}x",
+                au / hu,
+                (a_cpu - au) / (h_cpu - hu)
+            ),
+            _ => String::new(),
+        };
         println!(
-            "target {agent_name} req/s >= {L7_RPS_TARGET:.2}x {haproxy_name} and CPU/req <= {L7_CPU_TARGET:.2}x: {} (rps {r:.2}x, cpu/req {c:.2}x; informational)",
+            "target {agent_name} req/s >= {L7_RPS_TARGET:.2}x {haproxy_name} and CPU/req <= {L7_CPU_TARGET:.2}x: {} (rps {r:.2}x, cpu/req {c:.2}x{split}; informational)",
             if r >= L7_RPS_TARGET && c <= L7_CPU_TARGET {
                 "met"
             } else {

@@ -5,7 +5,10 @@
 //! `h2`, the source workload's certificate, the server verified against the destination
 //! workload's SPIFFE identity; then one `CONNECT <ip>:<port>` stream per relayed connection.
 //! A pooled connection that turns out broken is replaced, and the stream retried once on a
-//! fresh connection, so a stale connection never fails a new stream.
+//! fresh connection, so a stale connection never fails a new stream. Once the source's
+//! certificate rotates, new streams go on a new connection presenting the new certificate;
+//! the old one closes when its last stream ends, so no connection outlives its certificate
+//! by more than its longest stream.
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, anyhow, bail};
@@ -18,7 +21,10 @@ use rustls_pki_types::ServerName;
 use tracing::{debug, info};
 
 use super::{PodContext, ProxyInputs, coalesce::CoalescingIo, outbound::connect_from_pod};
-use crate::state::{Identity, Workload};
+use crate::{
+    identity::WorkloadCert,
+    state::{Identity, Workload},
+};
 
 /// How long the TLS and HTTP/2 handshakes of a new pooled connection may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,10 +42,20 @@ struct PoolKey {
     dst_node: String,
 }
 
-/// A pooled connection and when a stream was last opened on it.
+/// A pooled connection, when a stream was last opened on it, and the source certificate
+/// current when it was made.
 struct Pooled {
     sender: SendRequest<Empty<Bytes>>,
     last_used: std::time::Instant,
+    cert: Arc<WorkloadCert>,
+}
+
+impl Pooled {
+    /// Whether a new stream may use this connection: open, and made while `current` was
+    /// already the source's certificate.
+    fn reusable(&self, current: &Arc<WorkloadCert>) -> bool {
+        !self.sender.is_closed() && Arc::ptr_eq(&self.cert, current)
+    }
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
@@ -71,17 +87,28 @@ impl HbonePool {
         let slot = self.slot(&key);
         for attempt in 0..2 {
             let sender = {
+                let cert = inputs
+                    .certs
+                    .ensure(&key.src)
+                    .context("no certificate for the source workload")?;
                 let mut pooled = slot.lock().await;
                 match pooled.as_mut() {
-                    Some(p) if !p.sender.is_closed() && attempt == 0 => {
+                    Some(p) if attempt == 0 && p.reusable(&cert) => {
                         p.last_used = std::time::Instant::now();
                         p.sender.clone()
                     }
                     _ => {
+                        if pooled
+                            .as_ref()
+                            .is_some_and(|p| !p.sender.is_closed() && !Arc::ptr_eq(&p.cert, &cert))
+                        {
+                            info!(src.identity = %key.src, dst.identity = %key.dst, "source certificate rotated: new streams go on a new HBONE connection");
+                        }
                         let fresh = establish(inputs, src, dst).await?;
                         *pooled = Some(Pooled {
                             sender: fresh.clone(),
                             last_used: std::time::Instant::now(),
+                            cert,
                         });
                         fresh
                     }
@@ -168,7 +195,8 @@ async fn open_stream(
     Ok(TokioIo::new(upgraded))
 }
 
-/// A new mTLS HTTP/2 connection from `src`'s netns to `dst`'s HBONE port.
+/// A new mTLS HTTP/2 connection from `src`'s netns to `dst`'s HBONE port, presenting
+/// `src`'s current certificate.
 async fn establish(
     inputs: &ProxyInputs,
     src: &PodContext,
@@ -176,10 +204,6 @@ async fn establish(
 ) -> anyhow::Result<SendRequest<Empty<Bytes>>> {
     let addr = SocketAddr::new(dst.ip, HBONE_PORT);
     let local = &src.workload.identity;
-    inputs
-        .certs
-        .ensure(local)
-        .context("no certificate for the source workload")?;
     let config = inputs.tls.client(local, &dst.identity)?;
     let work = async {
         let tcp = connect_from_pod(src, addr)
