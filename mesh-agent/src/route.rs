@@ -344,6 +344,9 @@ pub struct RouteRule {
     pub route: Arc<str>,
     /// Position of the rule in its route.
     pub index: usize,
+    /// `namespace/name#index`: names the rule in access logs and keys its rate limit.
+    #[serde(skip)]
+    pub label: Arc<str>,
     pub name: Option<String>,
     /// At least one.
     pub matches: Vec<RouteMatch>,
@@ -1537,6 +1540,7 @@ fn validate_rule(
     Ok(RouteRule {
         route: route.clone(),
         index,
+        label: format!("{route}#{index}").into(),
         name: rule.name,
         matches,
         filters,

@@ -284,7 +284,8 @@ struct AccessLog<'a> {
     method: &'a str,
     path: &'a str,
     authority: &'a str,
-    route: String,
+    /// The matched rule's label.
+    route: Option<Arc<str>>,
     /// The backend service, `name.ns.svc.cluster.local`.
     backend: String,
     upstream: Option<SocketAddr>,
@@ -317,7 +318,7 @@ fn log_request(
         src.pod = %d.pod.workload.key,
         src.identity = %d.pod.workload.identity,
         dst.service = %d.service_label,
-        route = %log.route,
+        route = log.route.as_deref().unwrap_or(""),
         backend = %log.backend,
         upstream = %OptionalAddr(log.upstream),
         attempts = log.attempts,
@@ -474,7 +475,7 @@ async fn handle(mut req: Request<Incoming>, d: Arc<Downstream>) -> Response<Body
         method: &method,
         path: &path,
         authority: &authority,
-        route: String::new(),
+        route: None,
         backend: String::new(),
         upstream: None,
         attempts: 0,
@@ -525,7 +526,7 @@ async fn route_and_forward(
             );
         }
         RouteDecision::Matched(rule, matched) => {
-            log.route = format!("{}#{}", rule.route, rule.index);
+            log.route = Some(rule.label.clone());
             if let Some(redirect) = rule.redirect(&parts, &matched, d.port.port) {
                 let (rparts, ()) = redirect.into_parts();
                 let status = rparts.status;
@@ -664,9 +665,8 @@ async fn route_and_forward(
         if attempt == 0
             && let (Some(rule), Some(limit)) = (rule, rule.and_then(|r| r.rate_limit.as_ref()))
         {
-            let key = format!("{}#{}", rule.route, rule.index);
             if !inputs.l7.rate_limit(
-                &key,
+                &rule.label,
                 &endpoint.addr,
                 f64::from(limit.requests_per_second),
                 limit.burst,

@@ -33,8 +33,11 @@ const RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
 pub struct L7Runtime {
     /// By namespace, then name: looked up with `&str`s, so a request allocates no key.
     services: Mutex<HashMap<String, HashMap<String, Arc<ServiceRuntime>>>>,
-    rate_limits: Mutex<HashMap<String, Arc<RateLimiters<std::net::IpAddr>>>>,
+    rate_limits: Mutex<HashMap<RateLimitKey, Arc<RateLimiters<std::net::IpAddr>>>>,
 }
+
+/// A route rule's label and its limit (rate as `f64` bits): a changed limit starts afresh.
+type RateLimitKey = (Arc<str>, u64, u32);
 
 /// One endpoint as the balancer sees it.
 pub struct Endpoint {
@@ -100,7 +103,7 @@ impl L7Runtime {
     /// Takes a token from the bucket of (`route rule`, `endpoint`).
     pub fn rate_limit(
         &self,
-        rule: &str,
+        rule: &Arc<str>,
         endpoint: &SocketAddr,
         requests_per_second: f64,
         burst: u32,
@@ -108,7 +111,7 @@ impl L7Runtime {
     ) -> bool {
         let limiters = {
             let mut all = self.rate_limits.lock().unwrap_or_else(|p| p.into_inner());
-            all.entry(format!("{rule}@{requests_per_second}/{burst}"))
+            all.entry((rule.clone(), requests_per_second.to_bits(), burst))
                 .or_insert_with(|| {
                     Arc::new(RateLimiters::new(
                         requests_per_second,
