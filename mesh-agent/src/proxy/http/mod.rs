@@ -664,20 +664,19 @@ async fn route_and_forward(
         log.upstream = Some(endpoint.addr);
         if attempt == 0
             && let (Some(rule), Some(limit)) = (rule, rule.and_then(|r| r.rate_limit.as_ref()))
-        {
-            if !inputs.l7.rate_limit(
+            && !inputs.l7.rate_limit(
                 &rule.label,
                 &endpoint.addr,
                 f64::from(limit.requests_per_second),
                 limit.burst,
                 Instant::now(),
-            ) {
-                return (
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "RL",
-                    local_response(StatusCode::TOO_MANY_REQUESTS, "RL", "local rate limit"),
-                );
-            }
+            )
+        {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                "RL",
+                local_response(StatusCode::TOO_MANY_REQUESTS, "RL", "local rate limit"),
+            );
         }
         // Endpoints this agent delivers to itself are authorized here, per request.
         if let Some(dst_pod) = mesh
