@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, ensure};
 use mesh_tests::{
     Agent, Background, Node, Pod,
-    agent::{AGENT_DEADLINE, field, message},
+    agent::{AGENT_DEADLINE, field, message, number},
     node::NodeLink,
     wait_until,
 };
@@ -154,7 +154,7 @@ fn cross_node_pod_to_pod_goes_over_mtls_through_both_agents() -> anyhow::Result<
         field(&inb, "dst.original") == format!("{}:{APP_PORT}", t.server.ip),
         "{inb}"
     );
-    // Three connections, one pooled mTLS connection.
+    // Three connections, one pooled mTLS connection (per data-plane worker).
     wait_until("three inbound logs", AGENT_DEADLINE, || {
         (a2.count_events(|e| is_connection(e, "inbound")) >= 3).then_some(())
     })?;
@@ -162,12 +162,8 @@ fn cross_node_pod_to_pod_goes_over_mtls_through_both_agents() -> anyhow::Result<
     wait_until("three outbound logs", AGENT_DEADLINE, || {
         (a1.count_events(|e| is_connection(e, "outbound")) >= 3).then_some(())
     })?;
-    let established = a1.count_events(|e| message(e) == "HBONE connection established");
-    ensure!(
-        established == 1,
-        "{established} HBONE connections for three streams:\n{}",
-        a1.log_text()
-    );
+    one_pooled_connection_per_worker(&a1)
+        .with_context(|| format!("three streams to one pod:\n{}", a1.log_text()))?;
     Ok(())
 }
 
@@ -478,10 +474,14 @@ fn certificates_rotate_under_live_traffic() -> anyhow::Result<()> {
     ensure!(fresh >= 5, "only {fresh} new connections were tried");
     // New streams after a rotation go on a new HBONE connection that presents the new
     // certificate, instead of on the pooled one made with the old.
-    wait_until("node 1 retiring a pooled connection", AGENT_DEADLINE, || {
-        (a1.count_events(|e| message(e).starts_with("source certificate rotated")) >= 1)
-            .then_some(())
-    })
+    wait_until(
+        "node 1 retiring a pooled connection",
+        AGENT_DEADLINE,
+        || {
+            (a1.count_events(|e| message(e).starts_with("source certificate rotated")) >= 1)
+                .then_some(())
+        },
+    )
     .with_context(|| format!("node 1's log:\n{}", a1.log_text()))?;
     let established = a1.count_events(|e| message(e) == "HBONE connection established");
     ensure!(
@@ -612,10 +612,24 @@ fn pods_sharing_an_identity_on_another_node_share_one_pooled_connection() -> any
         (a1.count_events(|e| is_connection(e, "outbound") && field(e, "error").is_empty()) >= 4)
             .then_some(())
     })?;
-    let established = a1.count_events(|e| message(e) == "HBONE connection established");
+    one_pooled_connection_per_worker(&a1)
+        .context("four streams for one (source, destination identity, node)")?;
+    Ok(())
+}
+
+/// For one (source, destination identity, node), `agent` made at most one pooled HBONE
+/// connection on each data-plane worker (the pools are per worker), and at least one.
+fn one_pooled_connection_per_worker(agent: &Agent) -> anyhow::Result<()> {
+    let workers: Vec<u64> = agent
+        .events()
+        .iter()
+        .filter(|e| message(e) == "HBONE connection established")
+        .map(|e| number(e, "worker").context("no worker in the connection's log line"))
+        .collect::<anyhow::Result<_>>()?;
+    let distinct: std::collections::BTreeSet<u64> = workers.iter().copied().collect();
     ensure!(
-        established == 1,
-        "{established} pooled connections for one (source, destination identity, node)"
+        !workers.is_empty() && distinct.len() == workers.len(),
+        "pooled HBONE connections made on workers {workers:?}: want one per worker at most"
     );
     Ok(())
 }

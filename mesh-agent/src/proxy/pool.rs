@@ -1,5 +1,8 @@
 //! Pooled HBONE connections: one mTLS HTTP/2 connection per (source identity, destination
-//! identity, destination node) carries many CONNECT streams.
+//! identity, destination node, data-plane worker) carries many CONNECT streams.
+//!
+//! Per worker, like the L7 pools: a relayed connection and the HBONE connection carrying it
+//! then run on the same thread, so each message costs no wake-up of another thread.
 //!
 //! Wire format as Istio's ztunnel: TCP to `<destination pod IP>:15008`, TLS 1.3 with ALPN
 //! `h2`, the source workload's certificate, the server verified against the destination
@@ -40,6 +43,7 @@ struct PoolKey {
     src: Identity,
     dst: Identity,
     dst_node: String,
+    worker: usize,
 }
 
 /// A pooled connection, when a stream was last opened on it, and the source certificate
@@ -83,6 +87,7 @@ impl HbonePool {
             src: src.workload.identity.clone(),
             dst: dst.identity.clone(),
             dst_node: dst.node.clone(),
+            worker: crate::workers::current(),
         };
         let slot = self.slot(&key);
         for attempt in 0..2 {
@@ -234,7 +239,7 @@ async fn establish(
         Ok(result) => result?,
         Err(_) => bail!("HBONE handshake with {addr} timed out"),
     };
-    info!(src.identity = %local, dst.identity = %dst.identity, peer = %addr, "HBONE connection established");
+    info!(src.identity = %local, dst.identity = %dst.identity, peer = %addr, worker = crate::workers::current(), "HBONE connection established");
     Ok(sender)
 }
 
@@ -257,6 +262,7 @@ mod tests {
             src: id("a"),
             dst: id(dst),
             dst_node: "n2".into(),
+            worker: 0,
         };
         let _empty = pool.slot(&key("b"));
         let busy = pool.slot(&key("c"));
