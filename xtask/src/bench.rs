@@ -1094,11 +1094,12 @@ fn measure_l7(
         notes.insert(
             1,
             format!(
-                "proxy CPU {:.2} s over the run ({:.0}% of one core; per request {:.1} µs user + {:.1} µs system), {:.2} context switches per request",
+                "proxy CPU {:.2} s over the run ({:.0}% of one core; per request {:.1} µs user + {:.1} µs system; {:.0}% of it on its busiest thread), {:.2} context switches per request",
                 us / 1e6,
                 us / 1e6 / run.seconds.max(1e-9) * 100.0,
                 per_request(user),
                 per_request(system),
+                a.busiest_thread_share(&b).unwrap_or(0.0) * 100.0,
                 per_req(a.context_switches, b.context_switches),
             ),
         );
@@ -1642,8 +1643,13 @@ struct CpuTicks {
 
 impl CpuTicks {
     fn read(pid: u32) -> anyhow::Result<Self> {
-        let path = format!("/proc/{pid}/stat");
-        let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        Self::read_path(Path::new(&format!("/proc/{pid}/stat")))
+    }
+
+    /// From a /proc/PID/stat or /proc/PID/task/TID/stat file.
+    fn read_path(path: &Path) -> anyhow::Result<Self> {
+        let stat =
+            fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         // Fields after the command name (which may contain spaces) start at field 3 (state);
         // utime and stime are fields 14 and 15.
         let rest = stat
@@ -1665,24 +1671,33 @@ impl CpuTicks {
     }
 }
 
-/// A process's context switch count so far (all its threads). (Socket syscalls are not
+/// A process's context switch count and per-thread CPU so far. (Socket syscalls are not
 /// counted: /proc/PID/io's syscr/syscw miss send/recv, which haproxy uses.)
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct ProcCounters {
     /// Voluntary + involuntary context switches summed over /proc/PID/task/*/status (threads
     /// that exited meanwhile are not counted).
     context_switches: u64,
+    /// utime + stime of each thread, by thread id.
+    thread_ticks: std::collections::HashMap<u32, u64>,
 }
 
 impl ProcCounters {
     fn read(pid: u32) -> anyhow::Result<Self> {
         let mut context_switches = 0;
+        let mut thread_ticks = std::collections::HashMap::new();
         let tasks = format!("/proc/{pid}/task");
         for task in fs::read_dir(&tasks).with_context(|| format!("listing {tasks}"))? {
+            let task = task?;
             // A thread may exit between the listing and the read: skip it.
-            let Ok(status) = fs::read_to_string(task?.path().join("status")) else {
+            let Ok(status) = fs::read_to_string(task.path().join("status")) else {
                 continue;
             };
+            if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok())
+                && let Ok(ticks) = CpuTicks::read_path(&task.path().join("stat"))
+            {
+                thread_ticks.insert(tid, ticks.user + ticks.system);
+            }
             context_switches += status
                 .lines()
                 .filter_map(|l| {
@@ -1692,7 +1707,25 @@ impl ProcCounters {
                 .filter_map(|v| v.trim().parse::<u64>().ok())
                 .sum::<u64>();
         }
-        Ok(Self { context_switches })
+        Ok(Self {
+            context_switches,
+            thread_ticks,
+        })
+    }
+
+    /// The share of the process's CPU since `before` that its busiest thread used: near 1
+    /// when one thread did all the work, 1/n when n threads shared it evenly.
+    fn busiest_thread_share(&self, before: &Self) -> Option<f64> {
+        let deltas: Vec<u64> = self
+            .thread_ticks
+            .iter()
+            .map(|(tid, &after)| {
+                after.saturating_sub(before.thread_ticks.get(tid).copied().unwrap_or(0))
+            })
+            .collect();
+        let total: u64 = deltas.iter().sum();
+        let busiest = deltas.into_iter().max()?;
+        (total > 0).then(|| busiest as f64 / total as f64)
     }
 }
 
