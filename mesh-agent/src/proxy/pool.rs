@@ -103,10 +103,9 @@ impl HbonePool {
                         p.sender.clone()
                     }
                     _ => {
-                        if pooled
-                            .as_ref()
-                            .is_some_and(|p| !p.sender.is_closed() && !Arc::ptr_eq(&p.cert, &cert))
-                        {
+                        // Open but not reusable on a first attempt: made with an older
+                        // certificate.
+                        if attempt == 0 && pooled.as_ref().is_some_and(|p| !p.sender.is_closed()) {
                             info!(src.identity = %key.src, dst.identity = %key.dst, "source certificate rotated: new streams go on a new HBONE connection");
                         }
                         let fresh = establish(inputs, src, dst).await?;

@@ -77,7 +77,7 @@ struct Downstream {
 #[derive(Clone, PartialEq, Eq)]
 struct LabelKey {
     upstream: Option<SocketAddr>,
-    backend: String,
+    backend: Option<Arc<str>>,
     protocol: &'static str,
     status: u16,
     flags: &'static str,
@@ -287,7 +287,7 @@ struct AccessLog<'a> {
     /// The matched rule's label.
     route: Option<Arc<str>>,
     /// The backend service, `name.ns.svc.cluster.local`.
-    backend: String,
+    backend: Option<Arc<str>>,
     upstream: Option<SocketAddr>,
     attempts: u32,
     protocol: &'static str,
@@ -319,7 +319,7 @@ fn log_request(
         src.identity = %d.pod.workload.identity,
         dst.service = %d.service_label,
         route = log.route.as_deref().unwrap_or(""),
-        backend = %log.backend,
+        backend = log.backend.as_deref().unwrap_or(""),
         upstream = %OptionalAddr(log.upstream),
         attempts = log.attempts,
         duration_ms = started.elapsed().as_millis() as u64,
@@ -416,11 +416,7 @@ fn build_request_labels(
             .filter(|w| w.enrolled)
             .map(|w| w.identity.to_string())
             .unwrap_or_else(unknown),
-        destination_service: if log.backend.is_empty() {
-            unknown()
-        } else {
-            log.backend.clone()
-        },
+        destination_service: log.backend.as_deref().map_or_else(unknown, str::to_string),
         request_protocol: log.protocol.to_string(),
         response_code: status.to_string(),
         response_flags: flags.to_string(),
@@ -476,7 +472,7 @@ async fn handle(mut req: Request<Incoming>, d: Arc<Downstream>) -> Response<Body
         path: &path,
         authority: &authority,
         route: None,
-        backend: String::new(),
+        backend: None,
         upstream: None,
         attempts: 0,
         protocol: if is_grpc { "grpc" } else { "http" },
@@ -594,7 +590,7 @@ async fn route_and_forward(
         None => (&d.service, &d.port),
     };
     let runtime = inputs.l7.service(backend);
-    log.backend.clone_from(&runtime.host);
+    log.backend = Some(runtime.host.clone());
     let endpoints = services.endpoints(backend);
     if endpoints.is_empty() {
         return (

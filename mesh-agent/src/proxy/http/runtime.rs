@@ -61,7 +61,7 @@ pub struct ServiceRuntime {
     endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointRuntime>>>,
     name: String,
     /// `name.namespace.svc.cluster.local`, as access logs and metrics name the backend.
-    pub host: String,
+    pub host: Arc<str>,
 }
 
 impl L7Runtime {
@@ -154,7 +154,7 @@ impl ServiceRuntime {
             round_robin: AtomicUsize::new(0),
             endpoints: Mutex::new(HashMap::new()),
             name: format!("{}/{}", service.namespace, service.name),
-            host: format!("{}.{}.svc.cluster.local", service.name, service.namespace),
+            host: format!("{}.{}.svc.cluster.local", service.name, service.namespace).into(),
         }
     }
 
