@@ -39,6 +39,10 @@
 //! - `l7-*-h2c`: the same with h2c (prior knowledge) from the client, and HTTP/2 from the
 //!   proxy to the backend too (haproxy `proto h2` on the bind and the server line; the
 //!   Service port `appProtocol: http2`). A probe checks the HTTP version the backend saw.
+//! - `l7-agent-h2c-opaque`: `l7-agent-h2c`'s traffic with the Service port declared
+//!   `appProtocol: tcp` and no route: the agent relays the bytes (L4). Not a competitor but
+//!   the floor: what the agent's sockets and wake-ups cost for this load, under any HTTP/2
+//!   handling it does; the gap to `l7-agent-h2c` is the HTTP layer's cost.
 //!
 //! Load: `h2load -t 1 -c --l7-connections (4) -m M -D --seconds`, M = 1 with `--h1` (no
 //! pipelining) and `--h2-streams` (10) for h2c. h2load ignores `-n` in this timed mode, so a
@@ -117,6 +121,7 @@ const L7_DIRECT_H2C: &str = "l7-direct-h2c";
 const L7_HAPROXY_H2C: &str = "l7-haproxy-h2c";
 const L7_AGENT_H2C: &str = "l7-agent-h2c";
 const L7_AGENT_TELEMETRY_OFF: &str = "l7-agent-telemetry-off";
+const L7_AGENT_H2C_OPAQUE: &str = "l7-agent-h2c-opaque";
 /// The issue's target: with metrics and access logs on, at least this share of the req/s
 /// of the same run with them off.
 const TELEMETRY_RPS_TARGET: f64 = 0.9;
@@ -317,6 +322,11 @@ const SCENARIOS: &[Scenario] = &[
         name: L7_AGENT_H2C,
         run: |env| l7_agent(env, L7_AGENT_H2C, Http::H2c, true),
         compare_with: Some(L7_HAPROXY_H2C),
+    },
+    Scenario {
+        name: L7_AGENT_H2C_OPAQUE,
+        run: l7_agent_h2c_opaque,
+        compare_with: Some(L7_AGENT_H2C),
     },
 ];
 
@@ -903,6 +913,67 @@ httpRoutes:
         log.outbound,
         log.non_2xx,
         log.upstreams.join(", ")
+    ));
+    agent.terminate().context("stopping the agent")?;
+    Ok(measured)
+}
+
+/// `l7-agent-h2c`'s traffic with the Service port declared `appProtocol: tcp`: the agent
+/// balances each connection to the backend and relays its bytes without parsing HTTP. What
+/// that costs is the floor under any HTTP/2 proxying in the agent (the sockets, the wake-ups,
+/// the copies), so the gap between this row and `l7-agent-h2c` is what the HTTP layer costs.
+fn l7_agent_h2c_opaque(env: &Env) -> anyhow::Result<Measured> {
+    let name = L7_AGENT_H2C_OPAQUE;
+    let mut config = agent::config_doc(
+        &env.n1.id,
+        &[
+            env.client.config_entry("default", "client", true),
+            env.backend.config_entry("default", "backend", false),
+        ],
+    );
+    config.push_str(&format!(
+        "services:
+  - name: backend
+    namespace: default
+    vips: [{vip}]
+    selector: {{app: backend}}
+    ports: [{{name: tcp, port: 80, targetPort: {BACKEND_PORT}, appProtocol: tcp}}]
+",
+        vip = env.vip
+    ));
+    let mut agent = Agent::start(&format!("bench-{name}"), &config)?;
+    let pid = agent.pid().context("the agent is not running")?;
+    let target = SocketAddr::new(env.vip.into(), 80);
+    // No header is added on this path: the backend sees the client pod's address, as if direct.
+    let result = probe_until(env, target, Http::H2c, Hop::Direct, &mut || Ok(()))
+        .and_then(|()| measure_l7(env, name, Http::H2c, target, Some(pid), &[pid]));
+    let (mut measured, _) = result
+        .map_err(|e| e.context(format!("agent log tail:\n{}", tail(&agent.log_text(), 20))))?;
+    // The probe went to the VIP, which only the agent serves, but check the relay logged
+    // h2load's connections too (a connection is logged when it closes).
+    let want = env.args.l7_connections as usize;
+    let deadline = Instant::now() + LOG_DEADLINE;
+    let relayed = loop {
+        let log = ConnectionLog::read(&agent);
+        let outbound: usize = log
+            .kinds
+            .iter()
+            .filter(|(k, _)| k.starts_with("outbound"))
+            .map(|(_, n)| n)
+            .sum();
+        if outbound > want || Instant::now() >= deadline {
+            break outbound;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    if relayed <= want {
+        bail!(
+            "the agent logged {relayed} outbound connections, expected the probe's and h2load's {want}\nagent log tail:\n{}",
+            tail(&agent.log_text(), 20)
+        );
+    }
+    measured.notes.push(format!(
+        "{name}: client -> VIP {target} (appProtocol tcp, no route) -> agent L4 relay -> backend; agent logged {relayed} outbound connections"
     ));
     agent.terminate().context("stopping the agent")?;
     Ok(measured)
