@@ -39,10 +39,10 @@
 //! - `l7-*-h2c`: the same with h2c (prior knowledge) from the client, and HTTP/2 from the
 //!   proxy to the backend too (haproxy `proto h2` on the bind and the server line; the
 //!   Service port `appProtocol: http2`). A probe checks the HTTP version the backend saw.
-//! - `l7-agent-h2c-opaque`: `l7-agent-h2c`'s traffic with the Service port declared
-//!   `appProtocol: tcp` and no route: the agent relays the bytes (L4). Not a competitor but
-//!   the floor: what the agent's sockets and wake-ups cost for this load, under any HTTP/2
-//!   handling it does; the gap to `l7-agent-h2c` is the HTTP layer's cost.
+//! - `l7-agent-opaque`, `l7-agent-h2c-opaque`: `l7-agent`'s and `l7-agent-h2c`'s traffic with
+//!   the Service port declared `appProtocol: tcp` and no route: the agent relays the bytes
+//!   (L4). Not competitors but the floor: what the agent's sockets and wake-ups cost for this
+//!   load, under any HTTP handling it does; the gap to the L7 row is the HTTP layer's cost.
 //!
 //! Load: `h2load -t 1 -c --l7-connections (4) -m M -D --seconds`, M = 1 with `--h1` (no
 //! pipelining) and `--h2-streams` (10) for h2c. h2load ignores `-n` in this timed mode, so a
@@ -121,6 +121,7 @@ const L7_DIRECT_H2C: &str = "l7-direct-h2c";
 const L7_HAPROXY_H2C: &str = "l7-haproxy-h2c";
 const L7_AGENT_H2C: &str = "l7-agent-h2c";
 const L7_AGENT_TELEMETRY_OFF: &str = "l7-agent-telemetry-off";
+const L7_AGENT_OPAQUE: &str = "l7-agent-opaque";
 const L7_AGENT_H2C_OPAQUE: &str = "l7-agent-h2c-opaque";
 /// The target: with metrics and access logs on, at least this share of the req/s
 /// of the same run with them off.
@@ -309,6 +310,11 @@ const SCENARIOS: &[Scenario] = &[
         compare_with: Some(L7_AGENT),
     },
     Scenario {
+        name: L7_AGENT_OPAQUE,
+        run: |env| l7_agent_opaque(env, L7_AGENT_OPAQUE, Http::H1),
+        compare_with: Some(L7_AGENT),
+    },
+    Scenario {
         name: L7_DIRECT_H2C,
         run: |env| l7_direct(env, L7_DIRECT_H2C, Http::H2c),
         compare_with: None,
@@ -325,7 +331,7 @@ const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: L7_AGENT_H2C_OPAQUE,
-        run: l7_agent_h2c_opaque,
+        run: |env| l7_agent_opaque(env, L7_AGENT_H2C_OPAQUE, Http::H2c),
         compare_with: Some(L7_AGENT_H2C),
     },
 ];
@@ -918,12 +924,11 @@ httpRoutes:
     Ok(measured)
 }
 
-/// `l7-agent-h2c`'s traffic with the Service port declared `appProtocol: tcp`: the agent
-/// balances each connection to the backend and relays its bytes without parsing HTTP. What
-/// that costs is the floor under any HTTP/2 proxying in the agent (the sockets, the wake-ups,
-/// the copies), so the gap between this row and `l7-agent-h2c` is what the HTTP layer costs.
-fn l7_agent_h2c_opaque(env: &Env) -> anyhow::Result<Measured> {
-    let name = L7_AGENT_H2C_OPAQUE;
+/// `l7-agent`'s (or `l7-agent-h2c`'s) traffic with the Service port declared `appProtocol:
+/// tcp`: the agent balances each connection to the backend and relays its bytes without
+/// parsing HTTP. What that costs is the floor under any HTTP proxying in the agent (the
+/// sockets, the wake-ups, the copies), so the gap to the L7 row is what the HTTP layer costs.
+fn l7_agent_opaque(env: &Env, name: &str, http: Http) -> anyhow::Result<Measured> {
     let mut config = agent::config_doc(
         &env.n1.id,
         &[
@@ -945,8 +950,8 @@ fn l7_agent_h2c_opaque(env: &Env) -> anyhow::Result<Measured> {
     let pid = agent.pid().context("the agent is not running")?;
     let target = SocketAddr::new(env.vip.into(), 80);
     // No header is added on this path: the backend sees the client pod's address, as if direct.
-    let result = probe_until(env, target, Http::H2c, Hop::Direct, &mut || Ok(()))
-        .and_then(|()| measure_l7(env, name, Http::H2c, target, Some(pid), &[pid]));
+    let result = probe_until(env, target, http, Hop::Direct, &mut || Ok(()))
+        .and_then(|()| measure_l7(env, name, http, target, Some(pid), &[pid]));
     let (mut measured, _) = result
         .map_err(|e| e.context(format!("agent log tail:\n{}", tail(&agent.log_text(), 20))))?;
     // The probe went to the VIP, which only the agent serves, but check the relay logged
