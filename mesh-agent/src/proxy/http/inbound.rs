@@ -29,6 +29,7 @@ use super::{
     local_response, strip_hop_by_hop,
 };
 use crate::{
+    metrics::RequestHandles,
     policy::{self, ConnectionAttrs, RequestAttrs},
     proxy::{PodContext, ProxyInputs, coalesce::CoalescingIo, deliver},
     state::Identity,
@@ -41,6 +42,21 @@ pub struct InboundPeer {
     /// Verified identity (HBONE), or `None` for plaintext.
     pub identity: Option<Identity>,
 }
+
+/// What one inbound connection's requests share, built once per connection.
+struct InboundConnection {
+    peer: InboundPeer,
+    /// The peer's SPIFFE identity as logs write it ("" for plaintext).
+    peer_identity_label: String,
+    /// `127.0.0.1:<port>`: where requests go in the pod.
+    app_authority: http::uri::Authority,
+    /// Metric handles this connection's requests used, by (status, response flags): a
+    /// request usually reuses one instead of building a dozen label strings.
+    label_cache: std::sync::Mutex<Vec<(u16, &'static str, RequestHandles)>>,
+}
+
+/// Label sets kept per inbound connection; more distinct ones are built each time.
+const LABEL_CACHE_SIZE: usize = 8;
 
 /// Serves HTTP from `peer` to the app's `port` in `pod`, authorizing each request.
 pub async fn serve<I>(
@@ -62,22 +78,38 @@ pub async fn serve<I>(
         .http2_only(true)
         .build(connector);
     let clients = Arc::new((http1, http2));
-    let peer = Arc::new(peer);
+    let app_authority = match http::uri::Authority::try_from(format!("127.0.0.1:{port}")) {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(port, error = %e, "no app authority for this port; closing the connection");
+            return;
+        }
+    };
+    let connection = Arc::new(InboundConnection {
+        peer_identity_label: peer
+            .identity
+            .as_ref()
+            .map(|i| i.to_string())
+            .unwrap_or_default(),
+        peer,
+        app_authority,
+        label_cache: Default::default(),
+    });
     let saw_h2 = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let drain_inputs = inputs.clone();
     let service = hyper::service::service_fn({
         let saw_h2 = saw_h2.clone();
         move |req| {
-            let (pod, inputs, peer, clients, saw_h2) = (
+            let (pod, inputs, connection, clients, saw_h2) = (
                 pod.clone(),
                 inputs.clone(),
-                peer.clone(),
+                connection.clone(),
                 clients.clone(),
                 saw_h2.clone(),
             );
             async move {
                 let version = req.version();
-                let mut response = handle(req, &pod, &inputs, &peer, port, &clients).await;
+                let mut response = handle(req, &pod, &inputs, &connection, port, &clients).await;
                 super::close_if_draining(&inputs, version, &saw_h2, &mut response);
                 Ok::<_, Infallible>(response)
             }
@@ -104,10 +136,11 @@ async fn handle(
     req: Request<Incoming>,
     pod: &PodContext,
     inputs: &ProxyInputs,
-    peer: &InboundPeer,
+    connection: &InboundConnection,
     port: u16,
     clients: &(AppClient, AppClient),
 ) -> http::Response<Body> {
+    let peer = &connection.peer;
     let started = Instant::now();
     let mesh = inputs.mesh.load();
     let workload = mesh.pods.get(&pod.workload.key).unwrap_or(&pod.workload);
@@ -137,49 +170,21 @@ async fn handle(
         .policy_decision(decision.is_allowed(), crate::metrics::Layer::L7);
     let method = parts.method.clone();
     let path = parts.uri.path().to_string();
-    let log = |status: StatusCode, flags: &str| {
+    let log = |status: StatusCode, flags: &'static str| {
         if !inputs.telemetry {
             return;
         }
-        let unknown = || "unknown".to_string();
-        let src = peer
-            .identity
-            .as_ref()
-            .and_then(|id| mesh.pod_by_ip(peer.addr.ip()).filter(|w| w.identity == *id));
-        let labels = crate::metrics::RequestLabels {
-            reporter: crate::metrics::Reporter::Destination,
-            source_workload: src.map(crate::proxy::workload_name).unwrap_or_else(unknown),
-            source_workload_namespace: src.map(|w| w.key.namespace.clone()).unwrap_or_else(unknown),
-            source_principal: peer
-                .identity
-                .as_ref()
-                .map(|i| i.to_string())
-                .unwrap_or_else(unknown),
-            destination_workload: crate::proxy::workload_name(workload),
-            destination_workload_namespace: workload.key.namespace.clone(),
-            destination_principal: workload.identity.to_string(),
-            destination_service: "unknown".to_string(),
-            request_protocol: "http".to_string(),
-            response_code: status.as_u16().to_string(),
-            response_flags: flags.to_string(),
-            connection_security_policy: if peer.identity.is_some() {
-                "mutual_tls"
-            } else {
-                "none"
-            }
-            .to_string(),
-        };
-        inputs.metrics.request(&labels, started.elapsed(), 0, 0);
+        record_request(inputs, connection, &mesh, workload, status, flags, started);
         info!(
             target: "access",
             direction = "inbound",
-            method = %method,
-            path = %path,
-            authority = %host,
+            method = method.as_str(),
+            path = path.as_str(),
+            authority = host.as_str(),
             status = status.as_u16(),
             response_flags = flags,
             src.addr = %peer.addr,
-            src.identity = %peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+            src.identity = connection.peer_identity_label.as_str(),
             dst.pod = %workload.key,
             duration_ms = started.elapsed().as_millis() as u64,
             "http request"
@@ -188,7 +193,7 @@ async fn handle(
     if let policy::Decision::Deny { policy, reason } = decision {
         warn!(
             src.addr = %peer.addr,
-            src.identity = %peer.identity.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+            src.identity = connection.peer_identity_label.as_str(),
             dst.pod = %workload.key,
             method = %method,
             path = %path,
@@ -200,18 +205,17 @@ async fn handle(
         return local_response(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
     }
     let http2 = parts.version == Version::HTTP_2;
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
-    match Uri::builder()
-        .scheme("http")
-        .authority(format!("127.0.0.1:{port}"))
-        .path_and_query(path_and_query)
-        .build()
-    {
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(connection.app_authority.clone());
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    match Uri::from_parts(uri) {
         Ok(uri) => parts.uri = uri,
         Err(_) => return local_response(StatusCode::BAD_REQUEST, "-", "bad request target"),
     }
@@ -235,6 +239,67 @@ async fn handle(
             )
         }
     }
+}
+
+/// Istio's request metrics for one inbound request, as the destination reporter.
+fn record_request(
+    inputs: &ProxyInputs,
+    connection: &InboundConnection,
+    mesh: &crate::state::Mesh,
+    workload: &crate::state::Workload,
+    status: StatusCode,
+    flags: &'static str,
+    started: Instant,
+) {
+    let code = status.as_u16();
+    let mut cache = connection
+        .label_cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let handles = match cache.iter().find(|(c, f, _)| *c == code && *f == flags) {
+        Some((_, _, handles)) => handles.clone(),
+        None => {
+            let peer = &connection.peer;
+            let unknown = || "unknown".to_string();
+            let src = peer
+                .identity
+                .as_ref()
+                .and_then(|id| mesh.pod_by_ip(peer.addr.ip()).filter(|w| w.identity == *id));
+            let labels = crate::metrics::RequestLabels {
+                reporter: crate::metrics::Reporter::Destination,
+                source_workload: src.map(crate::proxy::workload_name).unwrap_or_else(unknown),
+                source_workload_namespace: src
+                    .map(|w| w.key.namespace.clone())
+                    .unwrap_or_else(unknown),
+                source_principal: peer
+                    .identity
+                    .as_ref()
+                    .map(|i| i.to_string())
+                    .unwrap_or_else(unknown),
+                destination_workload: crate::proxy::workload_name(workload),
+                destination_workload_namespace: workload.key.namespace.clone(),
+                destination_principal: workload.identity.to_string(),
+                destination_service: "unknown".to_string(),
+                request_protocol: "http".to_string(),
+                response_code: status.as_u16().to_string(),
+                response_flags: flags.to_string(),
+                connection_security_policy: if peer.identity.is_some() {
+                    "mutual_tls"
+                } else {
+                    "none"
+                }
+                .to_string(),
+            };
+            let handles = inputs.metrics.request_handles(&labels);
+            if cache.len() >= LABEL_CACHE_SIZE {
+                cache.remove(0);
+            }
+            cache.push((code, flags, handles.clone()));
+            handles
+        }
+    };
+    drop(cache);
+    handles.record(started.elapsed(), 0, 0);
 }
 
 /// Connects to the app in the pod as the client.
