@@ -83,6 +83,34 @@ fn service(name: &str, vip: &str, selector: &str, more: &str) -> String {
 }
 
 /// curl from `pod`: (status, headers+body text).
+/// The body of `GET path` from `addr` (the agent's metrics endpoint, on the host).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream =
+        std::net::TcpStream::connect(addr).with_context(|| format!("connecting {addr}"))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(20)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("no end of head")?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    Ok(body.to_string())
+}
+
+/// The sum of `istio_requests_total` over the destination reporter's series with `code`.
+fn destination_requests(metrics: &str, code: &str) -> f64 {
+    let code = format!("response_code=\"{code}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .filter(|l| l.contains("reporter=\"destination\"") && l.contains(&code))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn curl(pod: &Pod, args: &[&str]) -> anyhow::Result<(u16, String)> {
     let out = pod
         .command("curl")?
@@ -717,6 +745,37 @@ fn across_two_nodes_routing_grpc_and_l7_authorization_work_over_hbone() -> anyho
     ensure!(
         field(&denial, "src.identity") == "spiffe://cluster.local/ns/shop/sa/frontend",
         "{denial}"
+    );
+    // An allowed and a denied request on one client connection: node 2's inbound side
+    // reports each under its own status (it caches its metric label sets per connection).
+    let out = client
+        .command("curl")?
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-w", "%{http_code}\n", &url("/"), &url("/admin/users")])
+        .output()
+        .context("running curl")?;
+    let codes = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        codes.split_whitespace().eq(["200", "403"]),
+        "two requests on one connection: {codes:?}"
+    );
+    let metrics = http_get(a2.metrics_addr()?, "/metrics")?;
+    // The header route, the default route and this `/`; the earlier deny and this one.
+    let (ok, denied) = (
+        destination_requests(&metrics, "200"),
+        destination_requests(&metrics, "403"),
+    );
+    ensure!(
+        ok == 3.0 && denied == 2.0,
+        "node 2 reported {ok} 200s and {denied} 403s as destination, expected 3 and 2:\n{metrics}"
     );
 
     let out = client

@@ -543,12 +543,7 @@ fn pod_agent(env: &Env) -> anyhow::Result<Measured> {
         .map_err(|e| e.context(format!("agent log tail:\n{}", tail(&agent.log_text(), 20))))?;
     // Make sure the traffic really crossed the agent (a silent bypass would look great).
     let log = ConnectionLog::read(&agent);
-    let outbound: usize = log
-        .kinds
-        .iter()
-        .filter(|(k, _)| k.starts_with("outbound"))
-        .map(|(_, n)| n)
-        .sum();
+    let outbound = log.outbound();
     if outbound == 0 {
         bail!(
             "the agent relayed no outbound connection: traffic bypassed it\nagent log tail:\n{}",
@@ -683,6 +678,15 @@ impl ConnectionLog {
             }
         }
         Self { kinds, failed }
+    }
+
+    /// Outbound connections, whatever their path.
+    fn outbound(&self) -> usize {
+        self.kinds
+            .iter()
+            .filter(|(k, _)| k.starts_with("outbound"))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     fn count(&self, kind: &str) -> usize {
@@ -842,31 +846,17 @@ fn l7_agent(env: &Env, name: &str, http: Http, telemetry: bool) -> anyhow::Resul
         Http::H1 => "http",
         Http::H2c => "http2",
     };
-    let mut config = agent::config_doc(
-        &env.n1.id,
-        &[
-            env.client.config_entry("default", "client", true),
-            // Labelled `app: backend` (its pod name).
-            env.backend.config_entry("default", "backend", false),
-        ],
-    );
-    config.push_str(&format!(
-        "services:
+    let mut config = backend_service_config(env, "http", app_protocol);
+    config.push_str(
+        "httpRoutes:
   - name: backend
     namespace: default
-    vips: [{vip}]
-    selector: {{app: backend}}
-    ports: [{{name: http, port: 80, targetPort: {BACKEND_PORT}, appProtocol: {app_protocol}}}]
-httpRoutes:
-  - name: backend
-    namespace: default
-    parentRefs: [{{name: backend, port: 80}}]
+    parentRefs: [{name: backend, port: 80}]
     rules:
-      - matches: [{{path: {{type: PathPrefix, value: /}}}}]
-        backendRefs: [{{name: backend, port: 80}}]
+      - matches: [{path: {type: PathPrefix, value: /}}]
+        backendRefs: [{name: backend, port: 80}]
 ",
-        vip = env.vip
-    ));
+    );
     let switch = if telemetry { "on" } else { "off" };
     let mut agent = Agent::start_with_env(
         &format!("bench-{name}"),
@@ -924,15 +914,14 @@ httpRoutes:
     Ok(measured)
 }
 
-/// `l7-agent`'s (or `l7-agent-h2c`'s) traffic with the Service port declared `appProtocol:
-/// tcp`: the agent balances each connection to the backend and relays its bytes without
-/// parsing HTTP. What that costs is the floor under any HTTP proxying in the agent (the
-/// sockets, the wake-ups, the copies), so the gap to the L7 row is what the HTTP layer costs.
-fn l7_agent_opaque(env: &Env, name: &str, http: Http) -> anyhow::Result<Measured> {
+/// The L7 scenarios' agent config: the client pod enrolled, the backend pod not, and Service
+/// `backend` (the VIP, port 80 to the backend's port) declared `app_protocol`.
+fn backend_service_config(env: &Env, port_name: &str, app_protocol: &str) -> String {
     let mut config = agent::config_doc(
         &env.n1.id,
         &[
             env.client.config_entry("default", "client", true),
+            // Labelled `app: backend` (its pod name).
             env.backend.config_entry("default", "backend", false),
         ],
     );
@@ -942,10 +931,19 @@ fn l7_agent_opaque(env: &Env, name: &str, http: Http) -> anyhow::Result<Measured
     namespace: default
     vips: [{vip}]
     selector: {{app: backend}}
-    ports: [{{name: tcp, port: 80, targetPort: {BACKEND_PORT}, appProtocol: tcp}}]
+    ports: [{{name: {port_name}, port: 80, targetPort: {BACKEND_PORT}, appProtocol: {app_protocol}}}]
 ",
         vip = env.vip
     ));
+    config
+}
+
+/// `l7-agent`'s (or `l7-agent-h2c`'s) traffic with the Service port declared `appProtocol:
+/// tcp`: the agent balances each connection to the backend and relays its bytes without
+/// parsing HTTP. What that costs is the floor under any HTTP proxying in the agent (the
+/// sockets, the wake-ups, the copies), so the gap to the L7 row is what the HTTP layer costs.
+fn l7_agent_opaque(env: &Env, name: &str, http: Http) -> anyhow::Result<Measured> {
+    let config = backend_service_config(env, "tcp", "tcp");
     let mut agent = Agent::start(&format!("bench-{name}"), &config)?;
     let pid = agent.pid().context("the agent is not running")?;
     let target = SocketAddr::new(env.vip.into(), 80);
@@ -959,13 +957,7 @@ fn l7_agent_opaque(env: &Env, name: &str, http: Http) -> anyhow::Result<Measured
     let want = env.args.l7_connections as usize;
     let deadline = Instant::now() + LOG_DEADLINE;
     let relayed = loop {
-        let log = ConnectionLog::read(&agent);
-        let outbound: usize = log
-            .kinds
-            .iter()
-            .filter(|(k, _)| k.starts_with("outbound"))
-            .map(|(_, n)| n)
-            .sum();
+        let outbound = ConnectionLog::read(&agent).outbound();
         if outbound > want || Instant::now() >= deadline {
             break outbound;
         }
