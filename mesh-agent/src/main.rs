@@ -96,6 +96,9 @@ enum Command {
         /// Metrics and access logs for every connection and request (`off` for benchmarks).
         #[arg(long, env = "TRELLIS_TELEMETRY", value_enum, default_value_t = Switch::On)]
         telemetry: Switch,
+        /// The HTTP/1.1 fast path (`off`: every HTTP request goes through hyper).
+        #[arg(long, env = "TRELLIS_HTTP1_FAST_PATH", value_enum, default_value_t = Switch::On)]
+        http1_fast_path: Switch,
         /// bpffs directory for the pinned maps and per-pod links (mounted if needed).
         #[arg(long, default_value = "/sys/fs/bpf/trellis")]
         bpf_pin_dir: PathBuf,
@@ -154,6 +157,7 @@ struct RunOptions {
     admin_addr: SocketAddr,
     metrics_addr: SocketAddr,
     telemetry: bool,
+    http1_fast_path: bool,
     bpf_pin_dir: PathBuf,
     keep_capture_on_exit: bool,
     handover_socket: PathBuf,
@@ -213,6 +217,7 @@ fn main() -> anyhow::Result<()> {
             admin_addr,
             metrics_addr,
             telemetry,
+            http1_fast_path,
             bpf_pin_dir,
             keep_capture_on_exit,
             handover_socket,
@@ -228,6 +233,7 @@ fn main() -> anyhow::Result<()> {
                 admin_addr,
                 metrics_addr,
                 telemetry: telemetry == Switch::On,
+                http1_fast_path: http1_fast_path == Switch::On,
                 bpf_pin_dir,
                 keep_capture_on_exit,
                 handover_socket,
@@ -340,6 +346,7 @@ async fn run(options: &RunOptions) -> anyhow::Result<Vec<std::thread::JoinHandle
         l7: Default::default(),
         metrics: Arc::new(Metrics::new()),
         telemetry: options.telemetry,
+        http1_fast_path: options.http1_fast_path,
         drain: Default::default(),
         limits: ConnectionLimits::new(options.max_connections_per_pod, options.max_connections),
     });

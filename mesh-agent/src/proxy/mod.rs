@@ -69,6 +69,9 @@ pub struct ProxyInputs {
     pub metrics: Arc<Metrics>,
     /// Whether connections and requests are recorded (metrics) and access-logged.
     pub telemetry: bool,
+    /// HTTP/1.1 requests that need no more than routing, filters, balancing and telemetry
+    /// take the fast path (`http::fast_path`) instead of hyper.
+    pub http1_fast_path: bool,
     /// Set once a successor agent took over: finish what is open, nudge HTTP clients away.
     pub drain: crate::drain::Drain,
     /// Caps on open connections, per pod and for the node.

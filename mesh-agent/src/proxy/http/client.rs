@@ -60,6 +60,10 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct PodClients {
     pub http1: HttpClient,
     pub http2: HttpClient,
+    /// Opens connections for the HTTP/1.1 fast path (`fast_path`), which keeps its own.
+    pub connector: MeshConnector,
+    /// The fast path's upstream connections between downstream connections.
+    pub idle_http1: IdleConnections,
 }
 
 impl PodClients {
@@ -84,7 +88,9 @@ impl PodClients {
             .timer(TokioTimer::new());
         Self {
             http1: http1.build(connector.clone()),
-            http2: http2.build(connector),
+            http2: http2.build(connector.clone()),
+            connector,
+            idle_http1: IdleConnections::default(),
         }
     }
 }
@@ -108,8 +114,6 @@ impl tower_service::Service<Uri> for MeshConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let inputs = self.inputs.upgrade();
-        let pod = self.pod.upgrade();
         let Some(target) = uri
             .authority()
             .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
@@ -118,20 +122,31 @@ impl tower_service::Service<Uri> for MeshConnector {
                 Err(format!("upstream URI {uri} has no ip:port authority").into())
             });
         };
+        let opening = self.open(target);
+        Box::pin(async move { Ok(TokioIo::new(CoalescingIo::new(opening.await?))) })
+    }
+}
+
+impl MeshConnector {
+    /// Opens a connection to `target` for a request to the destination in the
+    /// [`DESTINATION`] scope. The permits are taken at once, in the calling task, where the
+    /// scope is set (hyper may finish the connect in a background task).
+    pub fn open(
+        &self,
+        target: SocketAddr,
+    ) -> impl Future<Output = Result<Permitted<UpstreamIo>, BoxError>> + Send + 'static {
+        let inputs = self.inputs.upgrade();
+        let pod = self.pod.upgrade();
         let live = LiveConnection::new(&self.live, target);
-        // Taken here, in the requesting task, where the scope is set: hyper may finish the
-        // connect in a background task.
         let permits = match DESTINATION.try_with(|rt| admit_connection(rt)) {
-            Ok(Ok(permits)) => Some(permits),
-            Ok(Err(overflow)) if !live.is_first() => {
-                return Box::pin(async move { Err(overflow.into()) });
-            }
+            Ok(Ok(permits)) => Ok(Some(permits)),
+            Ok(Err(overflow)) if !live.is_first() => Err(overflow),
             // Over the cap but this pool's first connection to the endpoint (see the module
             // doc), or not sent on behalf of a destination service.
-            _ => None,
+            _ => Ok(None),
         };
-        Box::pin(async move {
-            let (connection, _pending) = permits.unzip();
+        async move {
+            let (connection, _pending) = permits?.unzip();
             let (Some(inputs), Some(pod)) = (inputs, pod) else {
                 return Err("the source pod is no longer enrolled".into());
             };
@@ -139,12 +154,12 @@ impl tower_service::Service<Uri> for MeshConnector {
             // The L7 proxy authorizes each request itself.
             let up =
                 upstream::open(&inputs, &mesh, &pod, target, Authorization::PerRequest).await?;
-            Ok(TokioIo::new(CoalescingIo::new(Permitted {
+            Ok(Permitted {
                 io: up.io,
                 _permit: connection,
                 _live: live,
-            })))
-        })
+            })
+        }
     }
 }
 
@@ -245,4 +260,65 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Permitted<T> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
+}
+
+/// An upstream HTTP/1.1 connection of the fast path, holding its connection permit.
+pub type Http1Connection = Permitted<UpstreamIo>;
+
+/// Most idle fast-path connections kept per source pod and worker.
+const MAX_IDLE_HTTP1: usize = 64;
+
+/// Idle upstream HTTP/1.1 connections of the fast path, kept between downstream
+/// connections so that a client opening one connection per request (curl, many HTTP
+/// libraries) does not open one upstream too. Expired ones are dropped whenever the list
+/// is used; each holds its destination's connection permit while it waits, as the
+/// pooled client's idle connections do.
+#[derive(Default)]
+pub struct IdleConnections {
+    idle: Mutex<Vec<IdleConnection>>,
+}
+
+struct IdleConnection {
+    endpoint: SocketAddr,
+    since: std::time::Instant,
+    io: Http1Connection,
+}
+
+impl IdleConnections {
+    /// The most recently parked connection to `endpoint` that is still open.
+    pub fn take(&self, endpoint: SocketAddr) -> Option<Http1Connection> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        idle.retain(|c| now.duration_since(c.since) < POOL_IDLE_TIMEOUT);
+        while let Some(at) = idle.iter().rposition(|c| c.endpoint == endpoint) {
+            let mut conn = idle.swap_remove(at);
+            if still_idle(&mut conn.io) {
+                return Some(conn.io);
+            }
+        }
+        None
+    }
+
+    /// Parks a connection that finished its last response cleanly.
+    pub fn put(&self, endpoint: SocketAddr, io: Http1Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() >= MAX_IDLE_HTTP1 {
+            // The oldest goes: it is the likeliest to have been closed by the server.
+            idle.remove(0);
+        }
+        idle.push(IdleConnection {
+            endpoint,
+            since: std::time::Instant::now(),
+            io,
+        });
+    }
+}
+
+/// Whether an idle connection has neither been closed by the server nor received bytes
+/// nobody asked for: one read attempt that must not be ready.
+fn still_idle<T: AsyncRead + Unpin>(io: &mut T) -> bool {
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    matches!(Pin::new(io).poll_read(&mut cx, &mut buf), Poll::Pending)
 }

@@ -10,6 +10,7 @@
 //! access log line.
 pub mod client;
 pub mod detect;
+mod fast_path;
 pub mod inbound;
 pub mod runtime;
 pub mod trace;
@@ -104,7 +105,7 @@ pub async fn serve_outbound(
     inputs: Arc<ProxyInputs>,
     service: Service,
     port: ServicePort,
-    _protocol: AppProtocol,
+    protocol: AppProtocol,
     _original_dst: SocketAddr,
 ) {
     let client_addr = SocketAddr::new(
@@ -127,6 +128,20 @@ pub async fn serve_outbound(
         src_identity_label,
         label_cache: Default::default(),
     });
+    // HTTP/1.1 takes the fast path until a request needs more (see `fast_path`).
+    let client = if protocol == AppProtocol::Http && downstream.inputs.http1_fast_path {
+        match fast_path::serve(client, &downstream).await {
+            Some(handover) => fast_path::Rewind::new(handover.buffered, handover.client),
+            None => return,
+        }
+    } else {
+        fast_path::Rewind::new(Bytes::new(), client)
+    };
+    serve_with_hyper(client, downstream).await;
+}
+
+/// Serves the connection's requests with hyper (HTTP/1.1 with upgrades, or h2c).
+async fn serve_with_hyper(client: fast_path::Rewind, downstream: Arc<Downstream>) {
     let inputs = downstream.inputs.clone();
     let saw_h2 = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let service = hyper::service::service_fn({

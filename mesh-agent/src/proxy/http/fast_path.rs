@@ -1,0 +1,1286 @@
+//! The HTTP/1.1 fast path: one task per downstream connection reads each request head
+//! (httparse), routes it exactly as the hyper path does (route, request filters, weighted
+//! backend, P2C endpoint, circuit breaker, local-delivery authorization, request id and
+//! trace context, outlier records, metrics and access log), writes it to an upstream
+//! connection the same task owns, and passes the response through as it arrives.
+//!
+//! Why: a request on the hyper path crosses four tasks (server connection, service, client
+//! dispatch, client connection); here it stays in one, which costs about a third of the
+//! CPU per request (see ARCHITECTURE.md, "Known performance gaps").
+//!
+//! Only requests that need nothing more take this path. The first request that does hands
+//! the connection, with every byte read from it and not yet forwarded, to the hyper path
+//! for the rest of its life ([`Handover`]): bodies that are not a plain `Content-Length`
+//! (chunked, `Expect`), upgrades, HTTP/1.0, targets that are not origin-form, heads that
+//! do not parse or are too large, routes that need a whole request (retries, timeouts,
+//! faults, rate limits, redirects, no matching rule) and HTTP/2 upstreams. So malformed
+//! input (the request smuggling shapes included) gets hyper's answers (400, 431) whichever
+//! path the connection started on.
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::{Buf as _, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
+    net::TcpStream,
+    time::timeout_at,
+};
+use tracing::debug;
+
+use super::{
+    AccessLog, Downstream, EndpointOutcome, FAILURE_LATENCY_PENALTY, HEADER_READ_TIMEOUT,
+    MAX_HEADER_BYTES, RESPONSE_FLAGS_HEADER, authorize_request,
+    client::{DESTINATION, Http1Connection, overflow_in},
+    log_request, strip_hop_by_hop, trace,
+};
+use crate::{
+    resilience::Overflow,
+    route::{Filter, RouteDecision, RouteRule},
+    service::AppProtocol,
+};
+
+/// Most header fields in a request or response head (hyper's limit too).
+const MAX_HEADERS: usize = 100;
+/// Largest response head accepted from an upstream.
+const MAX_RESPONSE_HEAD: usize = 256 * 1024;
+/// Read size for bodies.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A connection the fast path gives to the hyper path, with the bytes it read from the
+/// client and did not forward: they are served first.
+pub(super) struct Handover {
+    pub client: TcpStream,
+    pub buffered: Bytes,
+}
+
+/// Serves the connection until it ends, or until a request needs the hyper path.
+pub(super) async fn serve(client: TcpStream, d: &Downstream) -> Option<Handover> {
+    let mut conn = Connection {
+        d,
+        client,
+        from_client: BytesMut::with_capacity(READ_CHUNK),
+        upstream: None,
+        rng: fastrand::Rng::new(),
+        out: Vec::with_capacity(4096),
+        body_left: 0,
+    };
+    let next = loop {
+        match conn.next_request().await {
+            Ok(Next::Request) => continue,
+            Ok(Next::Close) => break None,
+            Ok(Next::Handover) => break Some(()),
+            Err(e) => {
+                debug!(error = %e, "HTTP/1.1 connection ended with an error");
+                break None;
+            }
+        }
+    };
+    // The last upstream connection outlives this one when it finished cleanly.
+    if let Some(up) = conn.upstream.take() {
+        d.clients.idle_http1.put(up.endpoint, up.io);
+    }
+    next.map(|()| Handover {
+        client: conn.client,
+        buffered: conn.from_client.freeze(),
+    })
+}
+
+/// What to do after a request.
+enum Next {
+    Request,
+    Close,
+    Handover,
+}
+
+/// One downstream connection's state between requests.
+struct Connection<'a> {
+    d: &'a Downstream,
+    client: TcpStream,
+    /// Read from the client, not yet forwarded.
+    from_client: BytesMut,
+    /// The connection the last request used, clean and ready for the next.
+    upstream: Option<Upstream>,
+    rng: fastrand::Rng,
+    /// Where heads are serialized.
+    out: Vec<u8>,
+    /// Body bytes of the current request not yet forwarded (or skipped).
+    body_left: u64,
+}
+
+struct Upstream {
+    endpoint: std::net::SocketAddr,
+    io: Http1Connection,
+    /// Read from the upstream, not yet forwarded.
+    buf: BytesMut,
+    /// It served a request before this one (so it may have been closed meanwhile).
+    reused: bool,
+}
+
+/// A parsed request head, owned.
+struct RequestHead {
+    parts: http::request::Parts,
+    head_len: usize,
+    body_len: u64,
+    /// The client asked to close after this response.
+    close: bool,
+}
+
+enum Parsed {
+    Partial,
+    Request(Box<RequestHead>),
+    NotForUs,
+}
+
+/// A response head as much as the fast path needs of it.
+struct ResponseHead {
+    status: StatusCode,
+    head_len: usize,
+    framing: Framing,
+    /// The upstream closes after it (or speaks HTTP/1.0).
+    close: bool,
+    /// It carries headers that describe one hop (they are not forwarded).
+    hop_by_hop: bool,
+    declared_length: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// Ends when the upstream closes.
+    UntilClose,
+}
+
+/// Why an upstream exchange failed before a response head arrived.
+enum ExchangeError {
+    Connect(io::Error),
+    Overflow(Overflow),
+    /// The request could not be sent or no response head came back.
+    Upstream(io::Error),
+    /// The client broke off while sending its body: nobody to answer.
+    Client(io::Error),
+}
+
+impl Connection<'_> {
+    async fn next_request(&mut self) -> io::Result<Next> {
+        let head = match self.read_request_head().await? {
+            Some(Parsed::Request(head)) => *head,
+            Some(Parsed::NotForUs) => return Ok(Next::Handover),
+            Some(Parsed::Partial) | None => return Ok(Next::Close),
+        };
+        let d = self.d;
+        let inputs = &d.inputs;
+        let started = Instant::now();
+        let RequestHead {
+            mut parts,
+            head_len,
+            body_len,
+            close: client_close,
+        } = head;
+        // The access log shows the request as the client sent it.
+        let method = parts.method.clone();
+        let uri = parts.uri.clone();
+        let host = parts.headers.get(header::HOST).cloned();
+        let request_id = trace::ensure(&mut parts.headers, &mut self.rng);
+
+        let routes = inputs.routes.load();
+        let services = inputs.services.load();
+        let rule = match routes.select(&d.service.namespace, &d.service.name, d.port.port, &parts) {
+            RouteDecision::NoRoutes => None,
+            RouteDecision::NoMatch => return Ok(Next::Handover),
+            RouteDecision::Matched(rule, matched) => {
+                if !fits_fast_path(rule) {
+                    return Ok(Next::Handover);
+                }
+                rule.apply_request_filters(&mut parts, &matched);
+                Some(rule)
+            }
+        };
+        let (backend, backend_port) = match rule {
+            Some(rule) => {
+                let Some(port) = rule.pick_backend(&mut self.rng).and_then(|b| {
+                    services
+                        .by_name(&b.namespace, &b.name)
+                        .and_then(|svc| svc.port(b.port).map(|p| (svc, p)))
+                }) else {
+                    // The hyper path answers these configuration errors (500 NR).
+                    return Ok(Next::Handover);
+                };
+                port
+            }
+            None => (&d.service, &d.port),
+        };
+        if matches!(
+            backend_port.protocol,
+            AppProtocol::Http2 | AppProtocol::Grpc
+        ) {
+            return Ok(Next::Handover);
+        }
+        // From here on the request is this path's.
+        self.from_client.advance(head_len);
+        self.body_left = body_len;
+        let runtime = inputs.l7.service(backend);
+        let authority = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
+        let mut log = AccessLog {
+            request_id: &request_id,
+            method: method.as_str(),
+            path: uri.path(),
+            authority,
+            route: rule.map(|r| r.label.clone()),
+            backend: Some(runtime.host.clone()),
+            upstream: None,
+            attempts: 0,
+            protocol: "http",
+            request_bytes: body_len,
+        };
+        let close_after = client_close || inputs.drain.is_draining();
+        let local = |status: StatusCode, flags: &'static str, message: &str| LocalAnswer {
+            status,
+            flags,
+            message: message.to_string(),
+            close: false,
+        };
+        let endpoints = services.endpoints(backend);
+        let answer = 'answer: {
+            let _request_permit = match runtime.circuit.try_request() {
+                Ok(permit) => permit,
+                Err(overflow) => break 'answer overflow_answer(&overflow),
+            };
+            runtime.budget.deposit(Instant::now());
+            log.attempts = 1;
+            let Some(endpoint) = runtime.pick(endpoints, backend_port.target_port, &mut self.rng)
+            else {
+                break 'answer local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream");
+            };
+            log.upstream = Some(endpoint.addr);
+            let mesh = inputs.mesh.load();
+            if let Some(dst_pod) = mesh
+                .pod_by_ip(endpoint.addr.ip())
+                .filter(|w| w.enrolled && w.is_on(&mesh.node))
+                && !authorize_request(&mesh, d, dst_pod, endpoint.addr.port(), &parts)
+            {
+                break 'answer local(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
+            }
+            strip_hop_by_hop(&mut parts.headers, false);
+            let outstanding = endpoint.stats.stats.start();
+            let attempt_started = Instant::now();
+            let exchange = DESTINATION
+                .scope(
+                    runtime.clone(),
+                    self.exchange(endpoint.addr, &parts, body_len),
+                )
+                .await;
+            let (mut up, response) = match exchange {
+                Ok(ok) => ok,
+                Err(ExchangeError::Overflow(overflow)) => {
+                    drop(outstanding);
+                    break 'answer overflow_answer(&overflow);
+                }
+                Err(ExchangeError::Client(e)) => return Err(e),
+                Err(ExchangeError::Connect(e)) => {
+                    outstanding.finish(FAILURE_LATENCY_PENALTY);
+                    runtime.record(&endpoint, EndpointOutcome::ConnectFailure, endpoints.len());
+                    break 'answer local(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UF",
+                        &format!("upstream connect error: {e}"),
+                    );
+                }
+                Err(ExchangeError::Upstream(e)) => {
+                    outstanding.finish(FAILURE_LATENCY_PENALTY);
+                    runtime.record(&endpoint, EndpointOutcome::Http5xx, endpoints.len());
+                    // Part of the request body may be unsent: the client's connection is
+                    // then out of step and closes after the answer.
+                    break 'answer LocalAnswer {
+                        close: body_len > 0,
+                        ..local(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "UR",
+                            &format!("upstream error: {e}"),
+                        )
+                    };
+                }
+            };
+            let is_5xx = response.status.is_server_error();
+            // A failing endpoint must not look fast to least-request balancing.
+            outstanding.finish(if is_5xx {
+                FAILURE_LATENCY_PENALTY
+            } else {
+                attempt_started.elapsed()
+            });
+            runtime.record(
+                &endpoint,
+                if is_5xx {
+                    EndpointOutcome::Http5xx
+                } else {
+                    EndpointOutcome::Success
+                },
+                endpoints.len(),
+            );
+            let no_body = method == Method::HEAD
+                || response.status == StatusCode::NO_CONTENT
+                || response.status == StatusCode::NOT_MODIFIED;
+            let framing = if no_body {
+                Framing::None
+            } else {
+                response.framing
+            };
+            let close_downstream = close_after || framing == Framing::UntilClose;
+            let result = self
+                .relay_response(&mut up, &response, framing, rule, close_downstream)
+                .await;
+            log_request(
+                d,
+                &log,
+                response.status,
+                "-",
+                started,
+                response.declared_length,
+            );
+            result?;
+            if !response.close && framing != Framing::UntilClose && up.buf.is_empty() {
+                up.reused = true;
+                if let Some(previous) = self.upstream.replace(up) {
+                    d.clients.idle_http1.put(previous.endpoint, previous.io);
+                }
+            }
+            return Ok(if close_downstream {
+                Next::Close
+            } else {
+                Next::Request
+            });
+        };
+        // An answer of the agent's own. A body it did not forward must not be read as the
+        // next request: small ones are skipped, larger ones close the connection.
+        let skip = self.body_left.min(self.from_client.len() as u64);
+        self.from_client.advance(skip as usize);
+        let unread = self.body_left - skip;
+        let close = close_after || answer.close || unread > MAX_HEADER_BYTES as u64;
+        if !close && unread > 0 {
+            self.discard_client_body(unread).await?;
+        }
+        self.body_left = 0;
+        log_request(d, &log, answer.status, answer.flags, started, 0);
+        self.write_local(&answer, close).await?;
+        Ok(if close { Next::Close } else { Next::Request })
+    }
+
+    /// Reads until the buffer holds a whole request head; `None` when the client closed
+    /// between requests or took longer than [`HEADER_READ_TIMEOUT`] to send one (the
+    /// slowloris guard: the clock starts at the head's first byte).
+    async fn read_request_head(&mut self) -> io::Result<Option<Parsed>> {
+        let mut deadline = None;
+        loop {
+            if !self.from_client.is_empty() {
+                match parse_request(&self.from_client) {
+                    Parsed::Partial if self.from_client.len() > MAX_HEADER_BYTES => {
+                        return Ok(Some(Parsed::NotForUs));
+                    }
+                    Parsed::Partial => {}
+                    parsed => return Ok(Some(parsed)),
+                }
+            }
+            self.from_client.reserve(READ_CHUNK);
+            let read = match deadline {
+                None => self.client.read_buf(&mut self.from_client).await?,
+                Some(deadline) => {
+                    match timeout_at(deadline, self.client.read_buf(&mut self.from_client)).await {
+                        Ok(read) => read?,
+                        Err(_) => {
+                            debug!("request head not complete in time; closing");
+                            return Ok(None);
+                        }
+                    }
+                }
+            };
+            if read == 0 {
+                return Ok(None);
+            }
+            deadline.get_or_insert_with(|| tokio::time::Instant::now() + HEADER_READ_TIMEOUT);
+        }
+    }
+
+    /// Sends the request on a clean upstream connection and reads the response head. A
+    /// reused connection the server closed meanwhile is replaced once, for requests that
+    /// are safe to send again.
+    async fn exchange(
+        &mut self,
+        endpoint: std::net::SocketAddr,
+        parts: &http::request::Parts,
+        body_len: u64,
+    ) -> Result<(Upstream, ResponseHead), ExchangeError> {
+        serialize_request(&mut self.out, parts);
+        let resendable = body_len == 0 && parts.method.is_idempotent();
+        let mut reuse = true;
+        loop {
+            let mut up = match self.upstream.take() {
+                Some(up) if reuse && up.endpoint == endpoint => up,
+                previous => {
+                    if let Some(previous) = previous {
+                        self.d
+                            .clients
+                            .idle_http1
+                            .put(previous.endpoint, previous.io);
+                    }
+                    self.connect(endpoint, reuse).await?
+                }
+            };
+            match self.send_and_read_head(&mut up).await {
+                Ok(head) => return Ok((up, head)),
+                Err(ExchangeError::Upstream(e)) if up.reused && resendable && reuse => {
+                    debug!(error = %e, "reused upstream connection failed; trying a new one");
+                    reuse = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// An idle connection to `endpoint` (when `reuse`), or a new one.
+    async fn connect(
+        &mut self,
+        endpoint: std::net::SocketAddr,
+        reuse: bool,
+    ) -> Result<Upstream, ExchangeError> {
+        let clients = &self.d.clients;
+        if reuse && let Some(io) = clients.idle_http1.take(endpoint) {
+            return Ok(Upstream {
+                endpoint,
+                io,
+                buf: BytesMut::new(),
+                reused: true,
+            });
+        }
+        match clients.connector.open(endpoint).await {
+            Ok(io) => Ok(Upstream {
+                endpoint,
+                io,
+                buf: BytesMut::new(),
+                reused: false,
+            }),
+            Err(e) => match overflow_in(e.as_ref()) {
+                Some(overflow) => Err(ExchangeError::Overflow(overflow.clone())),
+                None => Err(ExchangeError::Connect(io::Error::other(e))),
+            },
+        }
+    }
+
+    /// Writes the serialized head and the body, then reads the response head (passing
+    /// informational 1xx heads on to the client).
+    async fn send_and_read_head(
+        &mut self,
+        up: &mut Upstream,
+    ) -> Result<ResponseHead, ExchangeError> {
+        // The head and what the client already sent of the body, in one write.
+        let buffered = self.body_left.min(self.from_client.len() as u64) as usize;
+        let sent = if buffered == 0 {
+            up.io.write_all(&self.out).await
+        } else {
+            let mut first = Vec::with_capacity(self.out.len() + buffered);
+            first.extend_from_slice(&self.out);
+            first.extend_from_slice(&self.from_client[..buffered]);
+            up.io.write_all(&first).await
+        };
+        sent.map_err(ExchangeError::Upstream)?;
+        self.from_client.advance(buffered);
+        self.body_left -= buffered as u64;
+        while self.body_left > 0 {
+            self.from_client.reserve(READ_CHUNK);
+            let read = self
+                .client
+                .read_buf(&mut self.from_client)
+                .await
+                .map_err(ExchangeError::Client)?;
+            if read == 0 {
+                return Err(ExchangeError::Client(io::ErrorKind::UnexpectedEof.into()));
+            }
+            let take = self.body_left.min(self.from_client.len() as u64) as usize;
+            up.io
+                .write_all(&self.from_client[..take])
+                .await
+                .map_err(ExchangeError::Upstream)?;
+            self.from_client.advance(take);
+            self.body_left -= take as u64;
+        }
+        // An HBONE tunnel may hold what was written until it is flushed.
+        up.io.flush().await.map_err(ExchangeError::Upstream)?;
+        loop {
+            let head = read_response_head(up)
+                .await
+                .map_err(ExchangeError::Upstream)?;
+            if !head.status.is_informational() {
+                return Ok(head);
+            }
+            if head.status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(ExchangeError::Upstream(io::Error::other(
+                    "101 to a request that asked for no upgrade",
+                )));
+            }
+            // 103 Early Hints and the like go to the client as they are.
+            self.client
+                .write_all(&up.buf[..head.head_len])
+                .await
+                .map_err(ExchangeError::Client)?;
+            up.buf.advance(head.head_len);
+        }
+    }
+
+    /// Writes the response head (as received, or rebuilt when something in it changes) and
+    /// passes the body through.
+    async fn relay_response(
+        &mut self,
+        up: &mut Upstream,
+        response: &ResponseHead,
+        framing: Framing,
+        rule: Option<&RouteRule>,
+        close_downstream: bool,
+    ) -> io::Result<()> {
+        let response_filters = rule.is_some_and(|r| {
+            r.filters
+                .iter()
+                .any(|f| matches!(f, Filter::ResponseHeaderModifier(_)))
+        });
+        self.out.clear();
+        if response_filters || response.hop_by_hop || close_downstream {
+            rebuild_response_head(
+                &mut self.out,
+                &up.buf[..response.head_len],
+                rule,
+                close_downstream,
+            )?;
+        } else {
+            self.out.extend_from_slice(&up.buf[..response.head_len]);
+        }
+        up.buf.advance(response.head_len);
+        match framing {
+            Framing::None => self.client.write_all(&self.out).await,
+            Framing::Length(n) => {
+                let first = n.min(up.buf.len() as u64) as usize;
+                self.out.extend_from_slice(&up.buf[..first]);
+                up.buf.advance(first);
+                self.client.write_all(&self.out).await?;
+                copy_length(&mut up.io, &mut up.buf, &mut self.client, n - first as u64).await
+            }
+            Framing::Chunked => {
+                self.client.write_all(&self.out).await?;
+                copy_chunked(&mut up.io, &mut up.buf, &mut self.client).await
+            }
+            Framing::UntilClose => {
+                self.out.extend_from_slice(&up.buf);
+                up.buf.clear();
+                self.client.write_all(&self.out).await?;
+                tokio::io::copy(&mut up.io, &mut self.client).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads and drops `n` body bytes the client is still sending.
+    async fn discard_client_body(&mut self, mut n: u64) -> io::Result<()> {
+        while n > 0 {
+            self.from_client.clear();
+            self.from_client.reserve(READ_CHUNK);
+            let read = self.client.read_buf(&mut self.from_client).await?;
+            if read == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let take = n.min(read as u64) as usize;
+            self.from_client.advance(take);
+            n -= take as u64;
+        }
+        Ok(())
+    }
+
+    async fn write_local(&mut self, answer: &LocalAnswer, close: bool) -> io::Result<()> {
+        use std::io::Write as _;
+        self.out.clear();
+        let body = format!("{}\n", answer.message);
+        write!(
+            self.out,
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain\r\n{RESPONSE_FLAGS_HEADER}: {}\r\ncontent-length: {}\r\n{}\r\n{body}",
+            answer.status.as_u16(),
+            answer.status.canonical_reason().unwrap_or(""),
+            answer.flags,
+            body.len(),
+            if close { "connection: close\r\n" } else { "" },
+        )?;
+        self.client.write_all(&self.out).await
+    }
+}
+
+/// An answer the agent gives itself, flagged like Envoy's response flags.
+struct LocalAnswer {
+    status: StatusCode,
+    flags: &'static str,
+    message: String,
+    /// The connection closes after it.
+    close: bool,
+}
+
+/// Whether a rule's features are all ones the fast path implements.
+fn fits_fast_path(rule: &RouteRule) -> bool {
+    rule.retry.is_none()
+        && rule.fault.is_none()
+        && rule.rate_limit.is_none()
+        && rule.timeouts.request.is_none()
+        && rule.timeouts.backend_request.is_none()
+        && rule.redirect_filter().is_none()
+}
+
+/// 503 `UO`: a cap of the destination's circuit breaker was reached.
+fn overflow_answer(overflow: &Overflow) -> LocalAnswer {
+    LocalAnswer {
+        status: overflow.status(),
+        flags: overflow.response_flag(),
+        message: format!("{overflow} (circuit breaker open)"),
+        close: false,
+    }
+}
+
+/// Parses a request head at the start of `buf` into what routing needs, or says why the
+/// fast path leaves it to hyper.
+fn parse_request(buf: &[u8]) -> Parsed {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::NotForUs,
+    };
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Parsed::NotForUs;
+    };
+    // Origin-form targets only (`CONNECT`'s authority-form, absolute-form and `*` go to
+    // hyper).
+    if !target.starts_with('/') || method == "CONNECT" {
+        return Parsed::NotForUs;
+    }
+    let mut headers = HeaderMap::with_capacity(req.headers.len() + 2);
+    let mut body_len = None;
+    let mut close = false;
+    let mut hosts = 0;
+    for field in req.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
+            return Parsed::NotForUs;
+        };
+        let Ok(value) = HeaderValue::from_bytes(field.value) else {
+            return Parsed::NotForUs;
+        };
+        if name == header::CONTENT_LENGTH {
+            // One plain decimal length; anything else is hyper's to refuse.
+            match (body_len, parse_length(field.value)) {
+                (None, Some(n)) => body_len = Some(n),
+                _ => return Parsed::NotForUs,
+            }
+        } else if name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::EXPECT
+        {
+            return Parsed::NotForUs;
+        } else if name == header::CONNECTION {
+            for token in field.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    return Parsed::NotForUs;
+                }
+            }
+        } else if name == header::HOST {
+            hosts += 1;
+        }
+        headers.append(name, value);
+    }
+    if hosts != 1 {
+        return Parsed::NotForUs;
+    }
+    let (Ok(method), Ok(uri)) = (Method::from_bytes(method.as_bytes()), target.parse::<Uri>())
+    else {
+        return Parsed::NotForUs;
+    };
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.headers = headers;
+    Parsed::Request(Box::new(RequestHead {
+        parts,
+        head_len,
+        body_len: body_len.unwrap_or(0),
+        close,
+    }))
+}
+
+/// A `Content-Length` value: decimal digits only.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// The request head as it goes upstream.
+fn serialize_request(out: &mut Vec<u8>, parts: &http::request::Parts) {
+    out.clear();
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes(),
+    );
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    write_fields(out, &parts.headers);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_fields(out: &mut Vec<u8>, headers: &HeaderMap) {
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Reads until the upstream's buffer holds a whole response head.
+async fn read_response_head(up: &mut Upstream) -> io::Result<ResponseHead> {
+    loop {
+        if !up.buf.is_empty() {
+            match parse_response(&up.buf)? {
+                Some(head) => return Ok(head),
+                None if up.buf.len() > MAX_RESPONSE_HEAD => {
+                    return Err(io::Error::other("response head too large"));
+                }
+                None => {}
+            }
+        }
+        up.buf.reserve(READ_CHUNK);
+        if up.io.read_buf(&mut up.buf).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "upstream closed before a complete response head",
+            ));
+        }
+    }
+}
+
+/// A response head at the start of `buf`, `None` while incomplete.
+fn parse_response(buf: &[u8]) -> io::Result<Option<ResponseHead>> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut fields);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(io::Error::other(format!("bad response head: {e}"))),
+    };
+    let invalid = |what: &str| io::Error::other(format!("bad response head: {what}"));
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| invalid("status"))?;
+    let mut close = resp.version != Some(1);
+    let mut hop_by_hop = false;
+    let mut length = None;
+    let mut chunked = None;
+    for field in resp.headers.iter() {
+        let name = field.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = parse_length(field.value).ok_or_else(|| invalid("content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(invalid("conflicting content-length"));
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            // Chunked is the last coding or the body runs to the close (RFC 9112 §6.3).
+            let last = field.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case("connection") {
+            hop_by_hop = true;
+            close |= field
+                .value
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if ["keep-alive", "proxy-connection", "upgrade", "te", "trailer"]
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h))
+        {
+            hop_by_hop = true;
+        }
+    }
+    let framing = match (chunked, length) {
+        (Some(true), _) => Framing::Chunked,
+        (Some(false), _) => Framing::UntilClose,
+        (None, Some(n)) => Framing::Length(n),
+        (None, None) if status.is_informational() => Framing::None,
+        (None, None) => Framing::UntilClose,
+    };
+    Ok(Some(ResponseHead {
+        status,
+        head_len,
+        framing,
+        close,
+        hop_by_hop,
+        declared_length: length.unwrap_or(0),
+    }))
+}
+
+/// The response head with the hop-by-hop fields dropped, the route's response filters
+/// applied and, when the client's connection ends after it, `connection: close`.
+fn rebuild_response_head(
+    out: &mut Vec<u8>,
+    head: &[u8],
+    rule: Option<&RouteRule>,
+    close: bool,
+) -> io::Result<()> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut fields);
+    resp.parse(head)
+        .map_err(|e| io::Error::other(format!("bad response head: {e}")))?;
+    let code = resp.code.unwrap_or(502);
+    let mut headers = HeaderMap::with_capacity(resp.headers.len() + 1);
+    let mut chunked = None;
+    for field in resp.headers.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(field.name.as_bytes()),
+            HeaderValue::from_bytes(field.value),
+        ) else {
+            return Err(io::Error::other("bad response header field"));
+        };
+        if name == header::TRANSFER_ENCODING {
+            // It frames the body, which passes through as it came.
+            chunked = Some(value);
+            continue;
+        }
+        headers.append(name, value);
+    }
+    strip_hop_by_hop(&mut headers, false);
+    if let Some(rule) = rule {
+        rule.apply_response_filters(&mut headers);
+    }
+    if let Some(coding) = chunked {
+        headers.insert(header::TRANSFER_ENCODING, coding);
+    }
+    if close {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(code.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    write_fields(out, &headers);
+    out.extend_from_slice(b"\r\n");
+    Ok(())
+}
+
+/// Copies `n` more body bytes from `from` (after what `buf` holds) to `to`.
+async fn copy_length<R, W>(
+    from: &mut R,
+    buf: &mut BytesMut,
+    to: &mut W,
+    mut n: u64,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    while n > 0 {
+        if buf.is_empty() {
+            buf.reserve(READ_CHUNK);
+            if from.read_buf(buf).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "upstream closed mid-body",
+                ));
+            }
+        }
+        let take = n.min(buf.len() as u64) as usize;
+        to.write_all(&buf[..take]).await?;
+        buf.advance(take);
+        n -= take as u64;
+    }
+    Ok(())
+}
+
+/// Copies a chunked body, trailers included, as it is, stopping where it ends.
+async fn copy_chunked<R, W>(from: &mut R, buf: &mut BytesMut, to: &mut W) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut chunks = ChunkedEnd::default();
+    loop {
+        if buf.is_empty() {
+            buf.reserve(READ_CHUNK);
+            if from.read_buf(buf).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "upstream closed mid-body",
+                ));
+            }
+        }
+        match chunks.feed(buf).map_err(io::Error::other)? {
+            Some(end) => {
+                to.write_all(&buf[..end]).await?;
+                buf.advance(end);
+                return Ok(());
+            }
+            None => {
+                to.write_all(buf).await?;
+                buf.clear();
+            }
+        }
+    }
+}
+
+/// Finds where a chunked body (RFC 9112 §7.1) ends while its bytes pass through unchanged.
+/// Strict: every line ends in CRLF, sizes are hex, trailer fields are bounded.
+#[derive(Debug, Default)]
+struct ChunkedEnd {
+    state: ChunkState,
+    /// Bytes of the size line or the trailer section so far.
+    seen: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Hex digits of a chunk size.
+    #[default]
+    Size,
+    SizeValue(u64),
+    /// After `;`: an extension, up to the CR.
+    Extension(u64),
+    SizeLf(u64),
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or the final empty line).
+    TrailerStart,
+    TrailerLine,
+    TrailerLf,
+    EndLf,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("malformed chunked body from the upstream: {0}")]
+struct ChunkError(&'static str);
+
+/// Longest chunk-size line and trailer section accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 64 * 1024;
+
+impl ChunkedEnd {
+    /// Feeds the next bytes of the body: `Some(n)` when it ends after `bytes[..n]`.
+    fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, ChunkError> {
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            self.state = match self.state {
+                ChunkState::Data(left) => {
+                    let take = left.min((bytes.len() - i) as u64);
+                    i += take as usize;
+                    if take == left {
+                        ChunkState::DataCr
+                    } else {
+                        ChunkState::Data(left - take)
+                    }
+                    .into_continue(&mut self.seen)
+                }
+                state => {
+                    i += 1;
+                    self.seen += 1;
+                    match (state, b) {
+                        (ChunkState::Size, b) => ChunkState::SizeValue(hex(b)?),
+                        (ChunkState::SizeValue(v), b'\r') => ChunkState::SizeLf(v),
+                        (ChunkState::SizeValue(v), b';') => ChunkState::Extension(v),
+                        (ChunkState::SizeValue(v), b) => {
+                            if v >> 59 != 0 {
+                                return Err(ChunkError("chunk size too large"));
+                            }
+                            ChunkState::SizeValue(v << 4 | hex(b)?)
+                        }
+                        (ChunkState::Extension(v), b'\r') => ChunkState::SizeLf(v),
+                        (ChunkState::Extension(_), b'\n') => {
+                            return Err(ChunkError("bare LF in a chunk extension"));
+                        }
+                        (ChunkState::Extension(v), _) => ChunkState::Extension(v),
+                        (ChunkState::SizeLf(0), b'\n') => {
+                            self.seen = 0;
+                            ChunkState::TrailerStart
+                        }
+                        (ChunkState::SizeLf(v), b'\n') => {
+                            self.seen = 0;
+                            ChunkState::Data(v)
+                        }
+                        (ChunkState::DataCr, b'\r') => ChunkState::DataLf,
+                        (ChunkState::DataLf, b'\n') => {
+                            self.seen = 0;
+                            ChunkState::Size
+                        }
+                        (ChunkState::TrailerStart, b'\r') => ChunkState::EndLf,
+                        (ChunkState::EndLf, b'\n') => {
+                            self.state = ChunkState::Size;
+                            self.seen = 0;
+                            return Ok(Some(i));
+                        }
+                        (ChunkState::TrailerLine, b'\r') => ChunkState::TrailerLf,
+                        (ChunkState::TrailerStart | ChunkState::TrailerLine, b'\n') => {
+                            return Err(ChunkError("bare LF in the trailers"));
+                        }
+                        (ChunkState::TrailerStart | ChunkState::TrailerLine, _) => {
+                            ChunkState::TrailerLine
+                        }
+                        (ChunkState::TrailerLf, b'\n') => ChunkState::TrailerStart,
+                        _ => return Err(ChunkError("unexpected byte")),
+                    }
+                }
+            };
+            let limit = match self.state {
+                ChunkState::TrailerStart | ChunkState::TrailerLine | ChunkState::TrailerLf => {
+                    MAX_TRAILERS
+                }
+                _ => MAX_CHUNK_LINE,
+            };
+            if self.seen > limit {
+                return Err(ChunkError("chunk-size line or trailers too long"));
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl ChunkState {
+    /// A data state resets the line counter.
+    fn into_continue(self, seen: &mut usize) -> Self {
+        *seen = 0;
+        self
+    }
+}
+
+fn hex(b: u8) -> Result<u64, ChunkError> {
+    match b {
+        b'0'..=b'9' => Ok(u64::from(b - b'0')),
+        b'a'..=b'f' => Ok(u64::from(b - b'a' + 10)),
+        b'A'..=b'F' => Ok(u64::from(b - b'A' + 10)),
+        _ => Err(ChunkError("chunk size is not hex")),
+    }
+}
+
+/// A client connection handed to hyper: the bytes the fast path read first, then the
+/// socket.
+pub(super) struct Rewind {
+    prefix: Bytes,
+    inner: TcpStream,
+}
+
+impl Rewind {
+    pub fn new(prefix: Bytes, inner: TcpStream) -> Self {
+        Self { prefix, inner }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(raw: &str) -> Parsed {
+        parse_request(raw.as_bytes())
+    }
+
+    fn ends_at(body: &str) -> Result<Option<usize>, ChunkError> {
+        ChunkedEnd::default().feed(body.as_bytes())
+    }
+
+    #[test]
+    fn a_plain_request_is_parsed_into_parts() {
+        let raw = "POST /a?b=c HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\nConnection: keep-alive, close\r\n\r\nabc";
+        let Parsed::Request(head) = request(raw) else {
+            panic!("not parsed");
+        };
+        assert_eq!(head.parts.method, Method::POST);
+        assert_eq!(head.parts.uri.path(), "/a");
+        assert_eq!(head.parts.uri.query(), Some("b=c"));
+        assert_eq!(head.parts.headers[header::HOST], "svc");
+        assert_eq!(head.head_len, raw.len() - 3);
+        assert_eq!(head.body_len, 3);
+        assert!(head.close);
+        assert!(matches!(
+            request("GET / HTTP/1.1\r\nHost: x\r\n"),
+            Parsed::Partial
+        ));
+    }
+
+    #[test]
+    fn requests_the_fast_path_does_not_serve_go_to_hyper() {
+        for raw in [
+            // The smuggling shapes and bodies that are not one plain length.
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +4\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+            // Upgrades, other versions and target forms, missing or doubled Host.
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.0\r\nHost: x\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            "CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+            // Malformed: hyper gives the 400.
+            "GET / HTTP/1.1\r\nHo st: x\r\n\r\n",
+        ] {
+            assert!(matches!(request(raw), Parsed::NotForUs), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let framing = |raw: &str| {
+            parse_response(raw.as_bytes())
+                .ok()
+                .flatten()
+                .map(|h| (h.framing, h.close, h.hop_by_hop))
+        };
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+            Some((Framing::Length(5), false, false))
+        );
+        assert_eq!(
+            framing(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\n\r\n"
+            ),
+            Some((Framing::Chunked, false, false))
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"),
+            Some((Framing::UntilClose, false, false))
+        );
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"),
+            Some((Framing::UntilClose, true, true))
+        );
+        assert_eq!(
+            framing("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"),
+            Some((Framing::Length(0), true, false))
+        );
+        assert_eq!(
+            framing("HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"),
+            Some((Framing::None, false, false))
+        );
+        assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"), None);
+        assert!(
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n")
+                .is_err()
+        );
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn a_rebuilt_response_head_drops_hop_by_hop_fields_and_keeps_chunked_framing() {
+        let mut out = Vec::new();
+        let head = b"HTTP/1.1 200 OK\r\nConnection: close, x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nX-Kept: yes\r\n\r\n";
+        rebuild_response_head(&mut out, head, None, true).expect("rebuilt");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("x-kept: yes\r\n"), "{text}");
+        assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+        assert!(text.contains("connection: close\r\n"), "{text}");
+        assert!(!text.contains("x-hop"), "{text}");
+        assert!(!text.contains("keep-alive"), "{text}");
+        assert!(text.ends_with("\r\n\r\n"), "{text}");
+    }
+
+    #[test]
+    fn the_end_of_a_chunked_body_is_found_with_trailers_and_extensions() {
+        let body = "5;ext=1\r\nhello\r\n0\r\ngrpc-status: 0\r\n\r\n";
+        assert_eq!(
+            ends_at(&format!("{body}NEXT")).ok().flatten(),
+            Some(body.len())
+        );
+        assert_eq!(
+            ends_at("A\r\n0123456789\r\n0\r\n\r\n").ok().flatten(),
+            Some(20)
+        );
+        // Byte by byte, the same end.
+        let mut chunks = ChunkedEnd::default();
+        let ends: Vec<_> = body
+            .bytes()
+            .map(|b| chunks.feed(&[b]).expect("valid"))
+            .collect();
+        assert_eq!(ends.iter().filter(|e| e.is_some()).count(), 1);
+        assert_eq!(ends.last(), Some(&Some(1)));
+        // Not finished yet.
+        assert_eq!(ends_at("5\r\nhel").ok().flatten(), None);
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_refused() {
+        for body in [
+            "zz\r\nabc\r\n0\r\n\r\n",
+            "5\nhello\r\n0\r\n\r\n",
+            "5\r\nhelloX\r\n0\r\n\r\n",
+            "0\r\ntrailer\n\r\n",
+            "fffffffffffffffffff\r\n",
+        ] {
+            assert!(ends_at(body).is_err(), "{body:?}");
+        }
+        let long = format!("1;{}\r\n", "x".repeat(MAX_CHUNK_LINE + 1));
+        assert!(ends_at(&long).is_err());
+    }
+}
