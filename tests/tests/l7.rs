@@ -956,3 +956,180 @@ fn an_undeclared_service_port_is_sniffed_http_or_left_l4() -> anyhow::Result<()>
     })?;
     Ok(())
 }
+
+const FRAMING_BACKEND: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/framing_backend.py");
+
+/// The HTTP/1.1 fast path against a raw-socket backend: every response framing passes
+/// through intact (chunked with extensions and trailers, 103 Early Hints, 1 MiB by length,
+/// a body ending at the close, `Connection: close`), pipelined requests are answered in
+/// order, hop-by-hop fields stay behind, a chunked request body hands the connection to
+/// hyper mid-way and it keeps working, and upstream connections outlive client ones.
+#[test]
+fn http1_responses_of_every_framing_pass_through_and_connections_hand_over_to_hyper()
+-> anyhow::Result<()> {
+    let shop = Shop::new(&[("b", &[("app", "backend")])])?;
+    let mut raw = shop.backends[0].0.command("python3")?;
+    raw.args([FRAMING_BACKEND, &APP_PORT.to_string()]);
+    let _raw = Background::spawn_ready(raw, "listening")?;
+    let extra = format!(
+        "services:\n{}",
+        service("backend", &shop.vip.to_string(), "app: backend", "")
+    );
+    let agent = Agent::start("framing", &shop.config(&extra))?;
+    let script = format!(
+        r#"
+import socket, json
+class Conn:
+    def __init__(self):
+        self.s = socket.create_connection(("{vip}", 80), timeout=10)
+        self.buf = b""
+    def fill(self):
+        chunk = self.s.recv(65536)
+        if not chunk:
+            raise EOFError
+        self.buf += chunk
+    def line(self):
+        while b"\r\n" not in self.buf:
+            self.fill()
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+    def take(self, n):
+        while len(self.buf) < n:
+            self.fill()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+    def closed(self):
+        try:
+            while True:
+                self.fill()
+        except EOFError:
+            return True
+        except socket.timeout:
+            return False
+    def fields(self):
+        out = {{}}
+        while True:
+            line = self.line()
+            if not line:
+                return out
+            name, value = line.decode().split(":", 1)
+            out[name.strip().lower()] = value.strip()
+    def response(self):
+        status = int(self.line().split(b" ")[1])
+        fields = self.fields()
+        r = {{"status": status, "fields": fields, "body": b"", "trailers": {{}}}}
+        if 100 <= status < 200:
+            return r
+        if fields.get("transfer-encoding") == "chunked":
+            while True:
+                size = int(self.line().split(b";")[0], 16)
+                if size == 0:
+                    r["trailers"] = self.fields()
+                    return r
+                r["body"] += self.take(size)
+                assert self.take(2) == b"\r\n"
+        elif "content-length" in fields:
+            r["body"] = self.take(int(fields["content-length"]))
+        else:
+            try:
+                while True:
+                    self.fill()
+            except EOFError:
+                pass
+            r["body"], self.buf = self.buf, b""
+        return r
+out = {{}}
+c = Conn()
+c.s.sendall(b"GET /chunked HTTP/1.1\r\nHost: svc\r\n\r\nGET /hints HTTP/1.1\r\nHost: svc\r\n\r\nGET /big HTTP/1.1\r\nHost: svc\r\n\r\n")
+r = c.response()
+out["chunked"] = [r["status"], r["body"].decode(), r["trailers"].get("x-checksum")]
+r = c.response()
+out["hint"] = [r["status"], r["fields"].get("link")]
+r = c.response()
+out["hinted"] = [r["status"], r["body"].decode()]
+r = c.response()
+out["big"] = [r["status"], len(r["body"]), r["body"] == bytes(range(256)) * 4096]
+body = b"x" * 100000
+c.s.sendall(b"POST /echo HTTP/1.1\r\nHost: svc\r\nConnection: keep-alive, x-hop\r\nX-Hop: secret\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+r = c.response()
+echo = json.loads(r["body"])
+out["echo"] = [r["status"], echo["body_bytes"], [name for name, _ in echo["fields"]]]
+c.s.sendall(b"POST /echo HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+r = c.response()
+out["chunked_request"] = [r["status"], json.loads(r["body"])["body_bytes"]]
+c.s.sendall(b"GET /chunked HTTP/1.1\r\nHost: svc\r\n\r\n")
+r = c.response()
+out["after_handover"] = [r["status"], r["body"].decode()]
+c2 = Conn()
+c2.s.sendall(b"GET /until-close HTTP/1.1\r\nHost: svc\r\n\r\n")
+r = c2.response()
+out["until_close"] = [r["status"], r["body"].decode()]
+c3 = Conn()
+c3.s.sendall(b"GET /closing HTTP/1.1\r\nHost: svc\r\n\r\n")
+r = c3.response()
+out["closing"] = [r["status"], r["body"].decode(), r["fields"].get("connection")]
+c3.s.sendall(b"GET /echo HTTP/1.1\r\nHost: svc\r\n\r\n")
+out["after_closing"] = c3.response()["status"]
+c3.s.sendall(b"GET /echo HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+r = c3.response()
+out["client_close"] = [r["status"], r["fields"].get("connection"), c3.closed()]
+upstreams = set()
+for _ in range(6):
+    c = Conn()
+    c.s.sendall(b"GET /echo HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+    upstreams.add(c.response()["fields"]["x-conn"])
+    c.s.close()
+out["upstreams_for_six"] = len(upstreams)
+print(json.dumps(out))
+"#,
+        vip = shop.vip
+    );
+    let stdout = shop.client.python(&script)?;
+    let r: Value = serde_json::from_str(&stdout)?;
+    let is = |key: &str, expected: Value| -> anyhow::Result<()> {
+        ensure!(r[key] == expected, "{key}: {} (all: {r})", r[key]);
+        Ok(())
+    };
+    is("chunked", serde_json::json!([200, "hello, world", "42"]))?;
+    is("hint", serde_json::json!([103, "</a.css>; rel=preload"]))?;
+    is("hinted", serde_json::json!([200, "hinted"]))?;
+    is("big", serde_json::json!([200, 1 << 20, true]))?;
+    ensure!(r["echo"][0] == 200 && r["echo"][1] == 100_000, "echo: {r}");
+    let sent: Vec<&str> = r["echo"][2]
+        .as_array()
+        .context("field names")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    ensure!(
+        sent.contains(&"x-request-id") && sent.contains(&"traceparent"),
+        "no trace context upstream: {sent:?}"
+    );
+    ensure!(
+        !sent
+            .iter()
+            .any(|n| ["x-hop", "connection", "keep-alive"].contains(n)),
+        "hop-by-hop fields went upstream: {sent:?}"
+    );
+    is("chunked_request", serde_json::json!([200, 11]))?;
+    is("after_handover", serde_json::json!([200, "hello, world"]))?;
+    is("until_close", serde_json::json!([200, "body-until-close"]))?;
+    // The upstream's `Connection: close` is its own hop: the client's connection stays.
+    is("closing", serde_json::json!([200, "bye", null]))?;
+    is("after_closing", serde_json::json!(200))?;
+    is("client_close", serde_json::json!([200, "close", true]))?;
+    // One idle upstream connection per worker at most, instead of one per client one.
+    ensure!(
+        r["upstreams_for_six"].as_u64().is_some_and(|n| n <= 2),
+        "six client connections used {} upstream ones",
+        r["upstreams_for_six"]
+    );
+    ensure!(
+        agent.count_events(|e| is_http_log(e)
+            && field(e, "path") == "/chunked"
+            && number(e, "status") == Some(200))
+            == 2,
+        "expected two access log lines for /chunked"
+    );
+    Ok(())
+}

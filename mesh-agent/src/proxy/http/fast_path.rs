@@ -465,7 +465,7 @@ impl Connection<'_> {
                 reused: false,
             }),
             Err(e) => match overflow_in(e.as_ref()) {
-                Some(overflow) => Err(ExchangeError::Overflow(overflow.clone())),
+                Some(overflow) => Err(ExchangeError::Overflow(*overflow)),
                 None => Err(ExchangeError::Connect(io::Error::other(e))),
             },
         }
@@ -653,6 +653,10 @@ fn parse_request(buf: &[u8]) -> Parsed {
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::NotForUs,
     };
+    // hyper answers 431 to a head this large.
+    if head_len > MAX_HEADER_BYTES {
+        return Parsed::NotForUs;
+    }
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Parsed::NotForUs;
     };
