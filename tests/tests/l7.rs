@@ -1124,12 +1124,17 @@ print(json.dumps(out))
         "six client connections used {} upstream ones",
         r["upstreams_for_six"]
     );
-    ensure!(
-        agent.count_events(|e| is_http_log(e)
-            && field(e, "path") == "/chunked"
-            && number(e, "status") == Some(200))
-            == 2,
-        "expected two access log lines for /chunked"
-    );
+    // Log lines are written in batches: wait for both.
+    mesh_tests::wait_until(
+        "two access log lines for /chunked",
+        std::time::Duration::from_secs(20),
+        || {
+            let logged = agent.count_events(|e| {
+                is_http_log(e) && field(e, "path") == "/chunked" && number(e, "status") == Some(200)
+            });
+            (logged == 2).then_some(())
+        },
+    )
+    .with_context(|| agent.log_text())?;
     Ok(())
 }

@@ -8,6 +8,10 @@
 //! agent delivers to itself → upstream attempt with per-try timeout → retries (status or
 //! connect failure, budgeted, exponential backoff with jitter) → response filters → one
 //! access log line.
+//!
+//! HTTP/1.1 connections start on the fast path (`fast_path`), which forwards plain requests
+//! with the same steps minus the ones that need a whole request, and hands the connection
+//! to the hyper path below for anything more.
 pub mod client;
 pub mod detect;
 mod fast_path;
