@@ -43,6 +43,8 @@
 //!   the Service port declared `appProtocol: tcp` and no route: the agent relays the bytes
 //!   (L4). Not competitors but the floor: what the agent's sockets and wake-ups cost for this
 //!   load, under any HTTP handling it does; the gap to the L7 row is the HTTP layer's cost.
+//! - `l7-agent-hyper`: `l7-agent` with the agent's HTTP/1.1 fast path off
+//!   (`TRELLIS_HTTP1_FAST_PATH=off`): every request through hyper, the fast path's baseline.
 //!
 //! Load: `h2load -t 1 -c --l7-connections (4) -m M -D --seconds`, M = 1 with `--h1` (no
 //! pipelining) and `--h2-streams` (10) for h2c. h2load ignores `-n` in this timed mode, so a
@@ -122,6 +124,7 @@ const L7_HAPROXY_H2C: &str = "l7-haproxy-h2c";
 const L7_AGENT_H2C: &str = "l7-agent-h2c";
 const L7_AGENT_TELEMETRY_OFF: &str = "l7-agent-telemetry-off";
 const L7_AGENT_OPAQUE: &str = "l7-agent-opaque";
+const L7_AGENT_HYPER: &str = "l7-agent-hyper";
 const L7_AGENT_H2C_OPAQUE: &str = "l7-agent-h2c-opaque";
 /// The issue's target: with metrics and access logs on, at least this share of the req/s
 /// of the same run with them off.
@@ -301,17 +304,29 @@ const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: L7_AGENT,
-        run: |env| l7_agent(env, L7_AGENT, Http::H1, true),
+        run: |env| l7_agent(env, L7_AGENT, Http::H1, AgentVariant::Default),
         compare_with: Some(L7_HAPROXY),
     },
     Scenario {
         name: L7_AGENT_TELEMETRY_OFF,
-        run: |env| l7_agent(env, L7_AGENT_TELEMETRY_OFF, Http::H1, false),
+        run: |env| {
+            l7_agent(
+                env,
+                L7_AGENT_TELEMETRY_OFF,
+                Http::H1,
+                AgentVariant::TelemetryOff,
+            )
+        },
         compare_with: Some(L7_AGENT),
     },
     Scenario {
         name: L7_AGENT_OPAQUE,
         run: |env| l7_agent_opaque(env, L7_AGENT_OPAQUE, Http::H1),
+        compare_with: Some(L7_AGENT),
+    },
+    Scenario {
+        name: L7_AGENT_HYPER,
+        run: |env| l7_agent(env, L7_AGENT_HYPER, Http::H1, AgentVariant::HyperOnly),
         compare_with: Some(L7_AGENT),
     },
     Scenario {
@@ -326,7 +341,7 @@ const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: L7_AGENT_H2C,
-        run: |env| l7_agent(env, L7_AGENT_H2C, Http::H2c, true),
+        run: |env| l7_agent(env, L7_AGENT_H2C, Http::H2c, AgentVariant::Default),
         compare_with: Some(L7_HAPROXY_H2C),
     },
     Scenario {
@@ -485,8 +500,13 @@ fn telemetry_rounds(env: &Env, rounds: u32) -> anyhow::Result<()> {
     ));
     let mut ratios = Vec::new();
     for _ in 0..rounds {
-        let on = l7_agent(env, L7_AGENT, Http::H1, true)?;
-        let off = l7_agent(env, L7_AGENT_TELEMETRY_OFF, Http::H1, false)?;
+        let on = l7_agent(env, L7_AGENT, Http::H1, AgentVariant::Default)?;
+        let off = l7_agent(
+            env,
+            L7_AGENT_TELEMETRY_OFF,
+            Http::H1,
+            AgentVariant::TelemetryOff,
+        )?;
         if let (Some(a), Some(b)) = (on.row.rps, off.row.rps)
             && b > 0.0
         {
@@ -839,9 +859,8 @@ backend backend
 
 /// Client pod (enrolled) -> Service VIP:80 -> agent's L7 proxy (one HTTPRoute rule) ->
 /// backend pod (not enrolled, so only one proxy hop).
-/// `telemetry` off runs the agent with `TRELLIS_TELEMETRY=off` (no metrics, no access logs):
-/// the baseline of the issue's "telemetry costs at most 10%" target.
-fn l7_agent(env: &Env, name: &str, http: Http, telemetry: bool) -> anyhow::Result<Measured> {
+fn l7_agent(env: &Env, name: &str, http: Http, variant: AgentVariant) -> anyhow::Result<Measured> {
+    let telemetry = variant != AgentVariant::TelemetryOff;
     let app_protocol = match http {
         Http::H1 => "http",
         Http::H2c => "http2",
@@ -857,13 +876,12 @@ fn l7_agent(env: &Env, name: &str, http: Http, telemetry: bool) -> anyhow::Resul
         backendRefs: [{name: backend, port: 80}]
 ",
     );
-    let switch = if telemetry { "on" } else { "off" };
-    let mut agent = Agent::start_with_env(
-        &format!("bench-{name}"),
-        &config,
-        None,
-        &[("TRELLIS_TELEMETRY", switch)],
-    )?;
+    let agent_env: &[(&str, &str)] = match variant {
+        AgentVariant::Default => &[],
+        AgentVariant::TelemetryOff => &[("TRELLIS_TELEMETRY", "off")],
+        AgentVariant::HyperOnly => &[("TRELLIS_HTTP1_FAST_PATH", "off")],
+    };
+    let mut agent = Agent::start_with_env(&format!("bench-{name}"), &config, None, agent_env)?;
     let pid = agent.pid().context("the agent is not running")?;
     let agent_tail = |agent: &Agent| tail(&agent.log_text(), 20);
     let target = SocketAddr::new(env.vip.into(), 80);
@@ -904,14 +922,30 @@ fn l7_agent(env: &Env, name: &str, http: Http, telemetry: bool) -> anyhow::Resul
             agent_tail(&agent)
         );
     }
+    let path = match variant {
+        AgentVariant::HyperOnly => " (hyper only: TRELLIS_HTTP1_FAST_PATH=off)",
+        _ => "",
+    };
     measured.notes.push(format!(
-        "{name}: client -> VIP {target} (appProtocol {app_protocol}, 1 HTTPRoute rule) -> agent L7 proxy -> backend; agent logged {} outbound `http request` events ({} non-2xx), upstream(s) {}",
+        "{name}: client -> VIP {target} (appProtocol {app_protocol}, 1 HTTPRoute rule) -> agent L7 proxy{path} -> backend; agent logged {} outbound `http request` events ({} non-2xx), upstream(s) {}",
         log.outbound,
         log.non_2xx,
         log.upstreams.join(", ")
     ));
     agent.terminate().context("stopping the agent")?;
     Ok(measured)
+}
+
+/// How an `l7-agent*` scenario runs the agent.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AgentVariant {
+    Default,
+    /// `TRELLIS_TELEMETRY=off` (no metrics, no access logs): the baseline of the issue's
+    /// "telemetry costs at most 10%" target.
+    TelemetryOff,
+    /// `TRELLIS_HTTP1_FAST_PATH=off`: every HTTP/1.1 request through hyper, the baseline of
+    /// the fast path.
+    HyperOnly,
 }
 
 /// The L7 scenarios' agent config: the client pod enrolled, the backend pod not, and Service

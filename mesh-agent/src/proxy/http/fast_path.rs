@@ -1,21 +1,21 @@
 //! The HTTP/1.1 fast path: one task per downstream connection reads each request head
-//! (httparse), routes it exactly as the hyper path does (route, request filters, weighted
-//! backend, P2C endpoint, circuit breaker, local-delivery authorization, request id and
-//! trace context, outlier records, metrics and access log), writes it to an upstream
-//! connection the same task owns, and passes the response through as it arrives.
+//! (httparse), takes it through the same steps as the hyper path (route, redirect, request
+//! filters, fault injection, weighted backend, P2C endpoint, circuit breaker, rate limit,
+//! local-delivery authorization, request id and trace context, timeouts, outlier records,
+//! metrics and access log), writes it to an upstream connection the same task owns, and
+//! passes the response through as it arrives.
 //!
 //! Why: a request on the hyper path crosses four tasks (server connection, service, client
-//! dispatch, client connection); here it stays in one, which costs about a third of the
-//! CPU per request (see ARCHITECTURE.md, "Known performance gaps").
+//! dispatch, client connection); here it stays in one, which costs less CPU per request
+//! and does not depend on how connections fall on the workers (see ARCHITECTURE.md).
 //!
-//! Only requests that need nothing more take this path. The first request that does hands
-//! the connection, with every byte read from it and not yet forwarded, to the hyper path
-//! for the rest of its life ([`Handover`]): bodies that are not a plain `Content-Length`
-//! (chunked, `Expect`), upgrades, HTTP/1.0, targets that are not origin-form, heads that
-//! do not parse or are too large, routes that need a whole request (retries, timeouts,
-//! faults, rate limits, redirects, no matching rule) and HTTP/2 upstreams. So malformed
-//! input (the request smuggling shapes included) gets hyper's answers (400, 431) whichever
-//! path the connection started on.
+//! The first request that needs more hands the connection, with every byte read from it
+//! and not yet forwarded, to the hyper path for the rest of its life ([`Handover`]): bodies
+//! that are not one plain `Content-Length` (chunked, `Expect`), upgrades, HTTP/1.0, targets
+//! that are not origin-form, heads that do not parse or exceed 64 KiB, routes with retries
+//! (they need a replayable body), backends that speak HTTP/2, and route configuration
+//! errors. So malformed input (the request smuggling shapes included) gets hyper's answers
+//! (400, 431) whichever path the connection started on.
 use std::{
     io,
     pin::Pin,
@@ -41,7 +41,7 @@ use super::{
 use crate::{
     resilience::Overflow,
     route::{Filter, RouteDecision, RouteRule},
-    service::AppProtocol,
+    service::{AppProtocol, Service, ServicePort},
 };
 
 /// Most header fields in a request or response head (hyper's limit too).
@@ -191,41 +191,52 @@ impl Connection<'_> {
 
         let routes = inputs.routes.load();
         let services = inputs.services.load();
-        let rule = match routes.select(&d.service.namespace, &d.service.name, d.port.port, &parts) {
-            RouteDecision::NoRoutes => None,
-            RouteDecision::NoMatch => return Ok(Next::Handover),
-            RouteDecision::Matched(rule, matched) => {
-                if !fits_fast_path(rule) {
-                    return Ok(Next::Handover);
+        let (rule, decision) =
+            match routes.select(&d.service.namespace, &d.service.name, d.port.port, &parts) {
+                RouteDecision::NoRoutes => (None, Decision::Forward(&d.service, &d.port)),
+                RouteDecision::NoMatch => (
+                    None,
+                    Decision::Answer(LocalAnswer::new(
+                        StatusCode::NOT_FOUND,
+                        "NR",
+                        "no route matched",
+                    )),
+                ),
+                RouteDecision::Matched(rule, matched) => {
+                    // Retries need the whole request (a replayable body, attempts whose
+                    // responses are dropped): hyper's.
+                    if rule.retry.is_some() {
+                        return Ok(Next::Handover);
+                    }
+                    if let Some(redirect) = rule.redirect(&parts, &matched, d.port.port) {
+                        (
+                            Some(rule),
+                            Decision::Answer(LocalAnswer::redirect(redirect)),
+                        )
+                    } else {
+                        rule.apply_request_filters(&mut parts, &matched);
+                        let Some((backend, port)) =
+                            rule.pick_backend(&mut self.rng).and_then(|b| {
+                                services
+                                    .by_name(&b.namespace, &b.name)
+                                    .and_then(|svc| svc.port(b.port).map(|p| (svc, p)))
+                            })
+                        else {
+                            // The hyper path answers these configuration errors (500 NR).
+                            return Ok(Next::Handover);
+                        };
+                        (Some(rule), Decision::Forward(backend, port))
+                    }
                 }
-                rule.apply_request_filters(&mut parts, &matched);
-                Some(rule)
-            }
-        };
-        let (backend, backend_port) = match rule {
-            Some(rule) => {
-                let Some(port) = rule.pick_backend(&mut self.rng).and_then(|b| {
-                    services
-                        .by_name(&b.namespace, &b.name)
-                        .and_then(|svc| svc.port(b.port).map(|p| (svc, p)))
-                }) else {
-                    // The hyper path answers these configuration errors (500 NR).
-                    return Ok(Next::Handover);
-                };
-                port
-            }
-            None => (&d.service, &d.port),
-        };
-        if matches!(
-            backend_port.protocol,
-            AppProtocol::Http2 | AppProtocol::Grpc
-        ) {
+            };
+        if let Decision::Forward(_, port) = &decision
+            && matches!(port.protocol, AppProtocol::Http2 | AppProtocol::Grpc)
+        {
             return Ok(Next::Handover);
         }
         // From here on the request is this path's.
         self.from_client.advance(head_len);
         self.body_left = body_len;
-        let runtime = inputs.l7.service(backend);
         let authority = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
         let mut log = AccessLog {
             request_id: &request_id,
@@ -233,128 +244,29 @@ impl Connection<'_> {
             path: uri.path(),
             authority,
             route: rule.map(|r| r.label.clone()),
-            backend: Some(runtime.host.clone()),
+            backend: None,
             upstream: None,
             attempts: 0,
             protocol: "http",
             request_bytes: body_len,
         };
         let close_after = client_close || inputs.drain.is_draining();
-        let local = |status: StatusCode, flags: &'static str, message: &str| LocalAnswer {
-            status,
-            flags,
-            message: message.to_string(),
-            close: false,
-        };
-        let endpoints = services.endpoints(backend);
-        let answer = 'answer: {
-            let _request_permit = match runtime.circuit.try_request() {
-                Ok(permit) => permit,
-                Err(overflow) => break 'answer overflow_answer(&overflow),
-            };
-            runtime.budget.deposit(Instant::now());
-            log.attempts = 1;
-            let Some(endpoint) = runtime.pick(endpoints, backend_port.target_port, &mut self.rng)
-            else {
-                break 'answer local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream");
-            };
-            log.upstream = Some(endpoint.addr);
-            let mesh = inputs.mesh.load();
-            if let Some(dst_pod) = mesh
-                .pod_by_ip(endpoint.addr.ip())
-                .filter(|w| w.enrolled && w.is_on(&mesh.node))
-                && !authorize_request(&mesh, d, dst_pod, endpoint.addr.port(), &parts)
-            {
-                break 'answer local(StatusCode::FORBIDDEN, "RBAC", "RBAC: access denied");
-            }
-            strip_hop_by_hop(&mut parts.headers, false);
-            let outstanding = endpoint.stats.stats.start();
-            let attempt_started = Instant::now();
-            let exchange = DESTINATION
-                .scope(
-                    runtime.clone(),
-                    self.exchange(endpoint.addr, &parts, body_len),
-                )
-                .await;
-            let (mut up, response) = match exchange {
-                Ok(ok) => ok,
-                Err(ExchangeError::Overflow(overflow)) => {
-                    drop(outstanding);
-                    break 'answer overflow_answer(&overflow);
-                }
-                Err(ExchangeError::Client(e)) => return Err(e),
-                Err(ExchangeError::Connect(e)) => {
-                    outstanding.finish(FAILURE_LATENCY_PENALTY);
-                    runtime.record(&endpoint, EndpointOutcome::ConnectFailure, endpoints.len());
-                    break 'answer local(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "UF",
-                        &format!("upstream connect error: {e}"),
-                    );
-                }
-                Err(ExchangeError::Upstream(e)) => {
-                    outstanding.finish(FAILURE_LATENCY_PENALTY);
-                    runtime.record(&endpoint, EndpointOutcome::Http5xx, endpoints.len());
-                    // Part of the request body may be unsent: the client's connection is
-                    // then out of step and closes after the answer.
-                    break 'answer LocalAnswer {
-                        close: body_len > 0,
-                        ..local(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "UR",
-                            &format!("upstream error: {e}"),
-                        )
-                    };
-                }
-            };
-            let is_5xx = response.status.is_server_error();
-            // A failing endpoint must not look fast to least-request balancing.
-            outstanding.finish(if is_5xx {
-                FAILURE_LATENCY_PENALTY
-            } else {
-                attempt_started.elapsed()
-            });
-            runtime.record(
-                &endpoint,
-                if is_5xx {
-                    EndpointOutcome::Http5xx
-                } else {
-                    EndpointOutcome::Success
-                },
-                endpoints.len(),
-            );
-            let no_body = method == Method::HEAD
-                || response.status == StatusCode::NO_CONTENT
-                || response.status == StatusCode::NOT_MODIFIED;
-            let framing = if no_body {
-                Framing::None
-            } else {
-                response.framing
-            };
-            let close_downstream = close_after || framing == Framing::UntilClose;
-            let result = self
-                .relay_response(&mut up, &response, framing, rule, close_downstream)
-                .await;
-            log_request(
-                d,
-                &log,
-                response.status,
-                "-",
-                started,
-                response.declared_length,
-            );
-            result?;
-            if !response.close && framing != Framing::UntilClose && up.buf.is_empty() {
-                up.reused = true;
-                if let Some(previous) = self.upstream.replace(up) {
-                    d.clients.idle_http1.put(previous.endpoint, previous.io);
+        let answer = match decision {
+            Decision::Answer(answer) => answer,
+            Decision::Forward(backend, backend_port) => {
+                let route = RoutedRequest {
+                    rule,
+                    backend,
+                    backend_port,
+                    endpoints: services.endpoints(backend),
+                    started,
+                    close_after,
+                };
+                match self.forward(&mut parts, &route, &mut log).await? {
+                    Ok(next) => return Ok(next),
+                    Err(answer) => answer,
                 }
             }
-            return Ok(if close_downstream {
-                Next::Close
-            } else {
-                Next::Request
-            });
         };
         // An answer of the agent's own. A body it did not forward must not be read as the
         // next request: small ones are skipped, larger ones close the connection.
@@ -369,6 +281,188 @@ impl Connection<'_> {
         log_request(d, &log, answer.status, answer.flags, started, 0);
         self.write_local(&answer, close).await?;
         Ok(if close { Next::Close } else { Next::Request })
+    }
+
+    /// Fault injection, endpoint, circuit breaker, rate limit, authorization, then the
+    /// upstream exchange (within the route's timeouts) and the response. `Err` is an
+    /// answer of the agent's own, not yet written.
+    async fn forward(
+        &mut self,
+        parts: &mut http::request::Parts,
+        route: &RoutedRequest<'_>,
+        log: &mut AccessLog<'_>,
+    ) -> io::Result<Result<Next, LocalAnswer>> {
+        let d = self.d;
+        let inputs = &d.inputs;
+        let RoutedRequest {
+            rule,
+            backend,
+            backend_port,
+            endpoints,
+            started,
+            close_after,
+        } = *route;
+        if let Some(fault) = rule.and_then(|r| r.fault.as_ref()) {
+            let decision = fault.sample(&mut self.rng);
+            if let Some(delay) = decision.delay {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(status) = decision.abort {
+                return Ok(Err(LocalAnswer::new(status, "FI", "fault injected")));
+            }
+        }
+        let runtime = inputs.l7.service(backend);
+        log.backend = Some(runtime.host.clone());
+        let no_upstream =
+            || LocalAnswer::new(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream");
+        if endpoints.is_empty() {
+            return Ok(Err(no_upstream()));
+        }
+        let _request_permit = match runtime.circuit.try_request() {
+            Ok(permit) => permit,
+            Err(overflow) => return Ok(Err(overflow_answer(&overflow))),
+        };
+        runtime.budget.deposit(Instant::now());
+        log.attempts = 1;
+        let Some(endpoint) = runtime.pick(endpoints, backend_port.target_port, &mut self.rng)
+        else {
+            return Ok(Err(no_upstream()));
+        };
+        log.upstream = Some(endpoint.addr);
+        if let Some(rule) = rule
+            && let Some(limit) = &rule.rate_limit
+            && !inputs.l7.rate_limit(
+                &rule.label,
+                &endpoint.addr,
+                f64::from(limit.requests_per_second),
+                limit.burst,
+                Instant::now(),
+            )
+        {
+            return Ok(Err(LocalAnswer::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "RL",
+                "local rate limit",
+            )));
+        }
+        let mesh = inputs.mesh.load();
+        if let Some(dst_pod) = mesh
+            .pod_by_ip(endpoint.addr.ip())
+            .filter(|w| w.enrolled && w.is_on(&mesh.node))
+            && !authorize_request(&mesh, d, dst_pod, endpoint.addr.port(), parts)
+        {
+            return Ok(Err(LocalAnswer::new(
+                StatusCode::FORBIDDEN,
+                "RBAC",
+                "RBAC: access denied",
+            )));
+        }
+        strip_hop_by_hop(&mut parts.headers, false);
+        // The route's timeouts bound the wait for the response head, as on the hyper path.
+        let deadline = rule.and_then(|r| r.timeouts.request).map(|t| started + t);
+        let per_try = rule.and_then(|r| r.timeouts.backend_request);
+        let limit = match (per_try, deadline) {
+            (Some(t), Some(dl)) => Some(t.min(dl.saturating_duration_since(Instant::now()))),
+            (Some(t), None) => Some(t),
+            (None, Some(dl)) => Some(dl.saturating_duration_since(Instant::now())),
+            (None, None) => None,
+        };
+        let outstanding = endpoint.stats.stats.start();
+        let attempt_started = Instant::now();
+        let exchange = DESTINATION.scope(runtime.clone(), self.exchange(endpoint.addr, parts));
+        let exchange = match limit {
+            None => exchange.await,
+            Some(limit) => match tokio::time::timeout(limit, exchange).await {
+                Ok(exchange) => exchange,
+                Err(_) => {
+                    drop(outstanding);
+                    let message = if deadline.is_some_and(|dl| Instant::now() >= dl) {
+                        "upstream request timeout"
+                    } else {
+                        "upstream per-try timeout"
+                    };
+                    return Ok(Err(LocalAnswer::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "UT",
+                        message,
+                    )));
+                }
+            },
+        };
+        let (mut up, response) = match exchange {
+            Ok(ok) => ok,
+            Err(ExchangeError::Overflow(overflow)) => {
+                drop(outstanding);
+                return Ok(Err(overflow_answer(&overflow)));
+            }
+            Err(ExchangeError::Client(e)) => return Err(e),
+            Err(ExchangeError::Connect(e)) => {
+                outstanding.finish(FAILURE_LATENCY_PENALTY);
+                runtime.record(&endpoint, EndpointOutcome::ConnectFailure, endpoints.len());
+                return Ok(Err(LocalAnswer::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UF",
+                    &format!("upstream connect error: {e}"),
+                )));
+            }
+            Err(ExchangeError::Upstream(e)) => {
+                outstanding.finish(FAILURE_LATENCY_PENALTY);
+                runtime.record(&endpoint, EndpointOutcome::Http5xx, endpoints.len());
+                return Ok(Err(LocalAnswer::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UR",
+                    &format!("upstream error: {e}"),
+                )));
+            }
+        };
+        let is_5xx = response.status.is_server_error();
+        // A failing endpoint must not look fast to least-request balancing.
+        outstanding.finish(if is_5xx {
+            FAILURE_LATENCY_PENALTY
+        } else {
+            attempt_started.elapsed()
+        });
+        runtime.record(
+            &endpoint,
+            if is_5xx {
+                EndpointOutcome::Http5xx
+            } else {
+                EndpointOutcome::Success
+            },
+            endpoints.len(),
+        );
+        let no_body = parts.method == Method::HEAD
+            || response.status == StatusCode::NO_CONTENT
+            || response.status == StatusCode::NOT_MODIFIED;
+        let framing = if no_body {
+            Framing::None
+        } else {
+            response.framing
+        };
+        let close_downstream = close_after || framing == Framing::UntilClose;
+        let relayed = self
+            .relay_response(&mut up, &response, framing, rule, close_downstream)
+            .await;
+        log_request(
+            d,
+            log,
+            response.status,
+            "-",
+            started,
+            response.declared_length,
+        );
+        relayed?;
+        if !response.close && framing != Framing::UntilClose && up.buf.is_empty() {
+            up.reused = true;
+            if let Some(previous) = self.upstream.replace(up) {
+                d.clients.idle_http1.put(previous.endpoint, previous.io);
+            }
+        }
+        Ok(Ok(if close_downstream {
+            Next::Close
+        } else {
+            Next::Request
+        }))
     }
 
     /// Reads until the buffer holds a whole request head; `None` when the client closed
@@ -413,10 +507,9 @@ impl Connection<'_> {
         &mut self,
         endpoint: std::net::SocketAddr,
         parts: &http::request::Parts,
-        body_len: u64,
     ) -> Result<(Upstream, ResponseHead), ExchangeError> {
         serialize_request(&mut self.out, parts);
-        let resendable = body_len == 0 && parts.method.is_idempotent();
+        let resendable = self.body_left == 0 && parts.method.is_idempotent();
         let mut reuse = true;
         loop {
             let mut up = match self.upstream.take() {
@@ -598,49 +691,87 @@ impl Connection<'_> {
     }
 
     async fn write_local(&mut self, answer: &LocalAnswer, close: bool) -> io::Result<()> {
-        use std::io::Write as _;
         self.out.clear();
-        let body = format!("{}\n", answer.message);
-        write!(
-            self.out,
-            "HTTP/1.1 {} {}\r\ncontent-type: text/plain\r\n{RESPONSE_FLAGS_HEADER}: {}\r\ncontent-length: {}\r\n{}\r\n{body}",
-            answer.status.as_u16(),
-            answer.status.canonical_reason().unwrap_or(""),
-            answer.flags,
-            body.len(),
-            if close { "connection: close\r\n" } else { "" },
-        )?;
+        self.out.extend_from_slice(b"HTTP/1.1 ");
+        self.out
+            .extend_from_slice(answer.status.as_str().as_bytes());
+        self.out.push(b' ');
+        self.out
+            .extend_from_slice(answer.status.canonical_reason().unwrap_or("").as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+        write_fields(&mut self.out, &answer.headers);
+        self.out
+            .extend_from_slice(format!("content-length: {}\r\n", answer.body.len()).as_bytes());
+        if close {
+            self.out.extend_from_slice(b"connection: close\r\n");
+        }
+        self.out.extend_from_slice(b"\r\n");
+        self.out.extend_from_slice(answer.body.as_bytes());
         self.client.write_all(&self.out).await
     }
 }
 
-/// An answer the agent gives itself, flagged like Envoy's response flags.
+/// Where a request goes after routing.
+enum Decision<'r> {
+    Forward(&'r Service, &'r ServicePort),
+    Answer(LocalAnswer),
+}
+
+/// A routed request's destination and what its forwarding needs to know.
+#[derive(Clone, Copy)]
+struct RoutedRequest<'r> {
+    rule: Option<&'r RouteRule>,
+    backend: &'r Service,
+    backend_port: &'r ServicePort,
+    endpoints: &'r [std::net::IpAddr],
+    started: Instant,
+    /// The client's connection closes after this response.
+    close_after: bool,
+}
+
+/// An answer the agent gives itself: flagged like Envoy's response flags, or a redirect.
 struct LocalAnswer {
     status: StatusCode,
     flags: &'static str,
-    message: String,
+    headers: HeaderMap,
+    body: String,
     /// The connection closes after it.
     close: bool,
 }
 
-/// Whether a rule's features are all ones the fast path implements.
-fn fits_fast_path(rule: &RouteRule) -> bool {
-    rule.retry.is_none()
-        && rule.fault.is_none()
-        && rule.rate_limit.is_none()
-        && rule.timeouts.request.is_none()
-        && rule.timeouts.backend_request.is_none()
-        && rule.redirect_filter().is_none()
+impl LocalAnswer {
+    fn new(status: StatusCode, flags: &'static str, message: &str) -> Self {
+        let mut headers = HeaderMap::with_capacity(2);
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        headers.insert(RESPONSE_FLAGS_HEADER, HeaderValue::from_static(flags));
+        Self {
+            status,
+            flags,
+            headers,
+            body: format!("{message}\n"),
+            close: false,
+        }
+    }
+
+    fn redirect(redirect: http::Response<()>) -> Self {
+        let (parts, ()) = redirect.into_parts();
+        Self {
+            status: parts.status,
+            flags: "-",
+            headers: parts.headers,
+            body: String::new(),
+            close: false,
+        }
+    }
 }
 
 /// 503 `UO`: a cap of the destination's circuit breaker was reached.
 fn overflow_answer(overflow: &Overflow) -> LocalAnswer {
-    LocalAnswer {
-        status: overflow.status(),
-        flags: overflow.response_flag(),
-        message: format!("{overflow} (circuit breaker open)"),
-        close: false,
-    }
+    LocalAnswer::new(
+        overflow.status(),
+        overflow.response_flag(),
+        &format!("{overflow} (circuit breaker open)"),
+    )
 }
 
 /// Parses a request head at the start of `buf` into what routing needs, or says why the
