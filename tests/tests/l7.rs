@@ -963,7 +963,8 @@ const FRAMING_BACKEND: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/fra
 /// through intact (chunked with extensions and trailers, 103 Early Hints, 1 MiB by length,
 /// a body ending at the close, `Connection: close`), pipelined requests are answered in
 /// order, hop-by-hop fields stay behind, a chunked request body hands the connection to
-/// hyper mid-way and it keeps working, and upstream connections outlive client ones.
+/// hyper mid-way and it keeps working, upstream connections outlive client ones, and an
+/// idle client connection is closed.
 #[test]
 fn http1_responses_of_every_framing_pass_through_and_connections_hand_over_to_hyper()
 -> anyhow::Result<()> {
@@ -1080,6 +1081,13 @@ for _ in range(6):
     upstreams.add(c.response()["fields"]["x-conn"])
     c.s.close()
 out["upstreams_for_six"] = len(upstreams)
+import time
+idle = Conn()
+idle.s.settimeout(30)
+idle.s.sendall(b"GET /echo HTTP/1.1\r\nHost: svc\r\n\r\n")
+idle.response()
+t = time.time()
+out["idle_closed_after_s"] = round(time.time() - t) if idle.closed() else None
 print(json.dumps(out))
 "#,
         vip = shop.vip
@@ -1123,6 +1131,15 @@ print(json.dumps(out))
         r["upstreams_for_six"].as_u64().is_some_and(|n| n <= 2),
         "six client connections used {} upstream ones",
         r["upstreams_for_six"]
+    );
+    // An idle keep-alive connection is closed after the header read timeout (10 s), as
+    // hyper closes its own.
+    ensure!(
+        r["idle_closed_after_s"]
+            .as_u64()
+            .is_some_and(|s| (5..=25).contains(&s)),
+        "idle keep-alive connection: {}",
+        r["idle_closed_after_s"]
     );
     // Log lines are written in batches: wait for both.
     mesh_tests::wait_until(

@@ -466,10 +466,11 @@ impl Connection<'_> {
     }
 
     /// Reads until the buffer holds a whole request head; `None` when the client closed
-    /// between requests or took longer than [`HEADER_READ_TIMEOUT`] to send one (the
-    /// slowloris guard: the clock starts at the head's first byte).
+    /// between requests or took longer than [`HEADER_READ_TIMEOUT`] to send one. As with
+    /// hyper's header read timeout, the clock starts when the connection begins waiting
+    /// for a head, so it is both the slowloris guard and the keep-alive idle timeout.
     async fn read_request_head(&mut self) -> io::Result<Option<Parsed>> {
-        let mut deadline = None;
+        let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
         loop {
             if !self.from_client.is_empty() {
                 match parse_request(&self.from_client) {
@@ -481,22 +482,16 @@ impl Connection<'_> {
                 }
             }
             self.from_client.reserve(READ_CHUNK);
-            let read = match deadline {
-                None => self.client.read_buf(&mut self.from_client).await?,
-                Some(deadline) => {
-                    match timeout_at(deadline, self.client.read_buf(&mut self.from_client)).await {
-                        Ok(read) => read?,
-                        Err(_) => {
-                            debug!("request head not complete in time; closing");
-                            return Ok(None);
-                        }
-                    }
+            let read = timeout_at(deadline, self.client.read_buf(&mut self.from_client)).await;
+            match read {
+                Ok(Ok(0)) => return Ok(None),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    debug!("no complete request head in time; closing");
+                    return Ok(None);
                 }
-            };
-            if read == 0 {
-                return Ok(None);
             }
-            deadline.get_or_insert_with(|| tokio::time::Instant::now() + HEADER_READ_TIMEOUT);
         }
     }
 
