@@ -963,8 +963,9 @@ const FRAMING_BACKEND: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/fra
 /// through intact (chunked with extensions and trailers, 103 Early Hints, 1 MiB by length,
 /// a body ending at the close, `Connection: close`), pipelined requests are answered in
 /// order, hop-by-hop fields stay behind, a chunked request body hands the connection to
-/// hyper mid-way and it keeps working, upstream connections outlive client ones, and an
-/// idle client connection is closed.
+/// hyper mid-way and it keeps working, upstream connections outlive client ones, an
+/// agent's own answer skips the body it did not forward, and an idle client connection is
+/// closed.
 #[test]
 fn http1_responses_of_every_framing_pass_through_and_connections_hand_over_to_hyper()
 -> anyhow::Result<()> {
@@ -973,7 +974,7 @@ fn http1_responses_of_every_framing_pass_through_and_connections_hand_over_to_hy
     raw.args([FRAMING_BACKEND, &APP_PORT.to_string()]);
     let _raw = Background::spawn_ready(raw, "listening")?;
     let extra = format!(
-        "services:\n{}",
+        "services:\n{}httpRoutes:\n  - name: framing\n    namespace: shop\n    parentRefs: [{{name: backend}}]\n    rules:\n      - matches: [{{path: {{type: PathPrefix, value: /aborted}}}}]\n        fault: {{abort: {{httpStatus: 503, percentage: 100}}}}\n      - matches: [{{path: {{type: PathPrefix, value: /}}}}]\n",
         service("backend", &shop.vip.to_string(), "app: backend", "")
     );
     let agent = Agent::start("framing", &shop.config(&extra))?;
@@ -1015,11 +1016,11 @@ class Conn:
                 return out
             name, value = line.decode().split(":", 1)
             out[name.strip().lower()] = value.strip()
-    def response(self):
+    def response(self, head=False):
         status = int(self.line().split(b" ")[1])
         fields = self.fields()
         r = {{"status": status, "fields": fields, "body": b"", "trailers": {{}}}}
-        if 100 <= status < 200:
+        if 100 <= status < 200 or head:
             return r
         if fields.get("transfer-encoding") == "chunked":
             while True:
@@ -1081,6 +1082,14 @@ for _ in range(6):
     upstreams.add(c.response()["fields"]["x-conn"])
     c.s.close()
 out["upstreams_for_six"] = len(upstreams)
+c4 = Conn()
+c4.s.sendall(b"POST /aborted HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000\r\n\r\n" + b"y" * 1000 + b"HEAD /big HTTP/1.1\r\nHost: svc\r\n\r\n")
+r = c4.response()
+out["aborted"] = [r["status"], r["fields"].get("x-trellis-response-flags")]
+r = c4.response(head=True)
+out["head"] = [r["status"], r["fields"].get("content-length")]
+c4.s.sendall(b"GET /echo HTTP/1.1\r\nHost: svc\r\n\r\n")
+out["after_head"] = c4.response()["status"]
 import time
 idle = Conn()
 idle.s.settimeout(30)
@@ -1132,6 +1141,11 @@ print(json.dumps(out))
         "six client connections used {} upstream ones",
         r["upstreams_for_six"]
     );
+    // An answer of the agent's own skips the request body it did not forward; a HEAD
+    // response has no body whatever its length says.
+    is("aborted", serde_json::json!([503, "FI"]))?;
+    is("head", serde_json::json!([200, "1048576"]))?;
+    is("after_head", serde_json::json!(200))?;
     // An idle keep-alive connection is closed after the header read timeout (10 s), as
     // hyper closes its own.
     ensure!(
