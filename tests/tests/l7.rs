@@ -1169,3 +1169,57 @@ print(json.dumps(out))
     .with_context(|| agent.log_text())?;
     Ok(())
 }
+
+/// Pipelined HTTP/1.1 load (h2load, 8 requests in flight per connection) through the fast
+/// path: every request answered, in order, each counted once by the backend and logged
+/// once by the agent.
+#[test]
+fn pipelined_http1_load_is_answered_in_full() -> anyhow::Result<()> {
+    let shop = Shop::new(&[("b", &[("app", "backend")])])?;
+    let _b = backend(&shop.backends[0].0, "b", &[])?;
+    let extra = format!(
+        "services:\n{}",
+        service("backend", &shop.vip.to_string(), "app: backend", "")
+    );
+    let agent = Agent::start("pipelined", &shop.config(&extra))?;
+    let requests = 4000;
+    let out = shop
+        .client
+        .command("h2load")?
+        .args([
+            "--h1",
+            "-n",
+            &requests.to_string(),
+            "-c",
+            "4",
+            "-m",
+            "8",
+            &shop.url("/pipelined"),
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.contains(&format!("{requests} succeeded, 0 failed"))
+            && text.contains(&format!("status codes: {requests} 2xx")),
+        "h2load: {text}"
+    );
+    let (_, response) = curl(&shop.client, &[&shop.url("/count")])?;
+    let served = response.rsplit("\r\n\r\n").next().unwrap_or("");
+    ensure!(
+        served.trim().parse::<u64>().ok() == Some(requests),
+        "the backend counted {served:?} requests, expected {requests}"
+    );
+    mesh_tests::wait_until(
+        "an access log line per pipelined request",
+        std::time::Duration::from_secs(20),
+        || {
+            let logged = agent.count_events(|e| {
+                is_http_log(e)
+                    && field(e, "path") == "/pipelined"
+                    && number(e, "status") == Some(200)
+            });
+            (logged == requests as usize).then_some(())
+        },
+    )?;
+    Ok(())
+}
