@@ -11,4 +11,5 @@
 pub mod authz_match;
 pub mod config_parse;
 pub mod hbone_connect;
+pub mod http1_framing;
 pub mod protocol_detect;

@@ -75,6 +75,11 @@ fn authz_match_corpus() {
     replay("authz_match", fuzz_checks::authz_match::check);
 }
 
+#[test]
+fn http1_framing_corpus() {
+    replay("http1_framing", fuzz_checks::http1_framing::check);
+}
+
 /// Seeds named `ok-*` are valid configs (so the fuzzer starts from files that get through to
 /// validation of every section); keeps them valid as the config format evolves.
 #[test]

@@ -35,6 +35,7 @@ pub const TARGETS: &[&str] = &[
     "protocol_detect",
     "hbone_connect",
     "authz_match",
+    "http1_framing",
 ];
 
 /// libFuzzer `-timeout`: one input taking longer is reported as a hang.

@@ -1075,7 +1075,7 @@ where
 /// Finds where a chunked body (RFC 9112 §7.1) ends while its bytes pass through unchanged.
 /// Strict: every line ends in CRLF, sizes are hex, trailer fields are bounded.
 #[derive(Debug, Default)]
-struct ChunkedEnd {
+pub struct ChunkedEnd {
     state: ChunkState,
     /// Bytes of the size line or the trailer section so far.
     seen: usize,
@@ -1102,15 +1102,15 @@ enum ChunkState {
 
 #[derive(Debug, thiserror::Error)]
 #[error("malformed chunked body from the upstream: {0}")]
-struct ChunkError(&'static str);
+pub struct ChunkError(&'static str);
 
 /// Longest chunk-size line and trailer section accepted.
-const MAX_CHUNK_LINE: usize = 4096;
-const MAX_TRAILERS: usize = 64 * 1024;
+pub const MAX_CHUNK_LINE: usize = 4096;
+pub const MAX_TRAILERS: usize = 64 * 1024;
 
 impl ChunkedEnd {
     /// Feeds the next bytes of the body: `Some(n)` when it ends after `bytes[..n]`.
-    fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, ChunkError> {
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, ChunkError> {
         let mut i = 0;
         while i < bytes.len() {
             let b = bytes[i];
@@ -1133,7 +1133,8 @@ impl ChunkedEnd {
                         (ChunkState::SizeValue(v), b'\r') => ChunkState::SizeLf(v),
                         (ChunkState::SizeValue(v), b';') => ChunkState::Extension(v),
                         (ChunkState::SizeValue(v), b) => {
-                            if v >> 59 != 0 {
+                            // Sizes stay below 2^60.
+                            if v >> 56 != 0 {
                                 return Err(ChunkError("chunk size too large"));
                             }
                             ChunkState::SizeValue(v << 4 | hex(b)?)
@@ -1202,6 +1203,74 @@ fn hex(b: u8) -> Result<u64, ChunkError> {
         b'a'..=b'f' => Ok(u64::from(b - b'a' + 10)),
         b'A'..=b'F' => Ok(u64::from(b - b'A' + 10)),
         _ => Err(ChunkError("chunk size is not hex")),
+    }
+}
+
+/// What the fast path makes of bytes from the network, for the fuzz targets (`fuzz/`).
+pub mod inspect {
+    pub use super::{ChunkError, ChunkedEnd, MAX_CHUNK_LINE, MAX_TRAILERS};
+
+    /// What the fast path does with a request head at the start of a buffer.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Request {
+        /// Not complete yet: read more.
+        Partial,
+        /// Forwarded by the fast path.
+        Forward {
+            head_len: usize,
+            body_len: u64,
+            close: bool,
+            method: String,
+            target: String,
+            /// The fields, as they go to routing.
+            fields: Vec<(String, Vec<u8>)>,
+        },
+        /// Given to hyper with the connection.
+        Hyper,
+    }
+
+    pub fn request(buf: &[u8]) -> Request {
+        match super::parse_request(buf) {
+            super::Parsed::Partial => Request::Partial,
+            super::Parsed::NotForUs => Request::Hyper,
+            super::Parsed::Request(head) => Request::Forward {
+                head_len: head.head_len,
+                body_len: head.body_len,
+                close: head.close,
+                method: head.parts.method.to_string(),
+                target: head.parts.uri.to_string(),
+                fields: head
+                    .parts
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+                    .collect(),
+            },
+        }
+    }
+
+    /// How a response body is delimited.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Framing {
+        None,
+        Length(u64),
+        Chunked,
+        UntilClose,
+    }
+
+    /// A response head at the start of a buffer: `Ok(None)` while incomplete, else its
+    /// length, status, framing and whether the upstream connection ends after it.
+    pub fn response(buf: &[u8]) -> Result<Option<(usize, u16, Framing, bool)>, String> {
+        let head = super::parse_response(buf).map_err(|e| e.to_string())?;
+        Ok(head.map(|h| {
+            let framing = match h.framing {
+                super::Framing::None => Framing::None,
+                super::Framing::Length(n) => Framing::Length(n),
+                super::Framing::Chunked => Framing::Chunked,
+                super::Framing::UntilClose => Framing::UntilClose,
+            };
+            (h.head_len, h.status.as_u16(), framing, h.close)
+        }))
     }
 }
 

@@ -14,7 +14,7 @@
 //! to the hyper path below for anything more.
 pub mod client;
 pub mod detect;
-mod fast_path;
+pub mod fast_path;
 pub mod inbound;
 pub mod runtime;
 pub mod trace;
