@@ -46,9 +46,14 @@ fn check_request(data: &[u8]) {
     let lengths: Vec<_> = named("content-length").collect();
     match lengths.as_slice() {
         [] => assert_eq!(body_len, 0),
+        // Decimal digits only (leading zeros allowed, as in RFC 9110's `1*DIGIT`).
         [(_, value)] => assert_eq!(
-            std::str::from_utf8(value).ok().map(str::trim),
-            Some(body_len.to_string().as_str()),
+            std::str::from_utf8(value)
+                .ok()
+                .map(str::trim)
+                .filter(|v| v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok()),
+            Some(body_len),
             "{fields:?}"
         ),
         more => panic!("{} content-lengths forwarded", more.len()),
