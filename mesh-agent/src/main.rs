@@ -360,6 +360,17 @@ async fn run(options: &RunOptions) -> anyhow::Result<Vec<std::thread::JoinHandle
             if closed > 0 {
                 tracing::debug!(closed, "idle HBONE connections let go");
             }
+            let closed: usize = reaper_inputs
+                .local_pods
+                .load()
+                .values()
+                .flat_map(|pod| pod.http_clients.iter())
+                .filter_map(|clients| clients.get())
+                .map(|clients| clients.idle_http1.close_expired())
+                .sum();
+            if closed > 0 {
+                tracing::debug!(closed, "idle HTTP/1.1 fast-path connections let go");
+            }
         }
     });
     let mut enrolment = Enrolment::new(redirector, inputs.clone(), inherited_listeners);

@@ -271,8 +271,8 @@ const MAX_IDLE_HTTP1: usize = 64;
 /// Idle upstream HTTP/1.1 connections of the fast path, kept between downstream
 /// connections so that a client opening one connection per request (curl, many HTTP
 /// libraries) does not open one upstream too. Expired ones are dropped whenever the list
-/// is used; each holds its destination's connection permit while it waits, as the
-/// pooled client's idle connections do.
+/// is used and by the agent's periodic reaper; each holds its destination's connection
+/// permit while it waits, as the pooled client's idle connections do.
 #[derive(Default)]
 pub struct IdleConnections {
     idle: Mutex<Vec<IdleConnection>>,
@@ -297,6 +297,17 @@ impl IdleConnections {
             }
         }
         None
+    }
+
+    /// Closes the connections idle for longer than the pool's idle timeout (the agent's
+    /// reaper calls this, so that a pod that went quiet lets them and their permits go);
+    /// returns how many.
+    pub fn close_expired(&self) -> usize {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let before = idle.len();
+        let now = std::time::Instant::now();
+        idle.retain(|c| now.duration_since(c.since) < POOL_IDLE_TIMEOUT);
+        before - idle.len()
     }
 
     /// Parks a connection that finished its last response cleanly.
