@@ -34,9 +34,9 @@ use tracing::debug;
 
 use super::{
     AccessLog, Downstream, EndpointOutcome, FAILURE_LATENCY_PENALTY, HEADER_READ_TIMEOUT,
-    MAX_HEADER_BYTES, RESPONSE_FLAGS_HEADER, authorize_request,
+    MAX_HEADER_BYTES, RESPONSE_FLAGS_HEADER, attempt_timeout,
     client::{DESTINATION, Http1Connection, overflow_in},
-    log_request, strip_hop_by_hop, trace,
+    denied_here, log_request, rate_limited, record_answer, strip_hop_by_hop, trace,
 };
 use crate::{
     resilience::Overflow,
@@ -329,28 +329,14 @@ impl Connection<'_> {
             return Ok(Err(no_upstream()));
         };
         log.upstream = Some(endpoint.addr);
-        if let Some(rule) = rule
-            && let Some(limit) = &rule.rate_limit
-            && !inputs.l7.rate_limit(
-                &rule.label,
-                &endpoint.addr,
-                f64::from(limit.requests_per_second),
-                limit.burst,
-                Instant::now(),
-            )
-        {
+        if rule.is_some_and(|r| rate_limited(inputs, r, endpoint.addr)) {
             return Ok(Err(LocalAnswer::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "RL",
                 "local rate limit",
             )));
         }
-        let mesh = inputs.mesh.load();
-        if let Some(dst_pod) = mesh
-            .pod_by_ip(endpoint.addr.ip())
-            .filter(|w| w.enrolled && w.is_on(&mesh.node))
-            && !authorize_request(&mesh, d, dst_pod, endpoint.addr.port(), parts)
-        {
+        if denied_here(&inputs.mesh.load(), d, endpoint.addr, parts) {
             return Ok(Err(LocalAnswer::new(
                 StatusCode::FORBIDDEN,
                 "RBAC",
@@ -361,12 +347,7 @@ impl Connection<'_> {
         // The route's timeouts bound the wait for the response head, as on the hyper path.
         let deadline = rule.and_then(|r| r.timeouts.request).map(|t| started + t);
         let per_try = rule.and_then(|r| r.timeouts.backend_request);
-        let limit = match (per_try, deadline) {
-            (Some(t), Some(dl)) => Some(t.min(dl.saturating_duration_since(Instant::now()))),
-            (Some(t), None) => Some(t),
-            (None, Some(dl)) => Some(dl.saturating_duration_since(Instant::now())),
-            (None, None) => None,
-        };
+        let limit = attempt_timeout(per_try, deadline);
         let outstanding = endpoint.stats.stats.start();
         let attempt_started = Instant::now();
         let exchange = DESTINATION.scope(runtime.clone(), self.exchange(endpoint.addr, parts));
@@ -415,20 +396,12 @@ impl Connection<'_> {
                 )));
             }
         };
-        let is_5xx = response.status.is_server_error();
-        // A failing endpoint must not look fast to least-request balancing.
-        outstanding.finish(if is_5xx {
-            FAILURE_LATENCY_PENALTY
-        } else {
-            attempt_started.elapsed()
-        });
-        runtime.record(
+        record_answer(
+            &runtime,
             &endpoint,
-            if is_5xx {
-                EndpointOutcome::Http5xx
-            } else {
-                EndpointOutcome::Success
-            },
+            outstanding,
+            attempt_started,
+            response.status,
             endpoints.len(),
         );
         let no_body = parts.method == Method::HEAD

@@ -686,28 +686,14 @@ async fn route_and_forward(
             );
         };
         log.upstream = Some(endpoint.addr);
-        if attempt == 0
-            && let (Some(rule), Some(limit)) = (rule, rule.and_then(|r| r.rate_limit.as_ref()))
-            && !inputs.l7.rate_limit(
-                &rule.label,
-                &endpoint.addr,
-                f64::from(limit.requests_per_second),
-                limit.burst,
-                Instant::now(),
-            )
-        {
+        if attempt == 0 && rule.is_some_and(|r| rate_limited(inputs, r, endpoint.addr)) {
             return (
                 StatusCode::TOO_MANY_REQUESTS,
                 "RL",
                 local_response(StatusCode::TOO_MANY_REQUESTS, "RL", "local rate limit"),
             );
         }
-        // Endpoints this agent delivers to itself are authorized here, per request.
-        if let Some(dst_pod) = mesh
-            .pod_by_ip(endpoint.addr.ip())
-            .filter(|w| w.enrolled && w.is_on(&mesh.node))
-            && !authorize_request(&mesh, d, dst_pod, endpoint.addr.port(), &parts)
-        {
+        if denied_here(&mesh, d, endpoint.addr, &parts) {
             return (
                 StatusCode::FORBIDDEN,
                 "RBAC",
@@ -759,12 +745,7 @@ async fn route_and_forward(
 
         let outstanding = endpoint.stats.stats.start();
         let attempt_started = Instant::now();
-        let try_timeout = match (per_try_timeout, deadline) {
-            (Some(t), Some(dl)) => Some(t.min(dl.saturating_duration_since(Instant::now()))),
-            (Some(t), None) => Some(t),
-            (None, Some(dl)) => Some(dl.saturating_duration_since(Instant::now())),
-            (None, None) => None,
-        };
+        let try_timeout = attempt_timeout(per_try_timeout, deadline);
         let sent = client::DESTINATION.scope(runtime.clone(), client.request(upstream_req));
         let result = match try_timeout {
             Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| TimedOut),
@@ -773,21 +754,12 @@ async fn route_and_forward(
         let (outcome, retriable) = match result {
             Ok(Ok(mut response)) => {
                 let status = response.status();
-                let is_5xx = status.is_server_error();
-                // A failing endpoint must not look fast to least-request balancing: a 5xx
-                // counts as a slow answer.
-                outstanding.finish(if is_5xx {
-                    FAILURE_LATENCY_PENALTY
-                } else {
-                    attempt_started.elapsed()
-                });
-                runtime.record(
+                record_answer(
+                    &runtime,
                     &endpoint,
-                    if is_5xx {
-                        EndpointOutcome::Http5xx
-                    } else {
-                        EndpointOutcome::Success
-                    },
+                    outstanding,
+                    attempt_started,
+                    status,
                     endpoints.len(),
                 );
                 let retriable = retry.is_some_and(|r| r.retries_status(status.as_u16()));
@@ -904,6 +876,74 @@ async fn route_and_forward(
     }
     let (status, flags, detail) = last_failure;
     (status, flags, local_response(status, flags, &detail))
+}
+
+/// Whether the rule's local rate limit (per endpoint) refuses one more request now.
+fn rate_limited(
+    inputs: &ProxyInputs,
+    rule: &crate::route::RouteRule,
+    endpoint: SocketAddr,
+) -> bool {
+    rule.rate_limit.as_ref().is_some_and(|limit| {
+        !inputs.l7.rate_limit(
+            &rule.label,
+            &endpoint,
+            f64::from(limit.requests_per_second),
+            limit.burst,
+            Instant::now(),
+        )
+    })
+}
+
+/// Endpoints this agent delivers to itself are authorized here, per request: whether the
+/// destination's policies deny this one (logged and counted).
+fn denied_here(
+    mesh: &Mesh,
+    d: &Downstream,
+    endpoint: SocketAddr,
+    parts: &http::request::Parts,
+) -> bool {
+    mesh.pod_by_ip(endpoint.ip())
+        .filter(|w| w.enrolled && w.is_on(&mesh.node))
+        .is_some_and(|dst_pod| !authorize_request(mesh, d, dst_pod, endpoint.port(), parts))
+}
+
+/// How long one attempt may wait for its response head: the per-try timeout, cut to what
+/// is left of the whole request's deadline.
+fn attempt_timeout(per_try: Option<Duration>, deadline: Option<Instant>) -> Option<Duration> {
+    match (per_try, deadline) {
+        (Some(t), Some(dl)) => Some(t.min(dl.saturating_duration_since(Instant::now()))),
+        (Some(t), None) => Some(t),
+        (None, Some(dl)) => Some(dl.saturating_duration_since(Instant::now())),
+        (None, None) => None,
+    }
+}
+
+/// Records an upstream's answer for balancing and outlier detection. A failing endpoint
+/// must not look fast to least-request balancing: a 5xx counts as a slow answer.
+fn record_answer(
+    runtime: &runtime::ServiceRuntime,
+    endpoint: &runtime::Endpoint,
+    outstanding: crate::resilience::Outstanding,
+    attempt_started: Instant,
+    status: StatusCode,
+    pool_size: usize,
+) {
+    let is_5xx = status.is_server_error();
+    outstanding.finish(if is_5xx {
+        FAILURE_LATENCY_PENALTY
+    } else {
+        attempt_started.elapsed()
+    });
+    runtime.record(
+        endpoint,
+        if is_5xx {
+            EndpointOutcome::Http5xx
+        } else {
+            EndpointOutcome::Success
+        },
+        pool_size,
+    );
 }
 
 /// Whether the client's own request body broke (bad chunking, early close) rather than the
