@@ -339,9 +339,23 @@ fn retries_turn_a_flaky_backend_into_success_and_timeouts_fire() -> anyhow::Resu
         service("backend", &shop.vip.to_string(), "app: backend", "")
     );
     let mut agent = Agent::start("retry", &shop.config(&extra))?;
-    let (code, resp) = curl(&shop.client, &[&shop.url("/work")])?;
+    // A POST: its body is sent again with each attempt. (From a file: curl's arguments
+    // show up in failure messages.)
+    let body = std::env::temp_dir().join(format!("trellis-retry-body-{}", std::process::id()));
+    std::fs::write(&body, "b".repeat(20_000))?;
+    let result = curl(
+        &shop.client,
+        &[
+            "--data-binary",
+            &format!("@{}", body.display()),
+            &shop.url("/work"),
+        ],
+    );
+    let _ = std::fs::remove_file(&body);
+    let (code, resp) = result?;
+    let answer = json_body(&resp)?;
     ensure!(
-        code == 200 && json_body(&resp)?["name"] == "flaky",
+        code == 200 && answer["name"] == "flaky" && answer["body_bytes"] == 20_000,
         "retry: {code} {resp}"
     );
     let log = agent.wait_for_event("the retried request's log", |e| {

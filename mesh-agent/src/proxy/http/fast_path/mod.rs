@@ -1,9 +1,9 @@
 //! The HTTP/1.1 fast path: one task per downstream connection reads each request head
 //! (httparse), takes it through the same steps as the hyper path (route, redirect, request
 //! filters, fault injection, weighted backend, P2C endpoint, circuit breaker, rate limit,
-//! local-delivery authorization, request id and trace context, timeouts, outlier records,
-//! metrics and access log), writes it to an upstream connection the same task owns, and
-//! passes the response through as it arrives.
+//! local-delivery authorization, request id and trace context, timeouts, retries with
+//! backoff and budget, outlier records, metrics and access log), writes it to an upstream
+//! connection the same task owns, and passes the response through as it arrives.
 //!
 //! Why: a request on the hyper path crosses four tasks (server connection, service, client
 //! dispatch, client connection); here it stays in one, which costs less CPU per request
@@ -12,10 +12,9 @@
 //! The first request that needs more hands the connection, with every byte read from it
 //! and not yet forwarded, to the hyper path for the rest of its life ([`Handover`]): bodies
 //! that are not one plain `Content-Length` (chunked, `Expect`), upgrades, HTTP/1.0, targets
-//! that are not origin-form, heads that do not parse or exceed 64 KiB, routes with retries
-//! (they need a replayable body), backends that speak HTTP/2, and route configuration
-//! errors. So malformed input (the request smuggling shapes included) gets hyper's answers
-//! (400, 431) whichever path the connection started on.
+//! that are not origin-form, heads that do not parse or exceed 64 KiB, backends that speak
+//! HTTP/2, and route configuration errors. So malformed input (the request smuggling shapes
+//! included) gets hyper's answers (400, 431) whichever path the connection started on.
 use std::{io, time::Instant};
 
 use bytes::{Buf as _, Bytes, BytesMut};
@@ -29,12 +28,12 @@ use tracing::debug;
 
 use super::{
     AccessLog, Downstream, EndpointOutcome, FAILURE_LATENCY_PENALTY, HEADER_READ_TIMEOUT,
-    MAX_HEADER_BYTES, RESPONSE_FLAGS_HEADER, attempt_timeout,
+    MAX_HEADER_BYTES, MAX_RETRY_BODY, RESPONSE_FLAGS_HEADER, attempt_timeout,
     client::{DESTINATION, Http1Connection, overflow_in},
     denied_here, log_request, rate_limited, record_answer, strip_hop_by_hop, trace,
 };
 use crate::{
-    resilience::Overflow,
+    resilience::{Backoff, Overflow},
     route::{Filter, RouteDecision, RouteRule},
     service::{AppProtocol, Service, ServicePort},
 };
@@ -70,6 +69,7 @@ pub(super) async fn serve(client: TcpStream, d: &Downstream) -> Option<Handover>
         rng: fastrand::Rng::new(),
         out: Vec::with_capacity(4096),
         body_left: 0,
+        replay_body: None,
     };
     let next = loop {
         match conn.next_request().await {
@@ -112,6 +112,8 @@ struct Connection<'a> {
     out: Vec<u8>,
     /// Body bytes of the current request not yet forwarded (or skipped).
     body_left: u64,
+    /// The current request's body, read whole so that a retry can send it again.
+    replay_body: Option<Bytes>,
 }
 
 struct Upstream {
@@ -169,11 +171,6 @@ impl Connection<'_> {
                     )),
                 ),
                 RouteDecision::Matched(rule, matched) => {
-                    // Retries need the whole request (a replayable body, attempts whose
-                    // responses are dropped): hyper's.
-                    if rule.retry.is_some() {
-                        return Ok(Next::Handover);
-                    }
                     if let Some(redirect) = rule.redirect(&parts, &matched, d.port.port) {
                         (
                             Some(rule),
@@ -266,7 +263,7 @@ impl Connection<'_> {
             backend_port,
             endpoints,
             started,
-            close_after,
+            close_after: _,
         } = *route;
         if let Some(fault) = rule.and_then(|r| r.fault.as_ref()) {
             let decision = fault.sample(&mut self.rng);
@@ -289,87 +286,157 @@ impl Connection<'_> {
             Err(overflow) => return Ok(Err(overflow_answer(&overflow))),
         };
         runtime.budget.deposit(Instant::now());
-        log.attempts = 1;
-        let Some(endpoint) = runtime.pick(endpoints, backend_port.target_port, &mut self.rng)
-        else {
-            return Ok(Err(no_upstream()));
+        let retry = rule.and_then(|r| r.retry.as_ref());
+        // A request that may be sent again has its body (up to 64 KiB) read whole first;
+        // a larger one streams and is sent once, as on the hyper path.
+        self.replay_body = None;
+        if retry.is_some() && self.body_left <= MAX_RETRY_BODY as u64 {
+            self.replay_body = Some(self.read_body_for_replay().await?);
+        }
+        let max_attempts = match (retry, &self.replay_body) {
+            (Some(retry), Some(_)) => 1 + retry.attempts,
+            _ => 1,
         };
-        log.upstream = Some(endpoint.addr);
-        if rule.is_some_and(|r| rate_limited(inputs, r, endpoint.addr)) {
-            return Ok(Err(LocalAnswer::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "RL",
-                "local rate limit",
-            )));
-        }
-        if denied_here(&inputs.mesh.load(), d, endpoint.addr, parts) {
-            return Ok(Err(LocalAnswer::new(
-                StatusCode::FORBIDDEN,
-                "RBAC",
-                "RBAC: access denied",
-            )));
-        }
-        strip_hop_by_hop(&mut parts.headers, false);
-        // The route's timeouts bound the wait for the response head, as on the hyper path.
+        let backoff = retry.map(|r| Backoff::new(r.backoff, r.backoff.saturating_mul(10)));
         let deadline = rule.and_then(|r| r.timeouts.request).map(|t| started + t);
-        let per_try = rule.and_then(|r| r.timeouts.backend_request);
-        let limit = attempt_timeout(per_try, deadline);
-        let outstanding = endpoint.stats.stats.start();
-        let attempt_started = Instant::now();
-        let exchange = DESTINATION.scope(runtime.clone(), self.exchange(endpoint.addr, parts));
-        let exchange = match limit {
-            None => exchange.await,
-            Some(limit) => match tokio::time::timeout(limit, exchange).await {
-                Ok(exchange) => exchange,
-                Err(_) => {
+        let per_try = retry
+            .and_then(|r| r.per_try_timeout)
+            .or_else(|| rule.and_then(|r| r.timeouts.backend_request));
+        let request_timeout = || {
+            LocalAnswer::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "UT",
+                "upstream request timeout",
+            )
+        };
+        strip_hop_by_hop(&mut parts.headers, false);
+        let mut last_failure = no_upstream();
+        for attempt in 0..max_attempts {
+            log.attempts = attempt + 1;
+            let Some(endpoint) = runtime.pick(endpoints, backend_port.target_port, &mut self.rng)
+            else {
+                return Ok(Err(no_upstream()));
+            };
+            log.upstream = Some(endpoint.addr);
+            if attempt == 0 && rule.is_some_and(|r| rate_limited(inputs, r, endpoint.addr)) {
+                return Ok(Err(LocalAnswer::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "RL",
+                    "local rate limit",
+                )));
+            }
+            if denied_here(&inputs.mesh.load(), d, endpoint.addr, parts) {
+                return Ok(Err(LocalAnswer::new(
+                    StatusCode::FORBIDDEN,
+                    "RBAC",
+                    "RBAC: access denied",
+                )));
+            }
+            // The route's timeouts bound the wait for the response head, as on the hyper
+            // path.
+            let limit = attempt_timeout(per_try, deadline);
+            let outstanding = endpoint.stats.stats.start();
+            let attempt_started = Instant::now();
+            let exchange = DESTINATION.scope(runtime.clone(), self.exchange(endpoint.addr, parts));
+            let exchange = match limit {
+                None => Ok(exchange.await),
+                Some(limit) => tokio::time::timeout(limit, exchange).await,
+            };
+            let (failure, retriable) = match exchange {
+                Err(_elapsed) => {
                     drop(outstanding);
-                    let message = if deadline.is_some_and(|dl| Instant::now() >= dl) {
-                        "upstream request timeout"
-                    } else {
-                        "upstream per-try timeout"
-                    };
-                    return Ok(Err(LocalAnswer::new(
+                    if deadline.is_some_and(|dl| Instant::now() >= dl) {
+                        return Ok(Err(request_timeout()));
+                    }
+                    let failure = LocalAnswer::new(
                         StatusCode::GATEWAY_TIMEOUT,
                         "UT",
-                        message,
-                    )));
+                        "upstream per-try timeout",
+                    );
+                    (failure, retry.is_some())
                 }
-            },
-        };
-        let (mut up, response) = match exchange {
-            Ok(ok) => ok,
-            Err(ExchangeError::Overflow(overflow)) => {
-                drop(outstanding);
-                return Ok(Err(overflow_answer(&overflow)));
+                Ok(Ok((up, response))) => {
+                    record_answer(
+                        &runtime,
+                        &endpoint,
+                        outstanding,
+                        attempt_started,
+                        response.status,
+                        endpoints.len(),
+                    );
+                    let status = response.status;
+                    let retriable = retry.is_some_and(|r| r.retries_status(status.as_u16()));
+                    if !retriable
+                        || attempt + 1 == max_attempts
+                        || !runtime.budget.try_withdraw(Instant::now())
+                    {
+                        let next = self
+                            .finish_response(up, &response, parts, route, log)
+                            .await?;
+                        return Ok(Ok(next));
+                    }
+                    // The answer is dropped unread, and its connection with it.
+                    drop(up);
+                    let failure =
+                        LocalAnswer::new(status, "URX", &format!("upstream answered {status}"));
+                    (failure, true)
+                }
+                Ok(Err(ExchangeError::Overflow(overflow))) => {
+                    drop(outstanding);
+                    return Ok(Err(overflow_answer(&overflow)));
+                }
+                Ok(Err(ExchangeError::Client(e))) => return Err(e),
+                Ok(Err(ExchangeError::Connect(e))) => {
+                    outstanding.finish(FAILURE_LATENCY_PENALTY);
+                    runtime.record(&endpoint, EndpointOutcome::ConnectFailure, endpoints.len());
+                    let failure = LocalAnswer::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UF",
+                        &format!("upstream connect error: {e}"),
+                    );
+                    (failure, retry.is_some_and(|r| r.retry_on_connect_failure))
+                }
+                Ok(Err(ExchangeError::Upstream(e))) => {
+                    outstanding.finish(FAILURE_LATENCY_PENALTY);
+                    runtime.record(&endpoint, EndpointOutcome::Http5xx, endpoints.len());
+                    // A reset before any response is retried like a connect failure.
+                    let failure = LocalAnswer::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UR",
+                        &format!("upstream error: {e}"),
+                    );
+                    (failure, retry.is_some_and(|r| r.retry_on_connect_failure))
+                }
+            };
+            last_failure = failure;
+            if !retriable
+                || attempt + 1 == max_attempts
+                || !runtime.budget.try_withdraw(Instant::now())
+            {
+                break;
             }
-            Err(ExchangeError::Client(e)) => return Err(e),
-            Err(ExchangeError::Connect(e)) => {
-                outstanding.finish(FAILURE_LATENCY_PENALTY);
-                runtime.record(&endpoint, EndpointOutcome::ConnectFailure, endpoints.len());
-                return Ok(Err(LocalAnswer::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UF",
-                    &format!("upstream connect error: {e}"),
-                )));
+            let delay = backoff
+                .as_ref()
+                .map(|b| b.delay(attempt, &mut self.rng))
+                .unwrap_or_default();
+            if deadline.is_some_and(|dl| Instant::now() + delay >= dl) {
+                return Ok(Err(request_timeout()));
             }
-            Err(ExchangeError::Upstream(e)) => {
-                outstanding.finish(FAILURE_LATENCY_PENALTY);
-                runtime.record(&endpoint, EndpointOutcome::Http5xx, endpoints.len());
-                return Ok(Err(LocalAnswer::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UR",
-                    &format!("upstream error: {e}"),
-                )));
-            }
-        };
-        record_answer(
-            &runtime,
-            &endpoint,
-            outstanding,
-            attempt_started,
-            response.status,
-            endpoints.len(),
-        );
+            tokio::time::sleep(delay).await;
+        }
+        Ok(Err(last_failure))
+    }
+
+    /// Relays the response that ends the request, logs it, and keeps its upstream
+    /// connection for the next request when it ended cleanly.
+    async fn finish_response(
+        &mut self,
+        mut up: Upstream,
+        response: &ResponseHead,
+        parts: &http::request::Parts,
+        route: &RoutedRequest<'_>,
+        log: &AccessLog<'_>,
+    ) -> io::Result<Next> {
         let no_body = parts.method == Method::HEAD
             || response.status == StatusCode::NO_CONTENT
             || response.status == StatusCode::NOT_MODIFIED;
@@ -378,30 +445,47 @@ impl Connection<'_> {
         } else {
             response.framing
         };
-        let close_downstream = close_after || framing == Framing::UntilClose;
+        let close_downstream = route.close_after || framing == Framing::UntilClose;
         let relayed = self
-            .relay_response(&mut up, &response, framing, rule, close_downstream)
+            .relay_response(&mut up, response, framing, route.rule, close_downstream)
             .await;
         log_request(
-            d,
+            self.d,
             log,
             response.status,
             "-",
-            started,
+            route.started,
             response.declared_length,
         );
         relayed?;
         if !response.close && framing != Framing::UntilClose && up.buf.is_empty() {
             up.reused = true;
             if let Some(previous) = self.upstream.replace(up) {
-                d.clients.idle_http1.put(previous.endpoint, previous.io);
+                self.d
+                    .clients
+                    .idle_http1
+                    .put(previous.endpoint, previous.io);
             }
         }
-        Ok(Ok(if close_downstream {
+        Ok(if close_downstream {
             Next::Close
         } else {
             Next::Request
-        }))
+        })
+    }
+
+    /// Reads the rest of the request body (at most [`MAX_RETRY_BODY`]) so that it can be
+    /// sent more than once.
+    async fn read_body_for_replay(&mut self) -> io::Result<Bytes> {
+        let len = usize::try_from(self.body_left).map_err(io::Error::other)?;
+        while self.from_client.len() < len {
+            self.from_client.reserve(len - self.from_client.len());
+            if self.client.read_buf(&mut self.from_client).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        self.body_left = 0;
+        Ok(self.from_client.split_to(len).freeze())
     }
 
     /// Reads until the buffer holds a whole request head; `None` when the client closed
@@ -506,7 +590,12 @@ impl Connection<'_> {
     ) -> Result<ResponseHead, ExchangeError> {
         // The head and what the client already sent of the body, in one write.
         let buffered = self.body_left.min(self.from_client.len() as u64) as usize;
-        let sent = if buffered == 0 {
+        let sent = if let Some(body) = self.replay_body.as_ref().filter(|b| !b.is_empty()) {
+            let mut first = Vec::with_capacity(self.out.len() + body.len());
+            first.extend_from_slice(&self.out);
+            first.extend_from_slice(body);
+            up.io.write_all(&first).await
+        } else if buffered == 0 {
             up.io.write_all(&self.out).await
         } else {
             let mut first = Vec::with_capacity(self.out.len() + buffered);
