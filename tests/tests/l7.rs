@@ -376,6 +376,59 @@ fn retries_turn_a_flaky_backend_into_success_and_timeouts_fire() -> anyhow::Resu
     Ok(())
 }
 
+/// Each retry takes one retry from the service's budget (10 a second over a 10 s window,
+/// plus a fifth of the requests): 30 requests to an endpoint that always fails, with 3
+/// retries each, fit in it, so every request makes all 4 attempts, on the fast path and on
+/// the hyper path alike. (Charging a retry twice would run the budget dry halfway.)
+#[test]
+fn the_retry_budget_charges_each_retry_once() -> anyhow::Result<()> {
+    let shop = Shop::new(&[("failing", &[("app", "backend")])])?;
+    let _b = backend(&shop.backends[0].0, "failing", &["--fail-first", "100000"])?;
+    let extra = format!(
+        "services:\n{}httpRoutes:\n  - name: retried\n    namespace: shop\n    parentRefs: [{{name: backend}}]\n    rules:\n      - retry: {{attempts: 3, codes: [503], backoff: 1ms}}\n",
+        service("backend", &shop.vip.to_string(), "app: backend", "")
+    );
+    let requests = 30;
+    let mut served_before = 0;
+    for (name, env) in [
+        ("budget-fast", &[][..]),
+        ("budget-hyper", &[("TRELLIS_HTTP1_FAST_PATH", "off")][..]),
+    ] {
+        let mut agent = Agent::start_with_env(name, &shop.config(&extra), None, env)?;
+        let script = format!(
+            r#"
+import http.client, json
+conn = http.client.HTTPConnection("{vip}", 80, timeout=20)
+statuses = []
+for i in range({requests}):
+    conn.request("GET", "/always-failing")
+    r = conn.getresponse()
+    r.read()
+    statuses.append(r.status)
+conn.request("GET", "/count")
+print(json.dumps({{"statuses": statuses, "served": int(conn.getresponse().read())}}))
+"#,
+            vip = shop.vip
+        );
+        let r: Value = serde_json::from_str(&shop.client.python(&script)?)?;
+        let served = r["served"].as_u64().context("served")? - served_before;
+        served_before += served;
+        ensure!(
+            r["statuses"]
+                .as_array()
+                .is_some_and(|s| s.len() == requests && s.iter().all(|status| status == 503)),
+            "{name}: {r}"
+        );
+        ensure!(
+            served == 4 * requests as u64,
+            "{name}: the backend served {served} attempts for {requests} requests, expected {}",
+            4 * requests
+        );
+        agent.terminate()?;
+    }
+    Ok(())
+}
+
 #[test]
 fn fault_injection_delays_and_aborts_the_configured_share() -> anyhow::Result<()> {
     let shop = Shop::new(&[("b", &[("app", "backend")])])?;

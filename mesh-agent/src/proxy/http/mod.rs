@@ -751,6 +751,8 @@ async fn route_and_forward(
             Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| TimedOut),
             None => Ok(sent.await),
         };
+        // Whether the retry was already paid for from the budget (a retriable status).
+        let mut budget_taken = false;
         let (outcome, retriable) = match result {
             Ok(Ok(mut response)) => {
                 let status = response.status();
@@ -787,6 +789,7 @@ async fn route_and_forward(
                         Response::from_parts(rp, rb.map_err(|e| Box::new(e) as BoxError).boxed()),
                     );
                 }
+                budget_taken = true;
                 ((status, "URX", format!("upstream answered {status}")), true)
             }
             Ok(Err(e)) if is_request_body_error(&e) => {
@@ -853,7 +856,9 @@ async fn route_and_forward(
             }
         };
         last_failure = outcome;
-        if !retriable || attempt + 1 == max_attempts || !runtime.budget.try_withdraw(Instant::now())
+        if !retriable
+            || attempt + 1 == max_attempts
+            || !(budget_taken || runtime.budget.try_withdraw(Instant::now()))
         {
             break;
         }

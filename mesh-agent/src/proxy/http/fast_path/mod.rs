@@ -342,6 +342,8 @@ impl Connection<'_> {
                 None => Ok(exchange.await),
                 Some(limit) => tokio::time::timeout(limit, exchange).await,
             };
+            // Whether the retry was already paid for from the budget (a retriable status).
+            let mut budget_taken = false;
             let (failure, retriable) = match exchange {
                 Err(_elapsed) => {
                     drop(outstanding);
@@ -377,6 +379,7 @@ impl Connection<'_> {
                     }
                     // The answer is dropped unread, and its connection with it.
                     drop(up);
+                    budget_taken = true;
                     let failure =
                         LocalAnswer::new(status, "URX", &format!("upstream answered {status}"));
                     (failure, true)
@@ -411,7 +414,7 @@ impl Connection<'_> {
             last_failure = failure;
             if !retriable
                 || attempt + 1 == max_attempts
-                || !runtime.budget.try_withdraw(Instant::now())
+                || !(budget_taken || runtime.budget.try_withdraw(Instant::now()))
             {
                 break;
             }
