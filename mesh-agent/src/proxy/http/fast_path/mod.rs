@@ -236,7 +236,7 @@ impl Connection<'_> {
         let skip = self.body_left.min(self.from_client.len() as u64);
         self.from_client.advance(skip as usize);
         let unread = self.body_left - skip;
-        let close = close_after || answer.close || unread > MAX_HEADER_BYTES as u64;
+        let close = close_after || unread > MAX_HEADER_BYTES as u64;
         if !close && unread > 0 {
             self.discard_client_body(unread).await?;
         }
@@ -761,8 +761,6 @@ struct LocalAnswer {
     flags: &'static str,
     headers: HeaderMap,
     body: String,
-    /// The connection closes after it.
-    close: bool,
 }
 
 impl LocalAnswer {
@@ -775,7 +773,6 @@ impl LocalAnswer {
             flags,
             headers,
             body: format!("{message}\n"),
-            close: false,
         }
     }
 
@@ -786,7 +783,6 @@ impl LocalAnswer {
             flags: "-",
             headers: parts.headers,
             body: String::new(),
-            close: false,
         }
     }
 }
