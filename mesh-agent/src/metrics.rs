@@ -324,6 +324,65 @@ pub enum RejectReason {
     NodeLimit,
 }
 
+/// Why an HTTP/1.1 connection left the fast path for hyper (`proxy::http::fast_path`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum HandoverReason {
+    /// A body that is not one plain `Content-Length`: chunked, `Expect`, conflicting or
+    /// malformed lengths.
+    Body,
+    /// `Upgrade` (WebSocket and friends).
+    Upgrade,
+    /// Not HTTP/1.1: HTTP/1.0, or an HTTP/2 preface on an `http` port.
+    Version,
+    /// Not an origin-form target: `CONNECT`, absolute-form, `*`.
+    Target,
+    /// A head that does not parse, or lacks exactly one `Host`.
+    Malformed,
+    /// A head over 64 KiB or with too many fields.
+    HeadSize,
+    /// The chosen backend speaks HTTP/2.
+    Http2Backend,
+    /// The route names a backend that does not exist (hyper answers 500).
+    RouteConfig,
+}
+
+impl HandoverReason {
+    pub const ALL: [HandoverReason; 8] = [
+        Self::Body,
+        Self::Upgrade,
+        Self::Version,
+        Self::Target,
+        Self::Malformed,
+        Self::HeadSize,
+        Self::Http2Backend,
+        Self::RouteConfig,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Body => "body",
+            Self::Upgrade => "upgrade",
+            Self::Version => "version",
+            Self::Target => "target",
+            Self::Malformed => "malformed",
+            Self::HeadSize => "head_size",
+            Self::Http2Backend => "http2_backend",
+            Self::RouteConfig => "route_config",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct HandoverLabels {
+    reason: HandoverReason,
+}
+
+impl EncodeLabelSet for HandoverLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        label(encoder, "reason", self.reason.as_str())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct RejectLabels {
     reason: RejectReason,
@@ -399,6 +458,7 @@ pub struct Metrics {
     config_reloads: Family<ReloadLabels, Counter>,
     policy_decisions: Family<PolicyLabels, Counter>,
     connections_rejected: Family<RejectLabels, Counter>,
+    http1_handovers: Family<HandoverLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -488,8 +548,17 @@ impl Metrics {
             "Captured connections reset at accept because a connection limit was reached",
             connections_rejected.clone(),
         );
+        let http1_handovers = Family::<HandoverLabels, Counter>::default();
+        registry.register(
+            "trellis_http1_handovers",
+            "HTTP/1.1 connections the fast path gave to hyper, by the reason of their first request that needed it",
+            http1_handovers.clone(),
+        );
         // Series with a small fixed label space start at 0, so rate() and increase() see the
         // first event.
+        for reason in HandoverReason::ALL {
+            let _ = http1_handovers.get_or_create(&HandoverLabels { reason });
+        }
         for reason in [RejectReason::PodLimit, RejectReason::NodeLimit] {
             let _ = connections_rejected.get_or_create(&RejectLabels { reason });
         }
@@ -516,7 +585,15 @@ impl Metrics {
             config_reloads,
             policy_decisions,
             connections_rejected,
+            http1_handovers,
         }
+    }
+
+    /// `trellis_http1_handovers_total{reason}`.
+    pub fn http1_handover(&self, reason: HandoverReason) {
+        self.http1_handovers
+            .get_or_create(&HandoverLabels { reason })
+            .inc();
     }
 
     /// `trellis_connections_rejected_total{reason}`.

@@ -1213,6 +1213,18 @@ print(json.dumps(out))
     is("aborted", serde_json::json!([503, "FI"]))?;
     is("head", serde_json::json!([200, "1048576"]))?;
     is("after_head", serde_json::json!(200))?;
+    // The one connection that went to hyper is counted, with its reason.
+    let metrics = http_get(agent.metrics_addr()?, "/metrics")?;
+    ensure!(
+        metrics.contains("trellis_http1_handovers_total{reason=\"body\"} 1\n")
+            && metrics.contains("trellis_http1_handovers_total{reason=\"upgrade\"} 0\n"),
+        "handover metrics: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("handovers"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     // An idle keep-alive connection is closed after the header read timeout (10 s), as
     // hyper closes its own.
     ensure!(

@@ -6,6 +6,7 @@ use std::io;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 
 use crate::{
+    metrics::HandoverReason,
     proxy::http::{MAX_HEADER_BYTES, strip_hop_by_hop},
     route::RouteRule,
 };
@@ -25,7 +26,8 @@ pub(super) struct RequestHead {
 pub(super) enum Parsed {
     Partial,
     Request(Box<RequestHead>),
-    NotForUs,
+    /// Hyper's, for this reason.
+    NotForUs(HandoverReason),
 }
 
 /// A response head as much as the fast path needs of it.
@@ -57,19 +59,21 @@ pub(super) fn parse_request(buf: &[u8]) -> Parsed {
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::NotForUs,
+        Err(httparse::Error::TooManyHeaders) => return Parsed::NotForUs(HandoverReason::HeadSize),
+        Err(httparse::Error::Version) => return Parsed::NotForUs(HandoverReason::Version),
+        Err(_) => return Parsed::NotForUs(HandoverReason::Malformed),
     };
     // hyper answers 431 to a head this large.
     if head_len > MAX_HEADER_BYTES {
-        return Parsed::NotForUs;
+        return Parsed::NotForUs(HandoverReason::HeadSize);
     }
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
-        return Parsed::NotForUs;
+        return Parsed::NotForUs(HandoverReason::Version);
     };
     // Origin-form targets only (`CONNECT`'s authority-form, absolute-form and `*` go to
     // hyper).
     if !target.starts_with('/') || method == "CONNECT" {
-        return Parsed::NotForUs;
+        return Parsed::NotForUs(HandoverReason::Target);
     }
     let mut headers = HeaderMap::with_capacity(req.headers.len() + 2);
     let mut body_len = None;
@@ -77,29 +81,28 @@ pub(super) fn parse_request(buf: &[u8]) -> Parsed {
     let mut hosts = 0;
     for field in req.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
-            return Parsed::NotForUs;
+            return Parsed::NotForUs(HandoverReason::Malformed);
         };
         let Ok(value) = HeaderValue::from_bytes(field.value) else {
-            return Parsed::NotForUs;
+            return Parsed::NotForUs(HandoverReason::Malformed);
         };
         if name == header::CONTENT_LENGTH {
             // One plain decimal length; anything else is hyper's to refuse.
             match (body_len, parse_length(field.value)) {
                 (None, Some(n)) => body_len = Some(n),
-                _ => return Parsed::NotForUs,
+                _ => return Parsed::NotForUs(HandoverReason::Body),
             }
-        } else if name == header::TRANSFER_ENCODING
-            || name == header::UPGRADE
-            || name == header::EXPECT
-        {
-            return Parsed::NotForUs;
+        } else if name == header::TRANSFER_ENCODING || name == header::EXPECT {
+            return Parsed::NotForUs(HandoverReason::Body);
+        } else if name == header::UPGRADE {
+            return Parsed::NotForUs(HandoverReason::Upgrade);
         } else if name == header::CONNECTION {
             for token in field.value.split(|b| *b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
                 } else if token.eq_ignore_ascii_case(b"upgrade") {
-                    return Parsed::NotForUs;
+                    return Parsed::NotForUs(HandoverReason::Upgrade);
                 }
             }
         } else if name == header::HOST {
@@ -108,11 +111,11 @@ pub(super) fn parse_request(buf: &[u8]) -> Parsed {
         headers.append(name, value);
     }
     if hosts != 1 {
-        return Parsed::NotForUs;
+        return Parsed::NotForUs(HandoverReason::Malformed);
     }
     let (Ok(method), Ok(uri)) = (Method::from_bytes(method.as_bytes()), target.parse::<Uri>())
     else {
-        return Parsed::NotForUs;
+        return Parsed::NotForUs(HandoverReason::Malformed);
     };
     let (mut parts, ()) = http::Request::new(()).into_parts();
     parts.method = method;
@@ -437,25 +440,57 @@ mod tests {
 
     #[test]
     fn requests_the_fast_path_does_not_serve_go_to_hyper() {
-        for raw in [
+        use HandoverReason::*;
+        let many_fields = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\n{}\r\n",
+            "a: b\r\n".repeat(100)
+        );
+        let huge_field = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n",
+            "a".repeat(70_000)
+        );
+        for (raw, reason) in [
             // The smuggling shapes and bodies that are not one plain length.
-            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n",
-            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\n",
-            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +4\r\n\r\n",
-            "POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Body,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n",
+                Body,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\n",
+                Body,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +4\r\n\r\n",
+                Body,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+                Body,
+            ),
             // Upgrades, other versions and target forms, missing or doubled Host.
-            "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-            "GET / HTTP/1.0\r\nHost: x\r\n\r\n",
-            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-            "GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
-            "CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
-            "GET / HTTP/1.1\r\n\r\n",
-            "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
-            // Malformed: hyper gives the 400.
-            "GET / HTTP/1.1\r\nHo st: x\r\n\r\n",
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+                Upgrade,
+            ),
+            ("GET / HTTP/1.0\r\nHost: x\r\n\r\n", Version),
+            ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Version),
+            ("GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n", Target),
+            ("CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", Target),
+            ("GET / HTTP/1.1\r\n\r\n", Malformed),
+            ("GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", Malformed),
+            // Malformed or too large: hyper gives the 400 or 431.
+            ("GET / HTTP/1.1\r\nHo st: x\r\n\r\n", Malformed),
+            (many_fields.as_str(), HeadSize),
+            (huge_field.as_str(), HeadSize),
         ] {
-            assert!(matches!(request(raw), Parsed::NotForUs), "{raw:?}");
+            match request(raw) {
+                Parsed::NotForUs(why) => assert_eq!(why, reason, "{raw:?}"),
+                _ => panic!("served: {raw:?}"),
+            }
         }
     }
 

@@ -33,6 +33,7 @@ use super::{
     denied_here, log_request, rate_limited, record_answer, strip_hop_by_hop, trace,
 };
 use crate::{
+    metrics::HandoverReason,
     resilience::{Backoff, Overflow},
     route::{Filter, RouteDecision, RouteRule},
     service::{AppProtocol, Service, ServicePort},
@@ -75,7 +76,7 @@ pub(super) async fn serve(client: TcpStream, d: &Downstream) -> Option<Handover>
         match conn.next_request().await {
             Ok(Next::Request) => continue,
             Ok(Next::Close) => break None,
-            Ok(Next::Handover) => break Some(()),
+            Ok(Next::Handover(reason)) => break Some(reason),
             Err(e) => {
                 debug!(error = %e, "HTTP/1.1 connection ended with an error");
                 break None;
@@ -86,9 +87,16 @@ pub(super) async fn serve(client: TcpStream, d: &Downstream) -> Option<Handover>
     if let Some(up) = conn.upstream.take() {
         d.clients.idle_http1.put(up.endpoint, up.io);
     }
-    next.map(|()| Handover {
-        client: conn.client,
-        buffered: conn.from_client.freeze(),
+    next.map(|reason| {
+        debug!(
+            reason = reason.as_str(),
+            "HTTP/1.1 connection handed to hyper"
+        );
+        d.inputs.metrics.http1_handover(reason);
+        Handover {
+            client: conn.client,
+            buffered: conn.from_client.freeze(),
+        }
     })
 }
 
@@ -96,7 +104,7 @@ pub(super) async fn serve(client: TcpStream, d: &Downstream) -> Option<Handover>
 enum Next {
     Request,
     Close,
-    Handover,
+    Handover(HandoverReason),
 }
 
 /// One downstream connection's state between requests.
@@ -139,7 +147,7 @@ impl Connection<'_> {
     async fn next_request(&mut self) -> io::Result<Next> {
         let head = match self.read_request_head().await? {
             Some(Parsed::Request(head)) => *head,
-            Some(Parsed::NotForUs) => return Ok(Next::Handover),
+            Some(Parsed::NotForUs(reason)) => return Ok(Next::Handover(reason)),
             Some(Parsed::Partial) | None => return Ok(Next::Close),
         };
         let d = self.d;
@@ -186,7 +194,7 @@ impl Connection<'_> {
                             })
                         else {
                             // The hyper path answers these configuration errors (500 NR).
-                            return Ok(Next::Handover);
+                            return Ok(Next::Handover(HandoverReason::RouteConfig));
                         };
                         (Some(rule), Decision::Forward(backend, port))
                     }
@@ -195,7 +203,7 @@ impl Connection<'_> {
         if let Decision::Forward(_, port) = &decision
             && matches!(port.protocol, AppProtocol::Http2 | AppProtocol::Grpc)
         {
-            return Ok(Next::Handover);
+            return Ok(Next::Handover(HandoverReason::Http2Backend));
         }
         // From here on the request is this path's.
         self.from_client.advance(head_len);
@@ -501,7 +509,7 @@ impl Connection<'_> {
             if !self.from_client.is_empty() {
                 match parse_request(&self.from_client) {
                     Parsed::Partial if self.from_client.len() > MAX_HEADER_BYTES => {
-                        return Ok(Some(Parsed::NotForUs));
+                        return Ok(Some(Parsed::NotForUs(HandoverReason::HeadSize)));
                     }
                     Parsed::Partial => {}
                     parsed => return Ok(Some(parsed)),
@@ -904,7 +912,7 @@ pub mod inspect {
     pub fn request(buf: &[u8]) -> Request {
         match super::parse_request(buf) {
             super::Parsed::Partial => Request::Partial,
-            super::Parsed::NotForUs => Request::Hyper,
+            super::Parsed::NotForUs(_) => Request::Hyper,
             super::Parsed::Request(head) => Request::Forward {
                 head_len: head.head_len,
                 body_len: head.body_len,
