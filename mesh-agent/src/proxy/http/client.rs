@@ -288,10 +288,10 @@ impl IdleConnections {
     /// The most recently parked connection to `endpoint` that is still open.
     pub fn take(&self, endpoint: SocketAddr) -> Option<Http1Connection> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::time::Instant::now();
-        idle.retain(|c| now.duration_since(c.since) < POOL_IDLE_TIMEOUT);
+        drop_expired(&mut idle);
         while let Some(at) = idle.iter().rposition(|c| c.endpoint == endpoint) {
-            let mut conn = idle.swap_remove(at);
+            // `remove`, not `swap_remove`: the list stays oldest first.
+            let mut conn = idle.remove(at);
             if still_idle(&mut conn.io) {
                 return Some(conn.io);
             }
@@ -303,11 +303,7 @@ impl IdleConnections {
     /// reaper calls this, so that a pod that went quiet lets them and their permits go);
     /// returns how many.
     pub fn close_expired(&self) -> usize {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let before = idle.len();
-        let now = std::time::Instant::now();
-        idle.retain(|c| now.duration_since(c.since) < POOL_IDLE_TIMEOUT);
-        before - idle.len()
+        drop_expired(&mut self.idle.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Parks a connection that finished its last response cleanly.
@@ -323,6 +319,14 @@ impl IdleConnections {
             io,
         });
     }
+}
+
+/// Drops the connections idle for longer than the pool's idle timeout; returns how many.
+fn drop_expired(idle: &mut Vec<IdleConnection>) -> usize {
+    let before = idle.len();
+    let now = std::time::Instant::now();
+    idle.retain(|c| now.duration_since(c.since) < POOL_IDLE_TIMEOUT);
+    before - idle.len()
 }
 
 /// Whether an idle connection has neither been closed by the server nor received bytes

@@ -656,14 +656,8 @@ async fn route_and_forward(
         )
     };
 
-    let request_timeout = rule.and_then(|r| r.timeouts.request);
-    let per_try_timeout = retry
-        .and_then(|r| r.per_try_timeout)
-        .or_else(|| rule.and_then(|r| r.timeouts.backend_request));
-    let deadline = request_timeout.map(|t| started + t);
+    let plan = RetryPlan::new(rule, started, replayable);
     runtime.budget.deposit(Instant::now());
-    let max_attempts = 1 + retry.map(|r| r.attempts).unwrap_or(0);
-    let backoff = retry.map(|r| Backoff::new(r.backoff, r.backoff.saturating_mul(10)));
     let upstream_http2 = matches!(
         backend_port.protocol,
         AppProtocol::Http2 | AppProtocol::Grpc
@@ -671,12 +665,9 @@ async fn route_and_forward(
         && parts.version == Version::HTTP_2);
     strip_hop_by_hop(&mut parts.headers, is_upgrade);
 
-    let mut last_failure: (StatusCode, &'static str, String) = (
-        StatusCode::SERVICE_UNAVAILABLE,
-        "UF",
-        String::from("upstream connect failure"),
-    );
-    for attempt in 0..max_attempts {
+    // Set by every attempt that does not answer (built only then: not per request).
+    let mut last_failure: Option<(StatusCode, &'static str, String)> = None;
+    for attempt in 0..plan.max_attempts {
         log.attempts = attempt + 1;
         let Some(endpoint) = runtime.pick(endpoints, backend_port.target_port, rng) else {
             return (
@@ -704,11 +695,11 @@ async fn route_and_forward(
         let body = match (&buffered, streaming_body.take()) {
             (Some(bytes), _) => full(bytes.clone()),
             (None, Some(body)) => body,
-            // A streamed body was consumed by the first attempt: no retry possible.
+            // A streamed body goes once: its plan has one attempt, so this is not reached.
             (None, None) => break,
         };
         // The last attempt takes the request head; earlier ones copy it for the next.
-        let attempt_parts = if attempt + 1 == max_attempts {
+        let attempt_parts = if attempt + 1 == plan.max_attempts {
             std::mem::replace(&mut parts, Request::new(()).into_parts().0)
         } else {
             parts.clone()
@@ -745,15 +736,12 @@ async fn route_and_forward(
 
         let outstanding = endpoint.stats.stats.start();
         let attempt_started = Instant::now();
-        let try_timeout = attempt_timeout(per_try_timeout, deadline);
         let sent = client::DESTINATION.scope(runtime.clone(), client.request(upstream_req));
-        let result = match try_timeout {
+        let result = match plan.attempt_timeout() {
             Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| TimedOut),
             None => Ok(sent.await),
         };
-        // Whether the retry was already paid for from the budget (a retriable status).
-        let mut budget_taken = false;
-        let (outcome, retriable) = match result {
+        let (outcome, again) = match result {
             Ok(Ok(mut response)) => {
                 let status = response.status();
                 record_answer(
@@ -764,11 +752,7 @@ async fn route_and_forward(
                     status,
                     endpoints.len(),
                 );
-                let retriable = retry.is_some_and(|r| r.retries_status(status.as_u16()));
-                if !retriable
-                    || attempt + 1 == max_attempts
-                    || !runtime.budget.try_withdraw(Instant::now())
-                {
+                if !plan.retry_after(attempt, plan.retries_status(status), &runtime.budget) {
                     if let Some(rule) = rule {
                         rule.apply_response_filters(response.headers_mut());
                     }
@@ -789,7 +773,6 @@ async fn route_and_forward(
                         Response::from_parts(rp, rb.map_err(|e| Box::new(e) as BoxError).boxed()),
                     );
                 }
-                budget_taken = true;
                 ((status, "URX", format!("upstream answered {status}")), true)
             }
             Ok(Err(e)) if is_request_body_error(&e) => {
@@ -820,7 +803,8 @@ async fn route_and_forward(
                     endpoints.len(),
                 );
                 // A reset before any response is retried like a connect failure.
-                let retriable = retry.is_some_and(|r| r.retry_on_connect_failure);
+                let again =
+                    plan.retry_after(attempt, plan.retries_connect_failure(), &runtime.budget);
                 let detail = format!("upstream error: {e}");
                 (
                     (
@@ -828,13 +812,12 @@ async fn route_and_forward(
                         if connect_failure { "UF" } else { "UR" },
                         detail,
                     ),
-                    retriable,
+                    again,
                 )
             }
             Err(TimedOut) => {
                 drop(outstanding);
-                let whole_request_expired = deadline.is_some_and(|dl| Instant::now() >= dl);
-                if whole_request_expired {
+                if plan.expired() {
                     return (
                         StatusCode::GATEWAY_TIMEOUT,
                         "UT",
@@ -851,22 +834,15 @@ async fn route_and_forward(
                         "UT",
                         "upstream per-try timeout".to_string(),
                     ),
-                    retry.is_some(),
+                    plan.retry_after(attempt, plan.retries_timeout(), &runtime.budget),
                 )
             }
         };
-        last_failure = outcome;
-        if !retriable
-            || attempt + 1 == max_attempts
-            || !(budget_taken || runtime.budget.try_withdraw(Instant::now()))
-        {
+        last_failure = Some(outcome);
+        if !again {
             break;
         }
-        let backoff = backoff
-            .as_ref()
-            .map(|b| b.delay(attempt, rng))
-            .unwrap_or_default();
-        if deadline.is_some_and(|dl| Instant::now() + backoff >= dl) {
+        let Some(pause) = plan.pause(attempt, rng) else {
             return (
                 StatusCode::GATEWAY_TIMEOUT,
                 "UT",
@@ -876,10 +852,14 @@ async fn route_and_forward(
                     "upstream request timeout",
                 ),
             );
-        }
-        tokio::time::sleep(backoff).await;
+        };
+        tokio::time::sleep(pause).await;
     }
-    let (status, flags, detail) = last_failure;
+    let (status, flags, detail) = last_failure.unwrap_or((
+        StatusCode::SERVICE_UNAVAILABLE,
+        "UF",
+        String::from("upstream connect failure"),
+    ));
     (status, flags, local_response(status, flags, &detail))
 }
 
@@ -913,14 +893,93 @@ fn denied_here(
         .is_some_and(|dst_pod| !authorize_request(mesh, d, dst_pod, endpoint.port(), parts))
 }
 
-/// How long one attempt may wait for its response head: the per-try timeout, cut to what
-/// is left of the whole request's deadline.
-fn attempt_timeout(per_try: Option<Duration>, deadline: Option<Instant>) -> Option<Duration> {
-    match (per_try, deadline) {
-        (Some(t), Some(dl)) => Some(t.min(dl.saturating_duration_since(Instant::now()))),
-        (Some(t), None) => Some(t),
-        (None, Some(dl)) => Some(dl.saturating_duration_since(Instant::now())),
-        (None, None) => None,
+/// A request's attempts: how many, how far apart, and within which deadline. Both the
+/// hyper path and the fast path run their attempt loops by it, so that a retry is decided
+/// (and paid for from the budget) in one place.
+struct RetryPlan<'r> {
+    retry: Option<&'r crate::route::Retry>,
+    /// 1 unless the request can be sent again (its body is in memory).
+    max_attempts: u32,
+    backoff: Option<Backoff>,
+    /// The route's request timeout, from the request's start.
+    deadline: Option<Instant>,
+    /// The per-try timeout (the retry's, else the route's backendRequest).
+    per_try: Option<Duration>,
+}
+
+impl<'r> RetryPlan<'r> {
+    fn new(rule: Option<&'r crate::route::RouteRule>, started: Instant, replayable: bool) -> Self {
+        let retry = rule.and_then(|r| r.retry.as_ref());
+        Self {
+            retry,
+            max_attempts: match retry {
+                Some(retry) if replayable => 1 + retry.attempts,
+                _ => 1,
+            },
+            backoff: retry.map(|r| Backoff::new(r.backoff, r.backoff.saturating_mul(10))),
+            deadline: rule.and_then(|r| r.timeouts.request).map(|t| started + t),
+            per_try: retry
+                .and_then(|r| r.per_try_timeout)
+                .or_else(|| rule.and_then(|r| r.timeouts.backend_request)),
+        }
+    }
+
+    /// How long one attempt may wait for its response head: the per-try timeout, cut to
+    /// what is left of the whole request's deadline.
+    fn attempt_timeout(&self) -> Option<Duration> {
+        let left = self
+            .deadline
+            .map(|dl| dl.saturating_duration_since(Instant::now()));
+        match (self.per_try, left) {
+            (Some(t), Some(left)) => Some(t.min(left)),
+            (t, left) => t.or(left),
+        }
+    }
+
+    /// Whether the request's whole deadline has passed.
+    fn expired(&self) -> bool {
+        self.deadline.is_some_and(|dl| Instant::now() >= dl)
+    }
+
+    /// Whether an answer with `status` is retried.
+    fn retries_status(&self, status: StatusCode) -> bool {
+        self.retry
+            .is_some_and(|r| r.retries_status(status.as_u16()))
+    }
+
+    /// Whether a connect failure or a reset before any answer is retried.
+    fn retries_connect_failure(&self) -> bool {
+        self.retry.is_some_and(|r| r.retry_on_connect_failure)
+    }
+
+    /// Whether a per-try timeout is retried.
+    fn retries_timeout(&self) -> bool {
+        self.retry.is_some()
+    }
+
+    /// Whether failed attempt `attempt`, `retriable` for its cause, is followed by another:
+    /// attempts are left and the budget pays for one more (taken here, once per retry).
+    fn retry_after(
+        &self,
+        attempt: u32,
+        retriable: bool,
+        budget: &crate::resilience::RetryBudget,
+    ) -> bool {
+        retriable && attempt + 1 < self.max_attempts && budget.try_withdraw(Instant::now())
+    }
+
+    /// The pause before the attempt after `attempt`; `None` when it would end past the
+    /// deadline (the request has then timed out).
+    fn pause(&self, attempt: u32, rng: &mut fastrand::Rng) -> Option<Duration> {
+        let pause = self
+            .backoff
+            .as_ref()
+            .map(|b| b.delay(attempt, rng))
+            .unwrap_or_default();
+        match self.deadline {
+            Some(dl) if Instant::now() + pause >= dl => None,
+            _ => Some(pause),
+        }
     }
 }
 
@@ -1100,5 +1159,66 @@ impl PodContext {
         self.http_clients[worker]
             .get_or_init(|| Arc::new(PodClients::new(inputs, self)))
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{resilience::RetryBudget, route::Retry};
+
+    fn plan(retry: &Retry, max_attempts: u32, deadline: Option<Instant>) -> RetryPlan<'_> {
+        RetryPlan {
+            retry: Some(retry),
+            max_attempts,
+            backoff: Some(Backoff::new(retry.backoff, retry.backoff * 10)),
+            deadline,
+            per_try: None,
+        }
+    }
+
+    fn retry() -> Retry {
+        Retry {
+            attempts: 3,
+            codes: vec![503],
+            backoff: Duration::from_millis(10),
+            per_try_timeout: None,
+            retry_on_connect_failure: true,
+        }
+    }
+
+    #[test]
+    fn a_retry_takes_one_retry_from_the_budget() {
+        let retry = retry();
+        let plan = plan(&retry, 4, None);
+        // No share of requests, a reserve of 2 retries in the window.
+        let budget = RetryBudget::new(0.0, 2, Duration::from_secs(1));
+        assert!(plan.retries_status(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(!plan.retries_status(StatusCode::BAD_GATEWAY));
+        assert!(plan.retry_after(0, true, &budget));
+        assert!(plan.retry_after(1, true, &budget));
+        assert!(!plan.retry_after(2, true, &budget), "the budget held two");
+        // Neither a cause that is not retried nor the last attempt takes from it.
+        let budget = RetryBudget::new(0.0, 1, Duration::from_secs(1));
+        assert!(!plan.retry_after(0, false, &budget));
+        assert!(!plan.retry_after(3, true, &budget));
+        assert!(plan.retry_after(0, true, &budget));
+    }
+
+    #[test]
+    fn the_deadline_cuts_attempts_and_pauses() {
+        let retry = retry();
+        let bounded = plan(&retry, 4, Some(Instant::now() + Duration::from_millis(1)));
+        assert!(
+            bounded
+                .attempt_timeout()
+                .is_some_and(|t| t <= Duration::from_millis(1))
+        );
+        let mut rng = fastrand::Rng::with_seed(7);
+        // A 10 ms backoff ends past a 1 ms deadline.
+        assert_eq!(bounded.pause(0, &mut rng), None);
+        let open = plan(&retry, 4, None);
+        assert!(open.pause(0, &mut rng).is_some());
+        assert_eq!(open.attempt_timeout(), None);
     }
 }

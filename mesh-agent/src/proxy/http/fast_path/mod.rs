@@ -28,13 +28,13 @@ use tracing::debug;
 
 use super::{
     AccessLog, Downstream, EndpointOutcome, FAILURE_LATENCY_PENALTY, HEADER_READ_TIMEOUT,
-    MAX_HEADER_BYTES, MAX_RETRY_BODY, RESPONSE_FLAGS_HEADER, attempt_timeout,
+    MAX_HEADER_BYTES, MAX_RETRY_BODY, RESPONSE_FLAGS_HEADER, RetryPlan,
     client::{DESTINATION, Http1Connection, overflow_in},
     denied_here, log_request, rate_limited, record_answer, strip_hop_by_hop, trace,
 };
 use crate::{
     metrics::HandoverReason,
-    resilience::{Backoff, Overflow},
+    resilience::Overflow,
     route::{Filter, RouteDecision, RouteRule},
     service::{AppProtocol, Service, ServicePort},
 };
@@ -283,6 +283,7 @@ impl Connection<'_> {
             }
         }
         let runtime = inputs.l7.service(backend);
+        let budget = &runtime.budget;
         log.backend = Some(runtime.host.clone());
         let no_upstream =
             || LocalAnswer::new(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream");
@@ -293,23 +294,14 @@ impl Connection<'_> {
             Ok(permit) => permit,
             Err(overflow) => return Ok(Err(overflow_answer(&overflow))),
         };
-        runtime.budget.deposit(Instant::now());
-        let retry = rule.and_then(|r| r.retry.as_ref());
+        budget.deposit(Instant::now());
         // A request that may be sent again has its body (up to 64 KiB) read whole first;
         // a larger one streams and is sent once, as on the hyper path.
         self.replay_body = None;
-        if retry.is_some() && self.body_left <= MAX_RETRY_BODY as u64 {
+        if rule.is_some_and(|r| r.retry.is_some()) && self.body_left <= MAX_RETRY_BODY as u64 {
             self.replay_body = Some(self.read_body_for_replay().await?);
         }
-        let max_attempts = match (retry, &self.replay_body) {
-            (Some(retry), Some(_)) => 1 + retry.attempts,
-            _ => 1,
-        };
-        let backoff = retry.map(|r| Backoff::new(r.backoff, r.backoff.saturating_mul(10)));
-        let deadline = rule.and_then(|r| r.timeouts.request).map(|t| started + t);
-        let per_try = retry
-            .and_then(|r| r.per_try_timeout)
-            .or_else(|| rule.and_then(|r| r.timeouts.backend_request));
+        let plan = RetryPlan::new(rule, started, self.replay_body.is_some());
         let request_timeout = || {
             LocalAnswer::new(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -318,8 +310,10 @@ impl Connection<'_> {
             )
         };
         strip_hop_by_hop(&mut parts.headers, false);
-        let mut last_failure = no_upstream();
-        for attempt in 0..max_attempts {
+        // Set by every attempt that does not answer (built only then: not per request).
+        let mut last_failure = None;
+        let mesh = inputs.mesh.load();
+        for attempt in 0..plan.max_attempts {
             log.attempts = attempt + 1;
             let Some(endpoint) = runtime.pick(endpoints, backend_port.target_port, &mut self.rng)
             else {
@@ -333,7 +327,7 @@ impl Connection<'_> {
                     "local rate limit",
                 )));
             }
-            if denied_here(&inputs.mesh.load(), d, endpoint.addr, parts) {
+            if denied_here(&mesh, d, endpoint.addr, parts) {
                 return Ok(Err(LocalAnswer::new(
                     StatusCode::FORBIDDEN,
                     "RBAC",
@@ -342,7 +336,7 @@ impl Connection<'_> {
             }
             // The route's timeouts bound the wait for the response head, as on the hyper
             // path.
-            let limit = attempt_timeout(per_try, deadline);
+            let limit = plan.attempt_timeout();
             let outstanding = endpoint.stats.stats.start();
             let attempt_started = Instant::now();
             let exchange = DESTINATION.scope(runtime.clone(), self.exchange(endpoint.addr, parts));
@@ -350,12 +344,10 @@ impl Connection<'_> {
                 None => Ok(exchange.await),
                 Some(limit) => tokio::time::timeout(limit, exchange).await,
             };
-            // Whether the retry was already paid for from the budget (a retriable status).
-            let mut budget_taken = false;
-            let (failure, retriable) = match exchange {
+            let (failure, again) = match exchange {
                 Err(_elapsed) => {
                     drop(outstanding);
-                    if deadline.is_some_and(|dl| Instant::now() >= dl) {
+                    if plan.expired() {
                         return Ok(Err(request_timeout()));
                     }
                     let failure = LocalAnswer::new(
@@ -363,7 +355,8 @@ impl Connection<'_> {
                         "UT",
                         "upstream per-try timeout",
                     );
-                    (failure, retry.is_some())
+                    let again = plan.retry_after(attempt, plan.retries_timeout(), budget);
+                    (failure, again)
                 }
                 Ok(Ok((up, response))) => {
                     record_answer(
@@ -375,11 +368,7 @@ impl Connection<'_> {
                         endpoints.len(),
                     );
                     let status = response.status;
-                    let retriable = retry.is_some_and(|r| r.retries_status(status.as_u16()));
-                    if !retriable
-                        || attempt + 1 == max_attempts
-                        || !runtime.budget.try_withdraw(Instant::now())
-                    {
+                    if !plan.retry_after(attempt, plan.retries_status(status), budget) {
                         let next = self
                             .finish_response(up, &response, parts, route, log)
                             .await?;
@@ -387,7 +376,6 @@ impl Connection<'_> {
                     }
                     // The answer is dropped unread, and its connection with it.
                     drop(up);
-                    budget_taken = true;
                     let failure =
                         LocalAnswer::new(status, "URX", &format!("upstream answered {status}"));
                     (failure, true)
@@ -405,7 +393,8 @@ impl Connection<'_> {
                         "UF",
                         &format!("upstream connect error: {e}"),
                     );
-                    (failure, retry.is_some_and(|r| r.retry_on_connect_failure))
+                    let again = plan.retry_after(attempt, plan.retries_connect_failure(), budget);
+                    (failure, again)
                 }
                 Ok(Err(ExchangeError::Upstream(e))) => {
                     outstanding.finish(FAILURE_LATENCY_PENALTY);
@@ -416,26 +405,20 @@ impl Connection<'_> {
                         "UR",
                         &format!("upstream error: {e}"),
                     );
-                    (failure, retry.is_some_and(|r| r.retry_on_connect_failure))
+                    let again = plan.retry_after(attempt, plan.retries_connect_failure(), budget);
+                    (failure, again)
                 }
             };
-            last_failure = failure;
-            if !retriable
-                || attempt + 1 == max_attempts
-                || !(budget_taken || runtime.budget.try_withdraw(Instant::now()))
-            {
+            last_failure = Some(failure);
+            if !again {
                 break;
             }
-            let delay = backoff
-                .as_ref()
-                .map(|b| b.delay(attempt, &mut self.rng))
-                .unwrap_or_default();
-            if deadline.is_some_and(|dl| Instant::now() + delay >= dl) {
+            let Some(delay) = plan.pause(attempt, &mut self.rng) else {
                 return Ok(Err(request_timeout()));
-            }
+            };
             tokio::time::sleep(delay).await;
         }
-        Ok(Err(last_failure))
+        Ok(Err(last_failure.unwrap_or_else(no_upstream)))
     }
 
     /// Relays the response that ends the request, logs it, and keeps its upstream
