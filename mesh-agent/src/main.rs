@@ -99,6 +99,10 @@ enum Command {
         /// The HTTP/1.1 fast path (`off`: every HTTP request goes through hyper).
         #[arg(long, env = "TRELLIS_HTTP1_FAST_PATH", value_enum, default_value_t = Switch::On)]
         http1_fast_path: Switch,
+        /// The HTTP/2 fast path for h2c and gRPC (`off`: every HTTP/2 request goes
+        /// through hyper).
+        #[arg(long, env = "TRELLIS_H2_FAST_PATH", value_enum, default_value_t = Switch::On)]
+        h2_fast_path: Switch,
         /// bpffs directory for the pinned maps and per-pod links (mounted if needed).
         #[arg(long, default_value = "/sys/fs/bpf/trellis")]
         bpf_pin_dir: PathBuf,
@@ -158,6 +162,7 @@ struct RunOptions {
     metrics_addr: SocketAddr,
     telemetry: bool,
     http1_fast_path: bool,
+    h2_fast_path: bool,
     bpf_pin_dir: PathBuf,
     keep_capture_on_exit: bool,
     handover_socket: PathBuf,
@@ -218,6 +223,7 @@ fn main() -> anyhow::Result<()> {
             metrics_addr,
             telemetry,
             http1_fast_path,
+            h2_fast_path,
             bpf_pin_dir,
             keep_capture_on_exit,
             handover_socket,
@@ -234,6 +240,7 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr,
                 telemetry: telemetry == Switch::On,
                 http1_fast_path: http1_fast_path == Switch::On,
+                h2_fast_path: h2_fast_path == Switch::On,
                 bpf_pin_dir,
                 keep_capture_on_exit,
                 handover_socket,
@@ -347,6 +354,7 @@ async fn run(options: &RunOptions) -> anyhow::Result<Vec<std::thread::JoinHandle
         metrics: Arc::new(Metrics::new()),
         telemetry: options.telemetry,
         http1_fast_path: options.http1_fast_path,
+        h2_fast_path: options.h2_fast_path,
         drain: Default::default(),
         limits: ConnectionLimits::new(options.max_connections_per_pod, options.max_connections),
     });

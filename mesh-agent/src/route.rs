@@ -676,6 +676,18 @@ impl RouteTable {
         self.candidates(service_ns, service_name, port).is_some()
     }
 
+    /// The rules attached to the service port (a rule with several matches more than
+    /// once); `None` when no route is.
+    pub fn rules_for(
+        &self,
+        service_ns: &str,
+        service_name: &str,
+        port: u16,
+    ) -> Option<impl Iterator<Item = &RouteRule>> {
+        self.candidates(service_ns, service_name, port)
+            .map(|candidates| candidates.iter().map(|c| &self.rules[c.rule]))
+    }
+
     fn candidates(&self, ns: &str, name: &str, port: u16) -> Option<&[Candidate]> {
         self.parents
             .get(ns)?

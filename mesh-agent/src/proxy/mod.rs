@@ -72,6 +72,9 @@ pub struct ProxyInputs {
     /// HTTP/1.1 requests that need no more than routing, filters, balancing and telemetry
     /// take the fast path (`http::fast_path`) instead of hyper.
     pub http1_fast_path: bool,
+    /// h2c connections to ports whose routes need no retries take the HTTP/2 fast path
+    /// (`http::h2_fast_path`) instead of hyper.
+    pub h2_fast_path: bool,
     /// Set once a successor agent took over: finish what is open, nudge HTTP clients away.
     pub drain: crate::drain::Drain,
     /// Caps on open connections, per pod and for the node.

@@ -15,6 +15,7 @@
 pub mod client;
 pub mod detect;
 pub mod fast_path;
+mod h2_fast_path;
 pub mod inbound;
 pub mod runtime;
 pub mod trace;
@@ -132,9 +133,18 @@ pub async fn serve_outbound(
         src_identity_label,
         label_cache: Default::default(),
     });
-    // HTTP/1.1 takes the fast path until a request needs more (see `fast_path`).
+    // HTTP/1.1 takes the fast path until a request needs more (see `fast_path`); h2c the
+    // HTTP/2 fast path when the port's routes need nothing it lacks (see `h2_fast_path`).
+    let h2_fast_path = matches!(protocol, AppProtocol::Http2 | AppProtocol::Grpc)
+        && downstream.inputs.h2_fast_path
+        && h2_fast_path::serves(&downstream.inputs.routes.load(), &downstream);
     let client = if protocol == AppProtocol::Http && downstream.inputs.http1_fast_path {
         match fast_path::serve(client, &downstream).await {
+            Some(handover) => fast_path::Rewind::new(handover.buffered, handover.client),
+            None => return,
+        }
+    } else if h2_fast_path {
+        match h2_fast_path::serve(client, &downstream).await {
             Some(handover) => fast_path::Rewind::new(handover.buffered, handover.client),
             None => return,
         }
