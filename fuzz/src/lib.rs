@@ -10,6 +10,7 @@
 //! `serde_json`.
 pub mod authz_match;
 pub mod config_parse;
+pub mod h2_frames;
 pub mod hbone_connect;
 pub mod http1_framing;
 pub mod protocol_detect;

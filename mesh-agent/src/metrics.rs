@@ -372,6 +372,36 @@ impl HandoverReason {
     }
 }
 
+/// Which path served an h2c connection to a Service port declared (or sniffed) HTTP/2.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Http2Path {
+    /// The frame-level forwarder (`proxy::http::h2_fast_path`).
+    FastPath,
+    /// hyper: the fast path is off, the port's routes retry or name HTTP/1 backends, or
+    /// the client spoke HTTP/1.1.
+    Hyper,
+}
+
+impl Http2Path {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::FastPath => "fast_path",
+            Self::Hyper => "hyper",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Http2PathLabels {
+    path: Http2Path,
+}
+
+impl EncodeLabelSet for Http2PathLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        label(encoder, "path", self.path.as_str())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct HandoverLabels {
     reason: HandoverReason,
@@ -459,6 +489,7 @@ pub struct Metrics {
     policy_decisions: Family<PolicyLabels, Counter>,
     connections_rejected: Family<RejectLabels, Counter>,
     http1_handovers: Family<HandoverLabels, Counter>,
+    http2_connections: Family<Http2PathLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -554,8 +585,17 @@ impl Metrics {
             "HTTP/1.1 connections the fast path gave to hyper, by the reason of their first request that needed it",
             http1_handovers.clone(),
         );
+        let http2_connections = Family::<Http2PathLabels, Counter>::default();
+        registry.register(
+            "trellis_http2_connections",
+            "Connections to HTTP/2 (h2c, gRPC) Service ports, by the path that served them",
+            http2_connections.clone(),
+        );
         // Series with a small fixed label space start at 0, so rate() and increase() see the
         // first event.
+        for path in [Http2Path::FastPath, Http2Path::Hyper] {
+            let _ = http2_connections.get_or_create(&Http2PathLabels { path });
+        }
         for reason in HandoverReason::ALL {
             let _ = http1_handovers.get_or_create(&HandoverLabels { reason });
         }
@@ -586,7 +626,15 @@ impl Metrics {
             policy_decisions,
             connections_rejected,
             http1_handovers,
+            http2_connections,
         }
+    }
+
+    /// `trellis_http2_connections_total{path}`.
+    pub fn http2_connection(&self, path: Http2Path) {
+        self.http2_connections
+            .get_or_create(&Http2PathLabels { path })
+            .inc();
     }
 
     /// `trellis_http1_handovers_total{reason}`.

@@ -76,6 +76,11 @@ fn authz_match_corpus() {
 }
 
 #[test]
+fn h2_frames_corpus() {
+    replay("h2_frames", fuzz_checks::h2_frames::check);
+}
+
+#[test]
 fn http1_framing_corpus() {
     replay("http1_framing", fuzz_checks::http1_framing::check);
 }

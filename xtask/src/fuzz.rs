@@ -36,6 +36,7 @@ pub const TARGETS: &[&str] = &[
     "hbone_connect",
     "authz_match",
     "http1_framing",
+    "h2_frames",
 ];
 
 /// libFuzzer `-timeout`: one input taking longer is reported as a hang.

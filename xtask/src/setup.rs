@@ -13,14 +13,17 @@ use crate::util::{cargo_bin_dir, output, path_with_cargo_bin, step};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages: iproute2 (ip, ss), bpftool (checks that nothing is left attached), curl
 /// (the HTTP client in tests and demo), tcpdump (proves the node link carries only TLS),
-/// python3 (socket-level test clients and tests/fixtures/grpc_echo.py), nghttp2-client (h2load,
-/// the HTTP/1.1 and HTTP/2 load generator), haproxy (a baseline proxy for the benchmarks).
+/// python3 (socket-level test clients and tests/fixtures/grpc_echo.py), python3-h2 (the HTTP/2
+/// state machine of tests/fixtures/h2_peer.py, the raw HTTP/2 client and server of the h2 tests;
+/// they run Debian's python3 when the one on PATH lacks it), nghttp2-client (h2load, the
+/// HTTP/1.1 and HTTP/2 load generator), haproxy (a baseline proxy for the benchmarks).
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
     "curl",
     "tcpdump",
     "python3",
+    "python3-h2",
     "nghttp2-client",
     "haproxy",
 ];

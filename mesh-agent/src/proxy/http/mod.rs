@@ -15,7 +15,7 @@
 pub mod client;
 pub mod detect;
 pub mod fast_path;
-mod h2_fast_path;
+pub mod h2_fast_path;
 pub mod inbound;
 pub mod runtime;
 pub mod trace;
@@ -43,7 +43,7 @@ use tracing::{debug, info};
 use self::client::{Body, BoxError, PodClients};
 use super::coalesce::CoalescingIo;
 use super::{PodContext, ProxyInputs};
-use crate::metrics::{Layer, Reporter, RequestHandles, RequestLabels};
+use crate::metrics::{Http2Path, Layer, Reporter, RequestHandles, RequestLabels};
 use crate::{
     policy::{self, ConnectionAttrs, RequestAttrs},
     resilience::{Backoff, Overflow},
@@ -145,10 +145,16 @@ pub async fn serve_outbound(
         }
     } else if h2_fast_path {
         match h2_fast_path::serve(client, &downstream).await {
-            Some(handover) => fast_path::Rewind::new(handover.buffered, handover.client),
+            Some(handover) => {
+                downstream.inputs.metrics.http2_connection(Http2Path::Hyper);
+                fast_path::Rewind::new(handover.buffered, handover.client)
+            }
             None => return,
         }
     } else {
+        if matches!(protocol, AppProtocol::Http2 | AppProtocol::Grpc) {
+            downstream.inputs.metrics.http2_connection(Http2Path::Hyper);
+        }
         fast_path::Rewind::new(Bytes::new(), client)
     };
     serve_with_hyper(client, downstream).await;

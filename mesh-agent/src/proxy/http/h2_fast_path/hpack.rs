@@ -2,6 +2,8 @@
 //! encoder per direction it writes, as the protocol requires (the tables are per
 //! connection and per direction, so every header block is decoded, even one that is then
 //! refused, to keep them in step with the peer's).
+use std::collections::VecDeque;
+
 use super::frame::{COMPRESSION_ERROR, ConnError, ENHANCE_YOUR_CALM, hpack_integer};
 
 /// One header field as decoded.
@@ -17,16 +19,87 @@ pub enum Decoded {
     TooLarge,
 }
 
+/// The static table (RFC 7541 Appendix A), index 1 first.
+const STATIC_TABLE: [(&[u8], &[u8]); 61] = [
+    (b":authority", b""),
+    (b":method", b"GET"),
+    (b":method", b"POST"),
+    (b":path", b"/"),
+    (b":path", b"/index.html"),
+    (b":scheme", b"http"),
+    (b":scheme", b"https"),
+    (b":status", b"200"),
+    (b":status", b"204"),
+    (b":status", b"206"),
+    (b":status", b"304"),
+    (b":status", b"400"),
+    (b":status", b"404"),
+    (b":status", b"500"),
+    (b"accept-charset", b""),
+    (b"accept-encoding", b"gzip, deflate"),
+    (b"accept-language", b""),
+    (b"accept-ranges", b""),
+    (b"accept", b""),
+    (b"access-control-allow-origin", b""),
+    (b"age", b""),
+    (b"allow", b""),
+    (b"authorization", b""),
+    (b"cache-control", b""),
+    (b"content-disposition", b""),
+    (b"content-encoding", b""),
+    (b"content-language", b""),
+    (b"content-length", b""),
+    (b"content-location", b""),
+    (b"content-range", b""),
+    (b"content-type", b""),
+    (b"cookie", b""),
+    (b"date", b""),
+    (b"etag", b""),
+    (b"expect", b""),
+    (b"expires", b""),
+    (b"from", b""),
+    (b"host", b""),
+    (b"if-match", b""),
+    (b"if-modified-since", b""),
+    (b"if-none-match", b""),
+    (b"if-range", b""),
+    (b"if-unmodified-since", b""),
+    (b"last-modified", b""),
+    (b"link", b""),
+    (b"location", b""),
+    (b"max-forwards", b""),
+    (b"proxy-authenticate", b""),
+    (b"proxy-authorization", b""),
+    (b"range", b""),
+    (b"referer", b""),
+    (b"refresh", b""),
+    (b"retry-after", b""),
+    (b"server", b""),
+    (b"set-cookie", b""),
+    (b"strict-transport-security", b""),
+    (b"transfer-encoding", b""),
+    (b"user-agent", b""),
+    (b"vary", b""),
+    (b"via", b""),
+    (b"www-authenticate", b""),
+];
+
+/// Decodes header blocks (RFC 7541 §6) against one peer's dynamic table. Written here
+/// rather than taken from a crate: the decoders at hand either panic on truncated input
+/// or build their Huffman tables per string; Huffman codes themselves are decoded by
+/// `httlib-huffman`.
+#[derive(Default)]
 pub struct Decoder {
-    inner: httlib_hpack::Decoder<'static>,
+    /// Newest first.
+    table: VecDeque<Field>,
+    /// The table's size by RFC 7541 §4.1 (name, value and 32 per entry).
+    size: usize,
+    /// The size the peer last set (at most [`TABLE_SIZE`]); 4096 until it sets one.
+    max_size: Option<usize>,
 }
 
-impl Default for Decoder {
-    fn default() -> Self {
-        Self {
-            inner: httlib_hpack::Decoder::with_dynamic_size(TABLE_SIZE),
-        }
-    }
+fn malformed(reason: &'static str) -> ConnError {
+    ConnError::new(COMPRESSION_ERROR, reason)
 }
 
 impl Decoder {
@@ -35,26 +108,49 @@ impl Decoder {
     /// four times the limit (a decompression bomb of repeated table references) is a
     /// connection error.
     pub fn decode(&mut self, block: &[u8], limit: usize) -> Result<Decoded, ConnError> {
-        let mut buf = block.to_vec();
         let mut fields = Vec::with_capacity(16);
         let mut size = 0usize;
-        let mut one = Vec::with_capacity(1);
-        while !buf.is_empty() {
-            one.clear();
-            self.inner
-                .decode_exact(&mut buf, &mut one)
-                .map_err(|_| ConnError::new(COMPRESSION_ERROR, "undecodable header block"))?;
-            for (name, value, _flags) in one.drain(..) {
-                size += name.len() + value.len() + 32;
-                if size > limit.saturating_mul(4) {
-                    return Err(ConnError::new(
-                        ENHANCE_YOUR_CALM,
-                        "header block expands past four times the header list limit",
+        let mut at = 0;
+        while at < block.len() {
+            let first = block[at];
+            let field = if first & 0x80 != 0 {
+                let index = integer(block, &mut at, 7)?;
+                let (name, value) = self.entry(index)?;
+                (name.to_vec(), value.to_vec())
+            } else if first & 0xe0 == 0x20 {
+                let new_size = integer(block, &mut at, 5)?;
+                if new_size > TABLE_SIZE as usize {
+                    return Err(malformed(
+                        "table size update above SETTINGS_HEADER_TABLE_SIZE",
                     ));
                 }
-                if size <= limit {
-                    fields.push((name, value));
+                self.max_size = Some(new_size);
+                self.evict(new_size);
+                continue;
+            } else {
+                let indexing = first & 0x40 != 0;
+                let prefix = if indexing { 6 } else { 4 };
+                let index = integer(block, &mut at, prefix)?;
+                let name = if index == 0 {
+                    string(block, &mut at)?
+                } else {
+                    self.entry(index)?.0.to_vec()
+                };
+                let value = string(block, &mut at)?;
+                if indexing {
+                    self.insert(name.clone(), value.clone());
                 }
+                (name, value)
+            };
+            size += field.0.len() + field.1.len() + 32;
+            if size > limit.saturating_mul(4) {
+                return Err(ConnError::new(
+                    ENHANCE_YOUR_CALM,
+                    "header block expands past four times the header list limit",
+                ));
+            }
+            if size <= limit {
+                fields.push(field);
             }
         }
         Ok(if size > limit {
@@ -63,6 +159,92 @@ impl Decoder {
             Decoded::Fields(fields)
         })
     }
+
+    fn entry(&self, index: usize) -> Result<(&[u8], &[u8]), ConnError> {
+        match index {
+            0 => Err(malformed("header table index 0")),
+            1..=61 => Ok(STATIC_TABLE[index - 1]),
+            _ => self
+                .table
+                .get(index - 62)
+                .map(|(n, v)| (n.as_slice(), v.as_slice()))
+                .ok_or_else(|| malformed("header table index past the table")),
+        }
+    }
+
+    fn insert(&mut self, name: Vec<u8>, value: Vec<u8>) {
+        let max = self.max_size.unwrap_or(TABLE_SIZE as usize);
+        let entry = name.len() + value.len() + 32;
+        if entry > max {
+            // An entry larger than the table empties it (RFC 7541 §4.4).
+            self.table.clear();
+            self.size = 0;
+            return;
+        }
+        self.evict(max - entry);
+        self.size += entry;
+        self.table.push_front((name, value));
+    }
+
+    /// Drops the oldest entries until the table takes at most `room` bytes.
+    fn evict(&mut self, room: usize) {
+        while self.size > room {
+            match self.table.pop_back() {
+                Some((n, v)) => self.size -= n.len() + v.len() + 32,
+                None => {
+                    self.size = 0;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// An integer with an `n`-bit prefix (RFC 7541 §5.1) at `block[*at]`, at most 2^28.
+fn integer(block: &[u8], at: &mut usize, n: u32) -> Result<usize, ConnError> {
+    let max = (1usize << n) - 1;
+    let first = *block
+        .get(*at)
+        .ok_or_else(|| malformed("truncated integer"))?;
+    *at += 1;
+    let mut value = usize::from(first) & max;
+    if value < max {
+        return Ok(value);
+    }
+    let mut shift = 0;
+    loop {
+        let byte = *block
+            .get(*at)
+            .ok_or_else(|| malformed("truncated integer"))?;
+        *at += 1;
+        value += usize::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+        shift += 7;
+        if shift > 21 {
+            return Err(malformed("integer too large"));
+        }
+    }
+}
+
+/// A string literal (RFC 7541 §5.2) at `block[*at]`, Huffman-decoded if it says so.
+fn string(block: &[u8], at: &mut usize) -> Result<Vec<u8>, ConnError> {
+    let huffman = block.get(*at).is_some_and(|b| b & 0x80 != 0);
+    let len = integer(block, at, 7)?;
+    let end = at
+        .checked_add(len)
+        .filter(|end| *end <= block.len())
+        .ok_or_else(|| malformed("string longer than the block"))?;
+    let raw = &block[*at..end];
+    *at = end;
+    if !huffman {
+        return Ok(raw.to_vec());
+    }
+    let mut out = Vec::with_capacity(raw.len() * 8 / 5);
+    httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FiveBits)
+        .map_err(|_| malformed("bad Huffman code"))?;
+    Ok(out)
 }
 
 pub struct Encoder {
@@ -138,6 +320,37 @@ mod tests {
         enc.peer_table_size(0);
         let got = round_trip(&mut enc, &mut dec, &fields);
         assert_eq!(got.len(), 3);
+    }
+
+    #[test]
+    fn rfc_7541_huffman_example_decodes() {
+        // RFC 7541 C.4.1: the first request, with Huffman coding.
+        let block = [
+            0x82, 0x86, 0x84, 0x41, 0x8c, 0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab,
+            0x90, 0xf4, 0xff,
+        ];
+        let mut dec = Decoder::default();
+        let Ok(Decoded::Fields(fields)) = dec.decode(&block, 65_536) else {
+            panic!("does not decode");
+        };
+        let want: [(&[u8], &[u8]); 4] = [
+            (b":method", b"GET"),
+            (b":scheme", b"http"),
+            (b":path", b"/"),
+            (b":authority", b"www.example.com"),
+        ];
+        let want: Vec<Field> = want.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect();
+        assert_eq!(fields, want);
+        // The authority went into the dynamic table: index 62 now names it.
+        let Ok(Decoded::Fields(again)) = dec.decode(&[0xbe], 65_536) else {
+            panic!("index 62 missing");
+        };
+        assert_eq!(again, vec![want[3].clone()]);
+        // Truncated input is an error, never a panic.
+        for end in 0..block.len() {
+            let _ = Decoder::default().decode(&block[..end], 65_536);
+        }
+        assert!(Decoder::default().decode(&[0x41], 65_536).is_err());
     }
 
     #[test]

@@ -61,6 +61,7 @@ use super::{
     strip_hop_by_hop, trace,
 };
 use crate::{
+    metrics::Http2Path,
     proxy::upstream::UpstreamIo,
     resilience::{Outstanding, Overflow, RequestPermit},
     route::{RouteDecision, RouteRule, RouteTable},
@@ -143,6 +144,7 @@ pub(super) async fn serve(mut client: TcpStream, d: &Downstream) -> Option<Hando
         });
     }
     cin.advance(frame::PREFACE.len());
+    d.inputs.metrics.http2_connection(Http2Path::FastPath);
     let mut conn = Connection::new(d, client, cin);
     let result = std::future::poll_fn(|cx| conn.poll_run(cx)).await;
     match result {
@@ -783,7 +785,16 @@ impl<'a> Connection<'a> {
             return Ok(());
         }
         if id <= self.last_client_stream {
-            // A stream closed here; its block was decoded to keep HPACK in step.
+            // Stream ids only grow: a request on a lower one is a connection error. Trailers
+            // of a stream closed here (its reset may still be on the way) are dropped; the
+            // block was decoded to keep HPACK in step.
+            let is_request = matches!(&decoded, Decoded::Fields(f) if f.iter().any(|(n, _)| n.starts_with(b":")));
+            if is_request || !end {
+                return Err(ConnError::new(
+                    frame::PROTOCOL_ERROR,
+                    "HEADERS on a stream id already used",
+                ));
+            }
             return Ok(());
         }
         self.last_client_stream = id;
@@ -2320,4 +2331,71 @@ fn poll_write_all<T: AsyncWrite + Unpin>(
         }
     }
     Poll::Ready(Ok(wrote))
+}
+
+/// What the HTTP/2 fast path makes of bytes from the network, for the fuzz targets (`fuzz/`).
+pub mod inspect {
+    use bytes::BytesMut;
+
+    pub use super::frame::DEFAULT_MAX_FRAME;
+
+    /// A frame as read: type, flags, stream id, payload (padding stripped), flow length.
+    pub type Frame = (u8, u8, u32, Vec<u8>, usize);
+
+    /// Reads `data` as a sequence of frames: the whole frames, what is left over, and the
+    /// connection error code that stopped the reading, if any.
+    pub fn frames(data: &[u8]) -> (Vec<Frame>, usize, Option<u32>) {
+        let mut buf = BytesMut::from(data);
+        let mut frames = Vec::new();
+        loop {
+            match super::frame::next_frame(&mut buf) {
+                Ok(Some(f)) => {
+                    frames.push((f.kind, f.flags, f.stream, f.payload.to_vec(), f.flow_len))
+                }
+                Ok(None) => return (frames, buf.len(), None),
+                Err(e) => return (frames, buf.len(), Some(e.code)),
+            }
+        }
+    }
+
+    /// A header block decoded by a fresh decoder with `limit`: `Err` is a connection
+    /// error code, `Ok(None)` a block over the limit.
+    #[allow(clippy::type_complexity)]
+    pub fn decode(block: &[u8], limit: usize) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>, u32> {
+        let mut decoder = super::hpack::Decoder::default();
+        match decoder.decode(block, limit) {
+            Ok(super::Decoded::Fields(fields)) => Ok(Some(fields)),
+            Ok(super::Decoded::TooLarge) => Ok(None),
+            Err(e) => Err(e.code),
+        }
+    }
+
+    /// Encodes fields with a fresh encoder, as the forwarder encodes them for a peer.
+    pub fn encode(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+        let mut encoder = super::hpack::Encoder::default();
+        let mut block = Vec::new();
+        encoder.begin(&mut block);
+        for (n, v) in fields {
+            encoder.field(n, v, &mut block);
+        }
+        block
+    }
+
+    /// A request head accepted from decoded fields: method, URI and regular fields, or
+    /// why it is malformed.
+    #[allow(clippy::type_complexity)]
+    pub fn request(
+        fields: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(String, String, Vec<(String, Vec<u8>)>), &'static str> {
+        let parts = super::request_parts(fields)?;
+        Ok((
+            parts.method.to_string(),
+            parts.uri.to_string(),
+            parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+                .collect(),
+        ))
+    }
 }

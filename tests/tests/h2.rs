@@ -1,0 +1,416 @@
+//! End-to-end tests of the outbound L7 proxy's HTTP/2 (h2c, prior knowledge) handling: a raw
+//! HTTP/2 client in one pod calls a Service VIP whose port is declared `appProtocol: http2`,
+//! a raw HTTP/2 server in another pod answers (both `tests/fixtures/h2_peer.py`, on the
+//! Python `h2` library), and each test pushes one corner of RFC 9113 through the agent:
+//! flow control with small windows, a backend's stream limit, CONTINUATION, trailers,
+//! resets, GOAWAY, protocol errors, rapid reset, PING and SETTINGS.
+//!
+//! Every test runs its scenario twice, against a fresh agent each time: with the default
+//! settings and with `TRELLIS_H2_FAST_PATH=off` (hyper). So they assert only what RFC 9113
+//! mandates or any correct proxy shows, and hold on either path. Every scenario also checks
+//! that neither peer's `h2` saw a protocol violation.
+//!
+//! Need root and a BPF-capable kernel, like every end-to-end test, and `h2` for python3
+//! (`cargo xtask setup` installs Debian's python3-h2); they fail, not skip, without them.
+use std::{net::Ipv4Addr, sync::OnceLock};
+
+use anyhow::{Context as _, bail, ensure};
+use mesh_tests::{Agent, Background, Node, Pod, agent::http_get};
+use serde_json::{Value, json};
+
+const H2_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/h2_peer.py");
+const APP_PORT: u16 = 8080;
+/// The agents each scenario runs against: (name, extra environment).
+const PATHS: [(&str, &[(&str, &str)]); 2] = [
+    ("default", &[]),
+    ("hyper", &[("TRELLIS_H2_FAST_PATH", "off")]),
+];
+
+/// A python3 that imports `h2`: the one on PATH, or Debian's own (python3-h2 is installed
+/// for it, and PATH may name another Python, e.g. pyenv's).
+fn python_with_h2() -> anyhow::Result<&'static str> {
+    static FOUND: OnceLock<Option<&'static str>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            ["python3", "/usr/bin/python3"].into_iter().find(|python| {
+                std::process::Command::new(python)
+                    .args(["-c", "import h2, hpack, hyperframe"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+        })
+        .context("no python3 imports h2; `cargo xtask setup` installs python3-h2")
+}
+
+/// A node with a client pod and a backend pod running the HTTP/2 server, behind a Service
+/// VIP whose port 80 is declared `appProtocol: http2`.
+struct Peers {
+    node: Node,
+    client: Pod,
+    backend: Pod,
+    vip: Ipv4Addr,
+    python: &'static str,
+    _server: Background,
+}
+
+impl Peers {
+    fn new() -> anyhow::Result<Self> {
+        let python = python_with_h2()?;
+        let mut node = Node::new()?;
+        let client = node.add_pod("client")?;
+        let backend = node.add_pod("h2server")?;
+        let mut server = backend.command(python)?;
+        server.args([H2_PEER, "server", &APP_PORT.to_string()]);
+        let server = Background::spawn_ready(server, "listening")?;
+        // An address of the node's own subnet that no pod has: the Service VIP.
+        let vip = Ipv4Addr::new(node.subnet[0], node.subnet[1], node.subnet[2], 200);
+        Ok(Self {
+            node,
+            client,
+            backend,
+            vip,
+            python,
+            _server: server,
+        })
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "node: {node}\npods:\n{client}  - {{name: {name}, namespace: shop, serviceAccount: backend, ip: {ip}, netns: {netns}, cgroup: {cgroup}, labels: {{app: h2}}}}\nservices:\n  - name: h2\n    namespace: shop\n    vips: [{vip}]\n    selector: {{app: h2}}\n    ports: [{{name: http2, port: 80, targetPort: {APP_PORT}, appProtocol: http2}}]\n",
+            node = self.node.id,
+            client = self.client.config_entry("shop", "frontend", true),
+            name = self.backend.name,
+            ip = self.backend.ip,
+            netns = self.backend.netns_path.display(),
+            cgroup = self.backend.cgroup.display(),
+            vip = self.vip,
+        )
+    }
+
+    /// Runs the client side of `scenario` in the client pod: its JSON observations.
+    fn scenario(&self, scenario: &str) -> anyhow::Result<Value> {
+        let out = self
+            .client
+            .command(self.python)?
+            .args([H2_PEER, "client", &self.vip.to_string(), "80", scenario])
+            .output()
+            .context("running the h2 client")?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "the h2 client ({scenario}) failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(&stdout).with_context(|| format!("h2 client output: {stdout}"))
+    }
+}
+
+/// Runs `scenario` against an agent on each of [`PATHS`] in turn and hands its observations
+/// to `check`, after the checks every scenario shares: the backend saw no protocol error and
+/// failed no request, the client's `h2` saw no protocol violation, the agent did not panic.
+fn on_both_paths(
+    test: &str,
+    scenario: &str,
+    check: impl Fn(&Value, &Agent) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let peers = Peers::new()?;
+    for (path, env) in PATHS {
+        let mut agent =
+            Agent::start_with_env(&format!("{test}-{path}"), &peers.config(), None, env)?;
+        let result = peers.scenario(scenario).and_then(|r| {
+            ensure!(
+                r["server"]["errors"].as_array().is_some_and(Vec::is_empty),
+                "the backend saw errors: {}",
+                r["server"]["errors"]
+            );
+            ensure!(
+                r.get("client_errors")
+                    .is_none_or(|e| e.as_array().is_some_and(Vec::is_empty)),
+                "the client saw protocol violations: {}",
+                r["client_errors"]
+            );
+            check(&r, &agent).with_context(|| format!("observations: {r}"))?;
+            // The scenario ran on the path it was meant to.
+            let (_, metrics) = http_get(agent.metrics_addr()?, "/metrics")?;
+            let count = |path: &str| {
+                let prefix = format!("trellis_http2_connections_total{{path=\"{path}\"}} ");
+                metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix(prefix.as_str()))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            let (fast, hyper) = (count("fast_path"), count("hyper"));
+            match path {
+                "default" => ensure!(fast >= 1 && hyper == 0, "fast path {fast}, hyper {hyper}"),
+                _ => ensure!(fast == 0 && hyper >= 1, "fast path {fast}, hyper {hyper}"),
+            }
+            Ok(())
+        });
+        let log = agent.log_text();
+        result.with_context(|| format!("on the {path} path ({})", agent.log_path.display()))?;
+        ensure!(
+            !log.contains("panicked"),
+            "the agent panicked on the {path} path:\n{log}"
+        );
+        agent.terminate()?;
+    }
+    Ok(())
+}
+
+fn is(r: &Value, pointer: &str, expected: Value) -> anyhow::Result<()> {
+    let got = r.pointer(pointer).unwrap_or(&Value::Null);
+    ensure!(*got == expected, "{pointer}: {got}, expected {expected}");
+    Ok(())
+}
+
+/// The client connection itself was never sent a GOAWAY.
+fn no_goaway(r: &Value) -> anyhow::Result<()> {
+    is(r, "/goaway", Value::Null)
+}
+
+/// 3 MiB up to a server that advertises 16 KiB stream windows and credits only what it has
+/// read, 5 MiB down to a client that advertises 32 KiB and credits 8 KiB at a time, and
+/// 1 MiB echoed back as it arrives, on three streams of one connection at once: every byte
+/// arrives, in order, and neither peer sees its windows overrun (its `h2` would raise).
+#[test]
+fn large_bodies_cross_small_flow_control_windows_both_ways() -> anyhow::Result<()> {
+    on_both_paths("h2-flow", "flow-control", |r, _| {
+        is(r, "/upload/status", json!(200))?;
+        is(r, "/upload/server/bytes", json!(3 << 20))?;
+        is(
+            r,
+            "/upload/server/sha256",
+            r["upload"]["sent_sha256"].clone(),
+        )?;
+        is(r, "/download/status", json!(200))?;
+        is(r, "/download/ended", json!(true))?;
+        is(r, "/download/bytes", json!(5 << 20))?;
+        is(
+            r,
+            "/download/sha256",
+            r["download"]["expected_sha256"].clone(),
+        )?;
+        is(r, "/echo/status", json!(200))?;
+        is(r, "/echo/ended", json!(true))?;
+        is(r, "/echo/bytes", json!(1 << 20))?;
+        is(r, "/echo/sha256", r["echo"]["sent_sha256"].clone())?;
+        no_goaway(r)
+    })
+}
+
+/// 150 streams at once on one client connection to a backend that allows 10 at a time:
+/// every one is answered 200 with its own answer, the proxy queueing them (or spreading
+/// them over connections). A REFUSED_STREAM that reaches the client is retried by it (RFC
+/// 9113 §8.7: the request was not processed); a 5xx or any other reset fails the test.
+#[test]
+fn more_streams_than_the_backend_allows_all_complete() -> anyhow::Result<()> {
+    on_both_paths("h2-streams", "streams", |r, _| {
+        is(r, "/warm", json!(200))?;
+        is(r, "/failed", json!({}))?;
+        is(r, "/ok", json!(150))?;
+        no_goaway(r)
+    })
+}
+
+/// A request whose header block (a 30000-character field: at least 18750 bytes whatever
+/// the Huffman coding) cannot fit one frame reaches the server whole, so the proxy sent it
+/// as HEADERS + CONTINUATION (mandatory: the server allows 16 KiB frames); 200 request
+/// fields plus 50 lines of one repeated field arrive with their values, the repeated one in
+/// order; and a response head the server splits into HEADERS + CONTINUATION frames of 3000
+/// bytes reaches the client whole.
+#[test]
+fn header_blocks_in_continuation_frames_arrive_whole() -> anyhow::Result<()> {
+    on_both_paths("h2-headers", "headers", |r, _| {
+        is(r, "/one/status", json!(200))?;
+        is(
+            r,
+            "/one/big/x-big-request",
+            r["one"]["expected_big"].clone(),
+        )?;
+        ensure!(
+            r["one"]["server_continuations"]
+                .as_u64()
+                .is_some_and(|n| n >= 1),
+            "a request header block over the server's frame size came without CONTINUATION"
+        );
+        is(r, "/one/response_header_intact", json!(true))?;
+        is(r, "/many/status", json!(200))?;
+        is(r, "/many/fields_intact", json!(true))?;
+        is(r, "/many/response_header_intact", json!(true))?;
+        no_goaway(r)
+    })
+}
+
+/// gRPC-shaped exchanges: request trailers after a body, and request trailers with no body
+/// at all, reach the server; the server's response trailers (`grpc-status` and friends)
+/// after a body, and right after the response head, reach the client.
+#[test]
+fn trailers_pass_in_both_directions() -> anyhow::Result<()> {
+    on_both_paths("h2-trailers", "trailers", |r, _| {
+        is(r, "/with_body/status", json!(200))?;
+        is(r, "/with_body/ended", json!(true))?;
+        is(
+            r,
+            "/with_body/body",
+            json!("\u{0}\u{0}\u{0}\u{0}\u{5}hello"),
+        )?;
+        is(r, "/with_body/trailers/grpc-status", json!("0"))?;
+        is(r, "/with_body/trailers/grpc-message", json!("done"))?;
+        is(
+            r,
+            "/with_body/trailers/x-seen-trailers",
+            json!(r#"[["x-checksum", "1234"], ["x-client-trailer", "ct-1"]]"#),
+        )?;
+        is(r, "/with_body/trailers/x-seen-body", json!("8"))?;
+        is(r, "/only_trailers/status", json!(200))?;
+        is(r, "/only_trailers/ended", json!(true))?;
+        is(r, "/only_trailers/body", json!(""))?;
+        is(r, "/only_trailers/trailers/grpc-status", json!("0"))?;
+        is(
+            r,
+            "/only_trailers/trailers/x-seen-trailers",
+            json!(r#"[["x-client-trailer", "ct-2"]]"#),
+        )?;
+        is(r, "/only_trailers/trailers/x-seen-body", json!("0"))?;
+        no_goaway(r)
+    })
+}
+
+/// A client's RST_STREAM(CANCEL) of a streaming response, and of an upload half-way, ends
+/// the server's stream too (reset, or its connection closed); a server's RST_STREAM before
+/// any response reaches the client as a 5xx or a reset of that stream. After each, the
+/// same client connection serves the next request.
+#[test]
+fn resets_from_either_side_end_only_their_stream() -> anyhow::Result<()> {
+    on_both_paths("h2-resets", "resets", |r, _| {
+        ensure!(
+            r["streamed_before_cancel"]
+                .as_u64()
+                .is_some_and(|n| n >= 4096),
+            "the stream never flowed"
+        );
+        for key in ["server_saw", "server_saw_upload"] {
+            let outcome = r[key]["outcome"].as_str().unwrap_or("");
+            ensure!(
+                outcome == "reset" || outcome == "closed",
+                "{key}: the server's stream was not ended by the client's cancel: {}",
+                r[key]
+            );
+        }
+        is(r, "/after_cancel", json!(200))?;
+        is(r, "/after_upload_cancel", json!(200))?;
+        let answer = &r["server_reset"];
+        ensure!(
+            answer["status"]
+                .as_u64()
+                .is_some_and(|s| (500..600).contains(&s))
+                || !answer["reset"].is_null(),
+            "a stream the server reset got {answer}"
+        );
+        is(r, "/after_server_reset", json!(200))?;
+        no_goaway(r)
+    })
+}
+
+/// The server answers a request, sends GOAWAY(NO_ERROR) naming that stream the last, and
+/// closes: the answer reaches the client, and the client's next requests on the same
+/// connection are served (on a new upstream connection). Three times over.
+#[test]
+fn a_backend_goaway_moves_the_next_requests_to_a_new_connection() -> anyhow::Result<()> {
+    on_both_paths("h2-goaway", "goaway", |r, _| {
+        let rounds = r["rounds"].as_array().context("rounds")?;
+        ensure!(rounds.len() == 3, "{} rounds", rounds.len());
+        for round in rounds {
+            let last = &round["goaway_response"];
+            ensure!(
+                last[0] == 200 && last[1] == "goodbye",
+                "the answer sent with the GOAWAY: {last}"
+            );
+            for following in round["following"].as_array().context("following")? {
+                ensure!(
+                    following[0] == 200 && following[1] != last[2],
+                    "a request after the backend's GOAWAY: {following} (the GOAWAY came on connection {})",
+                    last[2]
+                );
+            }
+        }
+        no_goaway(r)
+    })
+}
+
+/// Connection errors from the client (RFC 9113 names each a connection error): the agent
+/// closes that connection, with a GOAWAY whose code is an error if it sends one, and keeps
+/// serving a new connection and a connection that was open throughout.
+#[test]
+fn client_protocol_errors_close_only_the_offending_connection() -> anyhow::Result<()> {
+    on_both_paths("h2-errors", "protocol-errors", |r, _| {
+        is(r, "/before", json!(200))?;
+        let cases = r["cases"].as_object().context("cases")?;
+        ensure!(cases.len() == 14, "{} cases", cases.len());
+        for (name, case) in cases {
+            ensure!(
+                case["closed"] == true,
+                "{name}: the connection stayed open: {case}"
+            );
+            if let Some(last) = case["goaways"].as_array().and_then(|g| g.last()) {
+                ensure!(
+                    last != "NO_ERROR",
+                    "{name}: GOAWAY without an error: {case}"
+                );
+            }
+            ensure!(
+                case["fresh_connection_after"] == 200,
+                "{name}: a new connection afterwards: {case}"
+            );
+            ensure!(
+                case["bystander_after"] == 200,
+                "{name}: the connection open meanwhile: {case}"
+            );
+        }
+        is(r, "/bystander_after", json!(200))?;
+        is(r, "/bystander_goaway", Value::Null)
+    })
+}
+
+/// 2000 streams opened and reset at once (CVE-2023-44487's pattern) on one connection:
+/// the agent either closes that connection, with GOAWAY(ENHANCE_YOUR_CALM or PROTOCOL_ERROR)
+/// if any, or keeps serving it; either way it stays up and serves a new connection.
+#[test]
+fn a_rapid_reset_flood_leaves_the_agent_serving() -> anyhow::Result<()> {
+    let backend_before = std::cell::Cell::new(0);
+    on_both_paths("h2-rapid", "rapid-reset", |r, agent| {
+        let saw = r["backend_saw"].as_u64().unwrap_or(0);
+        eprintln!(
+            "rapid reset: streams reset {}, GOAWAY {}, closed {}, same connection after {}, requests reaching the backend {}",
+            r["streams_reset"],
+            r["goaway"],
+            r["closed"],
+            r["same_connection_after"],
+            saw - backend_before.replace(saw)
+        );
+        let (status, _) = http_get(agent.admin_addr()?, "/healthz")?;
+        ensure!(status == 200, "the agent's /healthz answered {status}");
+        is(r, "/fresh_connection_after", json!(200))?;
+        match r["goaway"][0].as_str() {
+            Some("ENHANCE_YOUR_CALM" | "PROTOCOL_ERROR") => Ok(()),
+            Some(other) => bail!("the flooding connection got GOAWAY({other})"),
+            None if r["closed"] == true => Ok(()),
+            None => is(r, "/same_connection_after/status", json!(200)),
+        }
+    })
+}
+
+/// The agent's first frame is SETTINGS (the server preface); three PINGs, one while a
+/// request is in flight, each get a PING ACK with the same payload; a SETTINGS with a value
+/// and an empty one each get an ACK; the request in flight completes.
+#[test]
+fn ping_and_settings_are_acknowledged() -> anyhow::Result<()> {
+    on_both_paths("h2-ping", "ping-settings", |r, _| {
+        is(r, "/first_frame", json!(4))?;
+        is(r, "/ping_acks_match", json!(true))?;
+        is(r, "/settings_acked", json!(2))?;
+        is(r, "/in_flight/status", json!(200))?;
+        no_goaway(r)
+    })
+}
