@@ -708,17 +708,17 @@ impl<'a> Connection<'a> {
             }
             // A stream already closed here (its reset may still be on the way): the
             // connection window is credited, the data dropped.
-            self.credit_client(0, flow);
+            self.credit_client(flow);
             return Ok(());
         };
         if stream.client_done {
-            self.credit_client(0, flow);
+            self.credit_client(flow);
             self.close_stream(f.stream, CloseHow::ResetClient(frame::STREAM_CLOSED));
             return Ok(());
         }
         stream.recv_window -= flow;
         if stream.recv_window < 0 {
-            self.credit_client(0, flow);
+            self.credit_client(flow);
             self.close_stream(f.stream, CloseHow::ResetClient(frame::FLOW_CONTROL_ERROR));
             return Ok(());
         }
@@ -728,7 +728,7 @@ impl<'a> Connection<'a> {
             None => false,
         };
         if length_error {
-            self.credit_client(0, flow);
+            self.credit_client(flow);
             self.close_stream(f.stream, CloseHow::ResetClient(frame::PROTOCOL_ERROR));
             return Ok(());
         }
@@ -950,14 +950,22 @@ impl<'a> Connection<'a> {
             return;
         };
         stream.head = Some(parts);
-        // The route's timeouts bound the wait for the response head, as on the hyper path.
-        if let Some(limit) = plan.attempt_timeout() {
-            stream.deadline = Some(Instant::now() + delay.unwrap_or_default() + limit);
-            stream.timeout_message = if plan.per_try.is_some_and(|t| t <= limit) {
-                "upstream per-try timeout"
-            } else {
-                "upstream request timeout"
-            };
+        // The route's timeouts bound the wait for the response head, as on the hyper path:
+        // the request timeout from the request's start (a fault delay included), the
+        // per-try one from when the request goes upstream.
+        let try_deadline = plan
+            .per_try
+            .map(|t| Instant::now() + delay.unwrap_or_default() + t);
+        let (deadline, message) = match (plan.deadline, try_deadline) {
+            (Some(request), Some(attempt)) if attempt < request => {
+                (Some(attempt), "upstream per-try timeout")
+            }
+            (Some(request), _) => (Some(request), "upstream request timeout"),
+            (None, attempt) => (attempt, "upstream per-try timeout"),
+        };
+        if deadline.is_some() {
+            stream.deadline = deadline;
+            stream.timeout_message = message;
             self.timed += 1;
         }
         match delay {
@@ -1271,7 +1279,7 @@ impl<'a> Connection<'a> {
                 }
                 let Some(&id) = up.streams.get(&f.stream) else {
                     up.credit += flow;
-                    self.send_upstream_credit(i, 0);
+                    self.send_upstream_credit(i);
                     return Ok(());
                 };
                 let end = f.flags & frame::END_STREAM != 0;
@@ -1501,7 +1509,7 @@ impl<'a> Connection<'a> {
         stream.responded = true;
         stream.log.status = status;
         if stream.deadline.take().is_some() {
-            self.timed -= 1;
+            self.timed = self.timed.saturating_sub(1);
             self.timer_at = None;
         }
         let Some(target) = stream.target.as_mut() else {
@@ -1808,7 +1816,7 @@ impl<'a> Connection<'a> {
         }
     }
 
-    fn credit_client(&mut self, _id: u32, n: i64) {
+    fn credit_client(&mut self, n: i64) {
         self.credit += n;
         if self.credit >= CONN_WINDOW / 4 {
             frame::window_update(&mut self.cout, 0, self.credit as u32);
@@ -1817,7 +1825,7 @@ impl<'a> Connection<'a> {
         }
     }
 
-    fn send_upstream_credit(&mut self, i: usize, _stream: u32) {
+    fn send_upstream_credit(&mut self, i: usize) {
         let up = &mut self.upstreams[i];
         if up.credit >= CONN_WINDOW / 4 {
             frame::window_update(&mut up.out, 0, up.credit as u32);
@@ -1847,21 +1855,19 @@ impl<'a> Connection<'a> {
         stream.to_upstream.clear();
         stream.head = None;
         if stream.deadline.take().is_some() {
-            self.timed -= 1;
+            self.timed = self.timed.saturating_sub(1);
             self.timer_at = None;
         }
         if let Phase::Delayed(_) = stream.phase {
-            self.timed -= 1;
+            self.timed = self.timed.saturating_sub(1);
             self.timer_at = None;
         }
         stream.phase = Phase::Closed;
         if let Some((conn, up_id)) = stream.upstream.take()
             && let Some(up) = self.upstreams.iter_mut().find(|u| u.id == conn)
+            && (up.streams.remove(&up_id).is_some() || !stream.upstream_done)
         {
-            if up.streams.remove(&up_id).is_some() || !stream.upstream_done {
-                frame::rst_stream(&mut up.out, up_id, frame::CANCEL);
-            }
-            up.credit += std::mem::take(&mut stream.upstream_credit);
+            frame::rst_stream(&mut up.out, up_id, frame::CANCEL);
         }
         stream.upstream_done = true;
         self.enc.begin(&mut self.block);
@@ -1910,7 +1916,21 @@ impl<'a> Connection<'a> {
                 frame::rst_stream(&mut up.out, up_id, frame::CANCEL);
             }
             up.streams.remove(&up_id);
-            up.credit += stream.upstream_credit;
+            // Response data not passed on was never credited to the upstream connection.
+            let held: i64 = stream
+                .to_client
+                .iter()
+                .map(|p| match p {
+                    Piece::Data(b, _) => b.len() as i64,
+                    Piece::Trailers(_) => 0,
+                })
+                .sum();
+            up.credit += held;
+            if up.credit >= CONN_WINDOW / 4 {
+                frame::window_update(&mut up.out, 0, up.credit as u32);
+                up.recv_window += up.credit;
+                up.credit = 0;
+            }
         }
         match how {
             CloseHow::Finished => {
@@ -1931,7 +1951,7 @@ impl<'a> Connection<'a> {
                 Piece::Trailers(_) => 0,
             })
             .sum();
-        self.credit_client(0, held);
+        self.credit_client(held);
         if let Some(target) = stream.target.as_mut()
             && let Some(o) = target.outstanding.take()
         {
@@ -2032,7 +2052,7 @@ impl<'a> Connection<'a> {
                 && at <= now
             {
                 stream.phase = Phase::Queued;
-                self.timed -= 1;
+                self.timed = self.timed.saturating_sub(1);
                 self.queued.push_back(id);
             }
             if stream.deadline.is_some_and(|dl| dl <= now) && !stream.responded {
