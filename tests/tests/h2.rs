@@ -3,7 +3,8 @@
 //! a raw HTTP/2 server in another pod answers (both `tests/fixtures/h2_peer.py`, on the
 //! Python `h2` library), and each test pushes one corner of RFC 9113 through the agent:
 //! flow control with small windows, a backend's stream limit, CONTINUATION, trailers,
-//! resets, GOAWAY, protocol errors, rapid reset, PING and SETTINGS.
+//! resets, GOAWAY, protocol errors, rapid reset, PING and SETTINGS; and the route features
+//! (filters, redirects, faults, timeouts, rate limits) and the agent's drain, over HTTP/2.
 //!
 //! Every test runs its scenario twice, against a fresh agent each time: with the default
 //! settings and with `TRELLIS_H2_FAST_PATH=off` (hyper). So they assert only what RFC 9113
@@ -12,10 +13,20 @@
 //!
 //! Need root and a BPF-capable kernel, like every end-to-end test, and `h2` for python3
 //! (`cargo xtask setup` installs Debian's python3-h2); they fail, not skip, without them.
-use std::{net::Ipv4Addr, sync::OnceLock};
+use std::{
+    fs,
+    net::Ipv4Addr,
+    process::{Child, Stdio},
+    sync::OnceLock,
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail, ensure};
-use mesh_tests::{Agent, Background, Node, Pod, agent::http_get};
+use mesh_tests::{
+    Agent, Background, Node, Pod,
+    agent::{field, http_get, message},
+    wait_until,
+};
 use serde_json::{Value, json};
 
 const H2_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/h2_peer.py");
@@ -74,9 +85,10 @@ impl Peers {
         })
     }
 
-    fn config(&self) -> String {
+    /// The agent config, then `routes` (YAML: `httpRoutes:` for the Service `shop/h2`).
+    fn config(&self, routes: &str) -> String {
         format!(
-            "node: {node}\npods:\n{client}  - {{name: {name}, namespace: shop, serviceAccount: backend, ip: {ip}, netns: {netns}, cgroup: {cgroup}, labels: {{app: h2}}}}\nservices:\n  - name: h2\n    namespace: shop\n    vips: [{vip}]\n    selector: {{app: h2}}\n    ports: [{{name: http2, port: 80, targetPort: {APP_PORT}, appProtocol: http2}}]\n",
+            "node: {node}\npods:\n{client}  - {{name: {name}, namespace: shop, serviceAccount: backend, ip: {ip}, netns: {netns}, cgroup: {cgroup}, labels: {{app: h2}}}}\nservices:\n  - name: h2\n    namespace: shop\n    vips: [{vip}]\n    selector: {{app: h2}}\n    ports: [{{name: http2, port: 80, targetPort: {APP_PORT}, appProtocol: http2}}]\n{routes}",
             node = self.node.id,
             client = self.client.config_entry("shop", "frontend", true),
             name = self.backend.name,
@@ -113,48 +125,74 @@ fn on_both_paths(
     scenario: &str,
     check: impl Fn(&Value, &Agent) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
+    on_both_paths_with_routes(test, "", scenario, check)
+}
+
+/// [`on_both_paths`] with `routes` in the agents' config.
+fn on_both_paths_with_routes(
+    test: &str,
+    routes: &str,
+    scenario: &str,
+    check: impl Fn(&Value, &Agent) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let peers = Peers::new()?;
     for (path, env) in PATHS {
         let mut agent =
-            Agent::start_with_env(&format!("{test}-{path}"), &peers.config(), None, env)?;
+            Agent::start_with_env(&format!("{test}-{path}"), &peers.config(routes), None, env)?;
         let result = peers.scenario(scenario).and_then(|r| {
-            ensure!(
-                r["server"]["errors"].as_array().is_some_and(Vec::is_empty),
-                "the backend saw errors: {}",
-                r["server"]["errors"]
-            );
-            ensure!(
-                r.get("client_errors")
-                    .is_none_or(|e| e.as_array().is_some_and(Vec::is_empty)),
-                "the client saw protocol violations: {}",
-                r["client_errors"]
-            );
+            no_errors(&r)?;
             check(&r, &agent).with_context(|| format!("observations: {r}"))?;
-            // The scenario ran on the path it was meant to.
-            let (_, metrics) = http_get(agent.metrics_addr()?, "/metrics")?;
-            let count = |path: &str| {
-                let prefix = format!("trellis_http2_connections_total{{path=\"{path}\"}} ");
-                metrics
-                    .lines()
-                    .find_map(|l| l.strip_prefix(prefix.as_str()))
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            let (fast, hyper) = (count("fast_path"), count("hyper"));
-            match path {
-                "default" => ensure!(fast >= 1 && hyper == 0, "fast path {fast}, hyper {hyper}"),
-                _ => ensure!(fast == 0 && hyper >= 1, "fast path {fast}, hyper {hyper}"),
-            }
-            Ok(())
+            served_on(&agent, path)
         });
-        let log = agent.log_text();
         result.with_context(|| format!("on the {path} path ({})", agent.log_path.display()))?;
-        ensure!(
-            !log.contains("panicked"),
-            "the agent panicked on the {path} path:\n{log}"
-        );
+        no_panic(&agent, path)?;
         agent.terminate()?;
     }
+    Ok(())
+}
+
+/// The backend saw no protocol error and failed no request; the client's `h2` saw no
+/// protocol violation.
+fn no_errors(r: &Value) -> anyhow::Result<()> {
+    ensure!(
+        r["server"]["errors"].as_array().is_some_and(Vec::is_empty),
+        "the backend saw errors: {}",
+        r["server"]["errors"]
+    );
+    ensure!(
+        r.get("client_errors")
+            .is_none_or(|e| e.as_array().is_some_and(Vec::is_empty)),
+        "the client saw protocol violations: {}",
+        r["client_errors"]
+    );
+    Ok(())
+}
+
+/// The agent served its HTTP/2 connections on `path` (of [`PATHS`]), and only there.
+fn served_on(agent: &Agent, path: &str) -> anyhow::Result<()> {
+    let (_, metrics) = http_get(agent.metrics_addr()?, "/metrics")?;
+    let count = |path: &str| {
+        let prefix = format!("trellis_http2_connections_total{{path=\"{path}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (fast, hyper) = (count("fast_path"), count("hyper"));
+    match path {
+        "default" => ensure!(fast >= 1 && hyper == 0, "fast path {fast}, hyper {hyper}"),
+        _ => ensure!(fast == 0 && hyper >= 1, "fast path {fast}, hyper {hyper}"),
+    }
+    Ok(())
+}
+
+fn no_panic(agent: &Agent, path: &str) -> anyhow::Result<()> {
+    let log = agent.log_text();
+    ensure!(
+        !log.contains("panicked"),
+        "the agent panicked on the {path} path:\n{log}"
+    );
     Ok(())
 }
 
@@ -413,4 +451,280 @@ fn ping_and_settings_are_acknowledged() -> anyhow::Result<()> {
         is(r, "/in_flight/status", json!(200))?;
         no_goaway(r)
     })
+}
+
+/// Routes on the Service: a rule per feature, each on a path of its own; `/plain`, `/stats`
+/// and `/report` (the fixture's own) go straight to the backend, every other path matches
+/// nothing.
+const ROUTES: &str = "\
+httpRoutes:
+  - name: h2-routes
+    namespace: shop
+    parentRefs: [{name: h2, port: 80}]
+    rules:
+      - matches: [{path: {type: PathPrefix, value: /filtered}}]
+        filters:
+          - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-set, value: by-route}], add: [{name: x-routed, value: filters}], remove: [x-drop-me]}}
+          - {type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-served-by, value: mesh}], remove: [x-from-backend]}}
+      - matches: [{path: {type: Exact, value: /old}}]
+        filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}}]
+      - matches: [{path: {type: PathPrefix, value: /teapot}}]
+        fault: {abort: {httpStatus: 418, percentage: 100}}
+      - matches: [{path: {type: PathPrefix, value: /delayed}}]
+        fault: {delay: {fixedDelay: 400ms, percentage: 100}}
+      - matches: [{path: {type: PathPrefix, value: /late-teapot}}]
+        fault: {delay: {fixedDelay: 400ms, percentage: 100}, abort: {httpStatus: 503, percentage: 100}}
+      - matches: [{path: {type: PathPrefix, value: /hold}}]
+        timeouts: {request: 300ms}
+      - matches: [{path: {type: PathPrefix, value: /slow}}]
+        filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /hold}}}]
+        timeouts: {backendRequest: 300ms}
+      - matches: [{path: {type: PathPrefix, value: /limited}}]
+        rateLimit: {requestsPerSecond: 1, burst: 3}
+      - matches: [{path: {type: PathPrefix, value: /plain}}, {path: {type: Exact, value: /stats}}, {path: {type: Exact, value: /report}}]
+";
+
+/// A local answer: `status`, flagged `flags`.
+fn answered_locally(answer: &Value, status: u16, flags: &str) -> anyhow::Result<()> {
+    ensure!(
+        answer["status"] == status && answer["headers"]["x-trellis-response-flags"] == flags,
+        "expected {status} {flags}: {answer}"
+    );
+    Ok(())
+}
+
+/// On one HTTP/2 connection, each stream through a rule of [`ROUTES`]: the backend sees
+/// the request header filter's work (a field set, one added, one removed) and the rewritten
+/// path, the client the response header filter's (one added, the backend's removed; a rule
+/// without filters passes that one); `/old?x=1` is redirected (301 to
+/// `http://VIP/new?x=1`); an abort fault answers 418 `FI` and a delay fault answers no
+/// sooner than its 400 ms; a request timeout and a backend request timeout of 300 ms answer
+/// 504 `UT` to requests the backend holds 3 s, and the backend's stream is reset (or its
+/// connection closed); a burst of 12 at a rule allowing 3 at once and 1 a second gets its
+/// 3 (plus one a second) 200s and the rest 429 `RL`; a path no rule matches gets 404 `NR`.
+/// The requests the agent answered itself never reached the backend; the connection serves
+/// a request afterwards and never gets a GOAWAY.
+#[test]
+fn route_filters_redirects_faults_timeouts_and_rate_limits_apply_to_http2_streams()
+-> anyhow::Result<()> {
+    on_both_paths_with_routes("h2-routes", ROUTES, "routes", |r, _| {
+        let filtered = &r["filtered"];
+        is(filtered, "/status", json!(200))?;
+        let saw = &filtered["backend_saw"];
+        ensure!(
+            saw["path"] == "/filtered/items" && saw["query"] == "id=7",
+            "the backend saw {saw}"
+        );
+        let headers = &saw["headers"];
+        ensure!(
+            headers["x-routed"] == "filters"
+                && headers["x-set"] == "by-route"
+                && headers.get("x-drop-me").is_none(),
+            "the request header filter: the backend saw {headers}"
+        );
+        let head = &filtered["headers"];
+        ensure!(
+            head["x-served-by"] == "mesh" && head.get("x-from-backend").is_none(),
+            "the response header filter: the client saw {head}"
+        );
+        is(r, "/plain/status", json!(200))?;
+        is(r, "/plain/headers/x-from-backend", json!("h2server"))?;
+        is(r, "/plain/headers/x-served-by", Value::Null)?;
+
+        is(r, "/redirect/status", json!(301))?;
+        let authority = r["authority"].as_str().context("authority")?;
+        is(
+            r,
+            "/redirect/headers/location",
+            json!(format!("http://{authority}/new?x=1")),
+        )?;
+
+        answered_locally(&r["abort"], 418, "FI")?;
+        // A rule with both faults delays, then aborts (as Envoy does).
+        answered_locally(&r["late_abort"], 503, "FI")?;
+        ensure!(
+            r["late_abort"]["head_ms"].as_f64() >= Some(400.0),
+            "a 400 ms delay before an abort answered after {} ms",
+            r["late_abort"]["head_ms"]
+        );
+
+        is(r, "/delay/status", json!(200))?;
+        is(r, "/delay/backend_saw/path", json!("/delayed"))?;
+        let waited = r["delay"]["head_ms"].as_f64().context("head_ms")?;
+        ensure!(
+            waited >= 400.0,
+            "a 400 ms fault delay answered after {waited} ms"
+        );
+
+        for key in ["timeout_request", "timeout_backend"] {
+            let answer = &r[key];
+            answered_locally(answer, 504, "UT").with_context(|| key.to_string())?;
+            let seen = &answer["backend_stream"];
+            ensure!(
+                !seen.is_null(),
+                "{key}: the request never reached the backend within its 300 ms"
+            );
+            let outcome = seen["outcome"].as_str().unwrap_or("");
+            ensure!(
+                outcome == "reset" || outcome == "closed",
+                "{key}: the backend's stream was not cancelled after the timeout: {seen}"
+            );
+        }
+
+        let limited = &r["rate_limit"];
+        let answers = limited["answers"].as_array().context("answers")?;
+        let ok = answers.iter().filter(|a| a[0] == 200).count() as u64;
+        let refused = answers
+            .iter()
+            .filter(|a| a[0] == 429 && a[1] == "RL")
+            .count() as u64;
+        ensure!(
+            ok + refused == answers.len() as u64,
+            "a rate-limited request got another answer: {limited}"
+        );
+        // The burst of 3, plus one a second while the burst ran (however slow the machine).
+        let refilled = limited["elapsed_s"].as_f64().unwrap_or(0.0).ceil() as u64 + 1;
+        ensure!(
+            ok >= 3 && ok <= 3 + refilled && refused >= 1,
+            "{ok} of {} passed the rate limit: {limited}",
+            answers.len()
+        );
+
+        answered_locally(&r["no_route"], 404, "NR")?;
+
+        let reached = &r["backend_requests"];
+        for path in ["/teapot", "/late-teapot", "/old", "/new", "/nowhere"] {
+            ensure!(
+                reached[path].as_u64().unwrap_or(0) == 0,
+                "{path} reached the backend: {reached}"
+            );
+        }
+        // `/hold` twice: the request timeout's, and the backend request timeout's (rewritten
+        // from `/slow`).
+        for (path, expected) in [("/limited", ok), ("/delayed", 1), ("/hold", 2)] {
+            ensure!(
+                reached[path] == expected,
+                "{path} reached the backend {} times, expected {expected}: {reached}",
+                reached[path]
+            );
+        }
+
+        is(r, "/after", json!(200))?;
+        no_goaway(r)
+    })
+}
+
+/// A child process killed (and reaped) if the test ends before it does.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A client holds an HTTP/2 connection with a stream in flight (the backend holds its
+/// answer) when a successor agent takes the pods over: the old agent sends that connection
+/// GOAWAY(NO_ERROR), naming a last stream no lower than the one in flight, while the stream
+/// is still open; the stream, released after the GOAWAY from a new connection, then
+/// completes with 200 and its whole 256 KiB body; the old agent closes the connection and,
+/// with nothing left, exits by itself; new connections are served, by the new agent.
+#[test]
+fn a_draining_agent_sends_goaway_and_finishes_the_streams_in_flight() -> anyhow::Result<()> {
+    let peers = Peers::new()?;
+    for (path, env) in PATHS {
+        let mut old =
+            Agent::start_with_env(&format!("h2-drain-{path}"), &peers.config(""), None, env)?;
+        let progress = old.dir().join("drain-progress.json");
+        let output = old.dir().join("drain-output.json");
+        let client = peers
+            .client
+            .command(peers.python)?
+            .args([H2_PEER, "client", &peers.vip.to_string(), "80", "drain"])
+            .arg(&progress)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&output)?)
+            .spawn()
+            .context("starting the h2 client")?;
+        let mut client = Reaped(client);
+        let on_path = |what: &str| format!("on the {path} path: {what}");
+        wait_until(
+            &on_path("the backend holding the stream"),
+            Duration::from_secs(60),
+            || {
+                let state: Value =
+                    serde_json::from_str(&fs::read_to_string(&progress).ok()?).ok()?;
+                (state["holding"] == true).then_some(())
+            },
+        )?;
+        // The old agent's metrics go away with the handover: the path is checked now.
+        served_on(&old, path).with_context(|| on_path("the old agent"))?;
+
+        let mut new = old.start_successor()?;
+        old.wait_for_event("the old agent to hand over", |e| {
+            message(e) == "handed over to the new agent; draining open connections"
+        })?;
+        let status = wait_until(&on_path("the h2 client"), Duration::from_secs(180), || {
+            client.0.try_wait().ok().flatten()
+        })?;
+        let stdout = fs::read_to_string(&output)?;
+        ensure!(
+            status.success(),
+            "{}",
+            on_path(&format!("the h2 client failed: {stdout}"))
+        );
+        let r: Value = serde_json::from_str(&stdout)
+            .with_context(|| on_path(&format!("h2 client output: {stdout}")))?;
+        let checked = no_errors(&r).and_then(|()| {
+            is(&r, "/warm", json!(200))?;
+            is(&r, "/server_holding/outcome", json!("holding"))?;
+            let held = r["held_stream"].as_u64().context("held_stream")?;
+            ensure!(
+                r["goaways_before_release"]
+                    .as_array()
+                    .is_some_and(|g| !g.is_empty()),
+                "no GOAWAY came on the drained connection"
+            );
+            // Every GOAWAY (hyper sends two: 2^31-1 first, RFC 9113 §6.8) is NO_ERROR and
+            // lets the stream in flight complete.
+            for goaway in r["goaways"].as_array().context("goaways")? {
+                ensure!(
+                    goaway[0] == "NO_ERROR" && goaway[1].as_u64().is_some_and(|id| id >= held),
+                    "GOAWAY {goaway} on a connection with stream {held} in flight"
+                );
+            }
+            is(&r, "/held_before_release/status", Value::Null)?;
+            is(&r, "/held_before_release/reset", Value::Null)?;
+            is(&r, "/release", json!(200))?;
+            is(&r, "/held/status", json!(200))?;
+            is(&r, "/held/ended", json!(true))?;
+            is(&r, "/held/bytes", json!(256 * 1024))?;
+            is(&r, "/held/sha256", r["held"]["expected_sha256"].clone())?;
+            is(&r, "/closed_after", json!(true))?;
+            is(&r, "/fresh_connection_after", json!(200))
+        });
+        checked.with_context(|| on_path(&format!("observations: {r}")))?;
+
+        let exit = old.wait_exit(Duration::from_secs(90))?;
+        ensure!(
+            exit.success()
+                && old.count_events(|e| message(e) == "drained: no connections left") == 1,
+            "{}",
+            on_path(&format!(
+                "the old agent did not drain cleanly ({exit}):\n{}",
+                old.log_text()
+            ))
+        );
+        for request in ["/release", "/after-drain"] {
+            new.wait_for_event(&on_path(&format!("{request} through the new agent")), |e| {
+                message(e) == "http request" && field(e, "path") == request
+            })?;
+        }
+        served_on(&new, path).with_context(|| on_path("the new agent"))?;
+        no_panic(&old, path)?;
+        no_panic(&new, path)?;
+        new.terminate()?;
+    }
+    Ok(())
 }

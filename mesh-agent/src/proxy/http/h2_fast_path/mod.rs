@@ -93,6 +93,30 @@ type UpstreamConnection = Permitted<UpstreamIo>;
 type Connecting =
     Pin<Box<dyn Future<Output = Result<UpstreamConnection, BoxError>> + Send + 'static>>;
 
+/// Stream ids as hash keys: a multiply spreads the sequential ids over the table's bits
+/// (SipHash, the default, guards against chosen keys at a cost every frame pays; a client
+/// chooses its stream ids, but each map holds at most a few hundred entries).
+#[derive(Default, Clone, Copy)]
+struct StreamIdHasher(u64);
+
+impl std::hash::Hasher for StreamIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        self.0 = u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type StreamMap<V> = HashMap<u32, V, std::hash::BuildHasherDefault<StreamIdHasher>>;
+
 /// Whether this path serves a connection to `service:port`: every route attached to it
 /// (or the port itself, without routes) sends to HTTP/2 backends, and none retries.
 pub(super) fn serves(routes: &RouteTable, d: &Downstream) -> bool {
@@ -214,6 +238,8 @@ struct Stream {
     /// The response head must come by then (the route's timeouts).
     deadline: Option<Instant>,
     timeout_message: &'static str,
+    /// A fault abort that follows the fault delay.
+    abort_after_delay: Option<StatusCode>,
     log: StreamLog,
 }
 
@@ -283,7 +309,7 @@ struct UpConn {
     credit: i64,
     next_stream: u32,
     /// Upstream stream id -> client stream id.
-    streams: HashMap<u32, u32>,
+    streams: StreamMap<u32>,
     /// No new streams (GOAWAY either way, or stream ids ran out).
     closing: bool,
     /// Dead: to be removed, its streams failed.
@@ -321,7 +347,7 @@ struct Connection<'a> {
     credit: i64,
     last_client_stream: u32,
     continuation: Option<HeaderBlock>,
-    streams: HashMap<u32, Stream>,
+    streams: StreamMap<Stream>,
     /// Streams waiting for an upstream connection or slot, oldest first.
     queued: VecDeque<u32>,
     upstreams: Vec<UpConn>,
@@ -371,7 +397,7 @@ impl<'a> Connection<'a> {
             credit: 0,
             last_client_stream: 0,
             continuation: None,
-            streams: HashMap::new(),
+            streams: StreamMap::default(),
             queued: VecDeque::new(),
             upstreams: Vec::new(),
             opening: Vec::new(),
@@ -931,11 +957,23 @@ impl<'a> Connection<'a> {
         let mut delay = None;
         if let Some(fault) = rule.and_then(|r| r.fault.as_ref()) {
             let decision = fault.sample(&mut self.rng);
-            if let Some(status) = decision.abort {
-                self.answer(id, LocalAnswer::new(status, "FI", "fault injected"));
-                return;
+            match (decision.abort, decision.delay) {
+                (Some(status), None) => {
+                    self.answer(id, LocalAnswer::new(status, "FI", "fault injected"));
+                    return;
+                }
+                // Delayed, then aborted, as on the hyper path.
+                (Some(status), Some(delay)) => {
+                    if let Some(stream) = self.streams.get_mut(&id) {
+                        stream.phase = Phase::Delayed(Instant::now() + delay);
+                        stream.abort_after_delay = Some(status);
+                        self.timed += 1;
+                        self.timer_at = None;
+                    }
+                    return;
+                }
+                (None, d) => delay = d,
             }
-            delay = decision.delay;
         }
         if let Err(answer) =
             self.pick_target(id, &mut parts, rule, backend, backend_port, &services)
@@ -1152,7 +1190,7 @@ impl<'a> Connection<'a> {
                     recv_window: CONN_WINDOW,
                     credit: 0,
                     next_stream: 1,
-                    streams: HashMap::new(),
+                    streams: StreamMap::default(),
                     closing: false,
                     failed: None,
                     continuation: None,
@@ -2053,6 +2091,10 @@ impl<'a> Connection<'a> {
             {
                 stream.phase = Phase::Queued;
                 self.timed = self.timed.saturating_sub(1);
+                if let Some(status) = stream.abort_after_delay {
+                    self.answer(id, LocalAnswer::new(status, "FI", "fault injected"));
+                    continue;
+                }
                 self.queued.push_back(id);
             }
             if stream.deadline.is_some_and(|dl| dl <= now) && !stream.responded {
@@ -2118,6 +2160,7 @@ impl Stream {
             target: None,
             deadline: None,
             timeout_message: "upstream request timeout",
+            abort_after_delay: None,
             log,
         }
     }
