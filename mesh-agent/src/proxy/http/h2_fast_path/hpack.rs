@@ -2,7 +2,7 @@
 //! encoder per direction it writes, as the protocol requires (the tables are per
 //! connection and per direction, so every header block is decoded, even one that is then
 //! refused, to keep them in step with the peer's).
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use super::frame::{COMPRESSION_ERROR, ConnError, ENHANCE_YOUR_CALM, hpack_integer};
 
@@ -247,8 +247,21 @@ fn string(block: &[u8], at: &mut usize) -> Result<Vec<u8>, ConnError> {
     Ok(out)
 }
 
+/// Encodes header blocks for one peer (RFC 7541 §6): a field found whole in the static or
+/// the dynamic table is one index; others are literals, added to the dynamic table unless
+/// their values are new on every request (request ids, trace context: they would only
+/// push out entries worth keeping) or sensitive (credentials: never indexed, here or by
+/// any later hop). Strings go without Huffman coding, as hyper's encoder sends them.
 pub struct Encoder {
-    inner: loona_hpack::Encoder<'static>,
+    /// Newest first.
+    table: VecDeque<Field>,
+    size: usize,
+    max_size: usize,
+    /// Entries ever inserted: entry `n` (0-based) is at position `inserted - 1 - n`.
+    inserted: u64,
+    /// Hash of (name, value) and of name -> the newest entry with it (checked on use).
+    exact: HashMap<u64, u64>,
+    names: HashMap<u64, u64>,
     /// A smaller table the peer asked for, to be announced at the start of the next block.
     size_update: Option<usize>,
 }
@@ -256,10 +269,23 @@ pub struct Encoder {
 impl Default for Encoder {
     fn default() -> Self {
         Self {
-            inner: loona_hpack::Encoder::new(),
+            table: VecDeque::new(),
+            size: 0,
+            max_size: TABLE_SIZE as usize,
+            inserted: 0,
+            exact: HashMap::new(),
+            names: HashMap::new(),
             size_update: None,
         }
     }
+}
+
+/// How a literal field is written (RFC 7541 §6.2): its first byte and prefix bits.
+#[derive(Clone, Copy)]
+enum Literal {
+    Indexed,
+    NotIndexed,
+    NeverIndexed,
 }
 
 impl Encoder {
@@ -267,7 +293,8 @@ impl Encoder {
     /// (the encoder never uses more than 4096, which needs no announcement).
     pub fn peer_table_size(&mut self, size: u32) {
         let size = size.min(TABLE_SIZE) as usize;
-        self.inner.set_max_table_size(size);
+        self.max_size = size;
+        self.evict(size);
         self.size_update = Some(size);
     }
 
@@ -280,9 +307,189 @@ impl Encoder {
     }
 
     pub fn field(&mut self, name: &[u8], value: &[u8], out: &mut Vec<u8>) {
-        // Writing into a Vec cannot fail.
-        let _ = self.inner.encode_header_into((name, value), out);
+        let (static_name, static_exact) = static_index(name, value);
+        if let Some(index) = static_exact {
+            hpack_integer(out, 0x80, 7, index);
+            return;
+        }
+        let hash = fnv(fnv(FNV_OFFSET, name), value) ^ (name.len() as u64).rotate_left(32);
+        if let Some(position) = self.find(&self.exact, hash, |(n, v)| n == name && v == value) {
+            hpack_integer(out, 0x80, 7, 62 + position);
+            return;
+        }
+        let literal = match name {
+            b"authorization" | b"proxy-authorization" | b"cookie" | b"set-cookie" => {
+                Literal::NeverIndexed
+            }
+            b"x-request-id" | b"traceparent" | b"tracestate" | b"content-length" | b"date" => {
+                Literal::NotIndexed
+            }
+            _ => Literal::Indexed,
+        };
+        let name_hash = fnv(FNV_OFFSET, name);
+        let name_index = static_name.or_else(|| {
+            self.find(&self.names, name_hash, |(n, _)| n == name)
+                .map(|p| 62 + p)
+        });
+        let (first, prefix) = match literal {
+            Literal::Indexed => (0x40, 6),
+            Literal::NotIndexed => (0x00, 4),
+            Literal::NeverIndexed => (0x10, 4),
+        };
+        match name_index {
+            Some(index) => hpack_integer(out, first, prefix, index),
+            None => {
+                out.push(first);
+                literal_string(out, name);
+            }
+        }
+        literal_string(out, value);
+        if matches!(literal, Literal::Indexed) {
+            self.insert(name, value, hash, name_hash);
+        }
     }
+
+    /// The position of the entry `map` names for `hash`, if it is still there and is what
+    /// `matches` wants.
+    fn find(
+        &self,
+        map: &HashMap<u64, u64>,
+        hash: u64,
+        matches: impl Fn(&Field) -> bool,
+    ) -> Option<usize> {
+        let n = *map.get(&hash)?;
+        let position = usize::try_from(self.inserted - 1 - n).ok()?;
+        self.table.get(position).filter(|e| matches(e))?;
+        Some(position)
+    }
+
+    fn insert(&mut self, name: &[u8], value: &[u8], hash: u64, name_hash: u64) {
+        let entry = name.len() + value.len() + 32;
+        if entry > self.max_size {
+            // An entry larger than the table empties it (RFC 7541 §4.4), as the peer's
+            // decoder does.
+            self.evict(0);
+            return;
+        }
+        self.evict(self.max_size - entry);
+        self.table.push_front((name.to_vec(), value.to_vec()));
+        self.size += entry;
+        self.exact.insert(hash, self.inserted);
+        self.names.insert(name_hash, self.inserted);
+        self.inserted += 1;
+    }
+
+    /// Drops the oldest entries until the table takes at most `room` bytes; the lookup
+    /// maps forget them.
+    fn evict(&mut self, room: usize) {
+        while self.size > room {
+            let Some((n, v)) = self.table.pop_back() else {
+                self.size = 0;
+                break;
+            };
+            self.size -= n.len() + v.len() + 32;
+            let gone = self.inserted - 1 - self.table.len() as u64;
+            self.exact.retain(|_, e| *e != gone);
+            self.names.retain(|_, e| *e != gone);
+        }
+    }
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a, continuing from `hash`.
+fn fnv(mut hash: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        hash = (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// A string literal without Huffman coding.
+fn literal_string(out: &mut Vec<u8>, s: &[u8]) {
+    hpack_integer(out, 0x00, 7, s.len());
+    out.extend_from_slice(s);
+}
+
+/// The static table's index for `name` (its first entry), and for `name: value` when the
+/// table has that exact field.
+fn static_index(name: &[u8], value: &[u8]) -> (Option<usize>, Option<usize>) {
+    let exact = match (name, value) {
+        (b":method", b"GET") => Some(2),
+        (b":method", b"POST") => Some(3),
+        (b":path", b"/") => Some(4),
+        (b":path", b"/index.html") => Some(5),
+        (b":scheme", b"http") => Some(6),
+        (b":scheme", b"https") => Some(7),
+        (b":status", b"200") => Some(8),
+        (b":status", b"204") => Some(9),
+        (b":status", b"206") => Some(10),
+        (b":status", b"304") => Some(11),
+        (b":status", b"400") => Some(12),
+        (b":status", b"404") => Some(13),
+        (b":status", b"500") => Some(14),
+        (b"accept-encoding", b"gzip, deflate") => Some(16),
+        _ => None,
+    };
+    if exact.is_some() {
+        return (exact, exact);
+    }
+    let name_index = match name {
+        b":authority" => Some(1),
+        b":method" => Some(2),
+        b":path" => Some(4),
+        b":scheme" => Some(6),
+        b":status" => Some(8),
+        b"accept-charset" => Some(15),
+        b"accept-encoding" => Some(16),
+        b"accept-language" => Some(17),
+        b"accept-ranges" => Some(18),
+        b"accept" => Some(19),
+        b"access-control-allow-origin" => Some(20),
+        b"age" => Some(21),
+        b"allow" => Some(22),
+        b"authorization" => Some(23),
+        b"cache-control" => Some(24),
+        b"content-disposition" => Some(25),
+        b"content-encoding" => Some(26),
+        b"content-language" => Some(27),
+        b"content-length" => Some(28),
+        b"content-location" => Some(29),
+        b"content-range" => Some(30),
+        b"content-type" => Some(31),
+        b"cookie" => Some(32),
+        b"date" => Some(33),
+        b"etag" => Some(34),
+        b"expect" => Some(35),
+        b"expires" => Some(36),
+        b"from" => Some(37),
+        b"host" => Some(38),
+        b"if-match" => Some(39),
+        b"if-modified-since" => Some(40),
+        b"if-none-match" => Some(41),
+        b"if-range" => Some(42),
+        b"if-unmodified-since" => Some(43),
+        b"last-modified" => Some(44),
+        b"link" => Some(45),
+        b"location" => Some(46),
+        b"max-forwards" => Some(47),
+        b"proxy-authenticate" => Some(48),
+        b"proxy-authorization" => Some(49),
+        b"range" => Some(50),
+        b"referer" => Some(51),
+        b"refresh" => Some(52),
+        b"retry-after" => Some(53),
+        b"server" => Some(54),
+        b"set-cookie" => Some(55),
+        b"strict-transport-security" => Some(56),
+        b"transfer-encoding" => Some(57),
+        b"user-agent" => Some(58),
+        b"vary" => Some(59),
+        b"via" => Some(60),
+        b"www-authenticate" => Some(61),
+        _ => None,
+    };
+    (name_index, None)
 }
 
 #[cfg(test)]
@@ -320,6 +527,58 @@ mod tests {
         enc.peer_table_size(0);
         let got = round_trip(&mut enc, &mut dec, &fields);
         assert_eq!(got.len(), 3);
+    }
+
+    #[test]
+    fn the_tables_stay_in_step_through_evictions_and_a_smaller_table() {
+        let (mut enc, mut dec) = (Encoder::default(), Decoder::default());
+        let mut rng = fastrand::Rng::with_seed(7);
+        let names: [&[u8]; 8] = [
+            b":path",
+            b":authority",
+            b"x-custom",
+            b"user-agent",
+            b"x-request-id",
+            b"cookie",
+            b"content-type",
+            b"x-long",
+        ];
+        for round in 0..400 {
+            if round == 200 {
+                enc.peer_table_size(512);
+            }
+            let fields: Vec<Field> = (0..rng.usize(1..12))
+                .map(|_| {
+                    let name = names[rng.usize(..names.len())].to_vec();
+                    let len = if name == b"x-long" {
+                        rng.usize(100..900)
+                    } else {
+                        rng.usize(0..40)
+                    };
+                    let value = (0..len).map(|_| rng.alphanumeric() as u8).collect();
+                    (name, value)
+                })
+                .collect();
+            let pairs: Vec<(&[u8], &[u8])> = fields
+                .iter()
+                .map(|(n, v)| (n.as_slice(), v.as_slice()))
+                .collect();
+            assert_eq!(
+                round_trip(&mut enc, &mut dec, &pairs),
+                fields,
+                "round {round}"
+            );
+        }
+        // A field seen before is one byte; a credential is never indexed (0x10).
+        let mut block = Vec::new();
+        enc.begin(&mut block);
+        enc.field(b"x-again", b"value", &mut block);
+        enc.begin(&mut block);
+        enc.field(b"x-again", b"value", &mut block);
+        assert_eq!(block.len(), 1);
+        enc.begin(&mut block);
+        enc.field(b"authorization", b"secret", &mut block);
+        assert_eq!(block[0] & 0xf0, 0x10);
     }
 
     #[test]
