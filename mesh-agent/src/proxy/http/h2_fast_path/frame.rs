@@ -292,6 +292,37 @@ pub fn hpack_integer(out: &mut Vec<u8>, first: u8, n: u32, mut value: usize) {
     out.push(value as u8);
 }
 
+pub fn check_rst(f: &Frame) -> Result<(), ConnError> {
+    if f.stream == 0 {
+        return Err(ConnError::new(PROTOCOL_ERROR, "RST_STREAM on stream 0"));
+    }
+    if f.payload.len() != 4 {
+        return Err(ConnError::new(FRAME_SIZE_ERROR, "RST_STREAM not 4 bytes"));
+    }
+    Ok(())
+}
+
+pub fn check_ping(f: &Frame) -> Result<(), ConnError> {
+    if f.stream != 0 {
+        return Err(ConnError::new(PROTOCOL_ERROR, "PING on a stream"));
+    }
+    if f.payload.len() != 8 {
+        return Err(ConnError::new(FRAME_SIZE_ERROR, "PING not 8 bytes"));
+    }
+    Ok(())
+}
+
+pub fn window_increment(f: &Frame) -> Result<i64, ConnError> {
+    if f.payload.len() != 4 {
+        return Err(ConnError::new(
+            FRAME_SIZE_ERROR,
+            "WINDOW_UPDATE not 4 bytes",
+        ));
+    }
+    let raw = u32::from_be_bytes([f.payload[0], f.payload[1], f.payload[2], f.payload[3]]);
+    Ok(i64::from(raw & 0x7fff_ffff))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
