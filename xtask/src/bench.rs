@@ -43,8 +43,10 @@
 //!   the Service port declared `appProtocol: tcp` and no route: the agent relays the bytes
 //!   (L4). Not competitors but the floor: what the agent's sockets and wake-ups cost for this
 //!   load, under any HTTP handling it does; the gap to the L7 row is the HTTP layer's cost.
-//! - `l7-agent-hyper`: `l7-agent` with the agent's HTTP/1.1 fast path off
-//!   (`TRELLIS_HTTP1_FAST_PATH=off`): every request through hyper, the fast path's baseline.
+//! - `l7-agent-hyper`, `l7-agent-h2c-hyper`: `l7-agent` and `l7-agent-h2c` with the agent's
+//!   fast paths off (`TRELLIS_HTTP1_FAST_PATH=off`, `TRELLIS_H2_FAST_PATH=off`): every
+//!   request through hyper, the fast paths' baseline. `l7-agent-h2c` fails unless the agent
+//!   counted its connections on the HTTP/2 fast path.
 //!
 //! Load: `h2load -t 1 -c --l7-connections (4) -m M -D --seconds`, M = 1 with `--h1` (no
 //! pipelining) and `--h2-streams` (10) for h2c. h2load ignores `-n` in this timed mode, so a
@@ -126,6 +128,7 @@ const L7_AGENT_TELEMETRY_OFF: &str = "l7-agent-telemetry-off";
 const L7_AGENT_OPAQUE: &str = "l7-agent-opaque";
 const L7_AGENT_HYPER: &str = "l7-agent-hyper";
 const L7_AGENT_H2C_OPAQUE: &str = "l7-agent-h2c-opaque";
+const L7_AGENT_H2C_HYPER: &str = "l7-agent-h2c-hyper";
 /// The target: with metrics and access logs on, at least this share of the req/s
 /// of the same run with them off.
 const TELEMETRY_RPS_TARGET: f64 = 0.9;
@@ -347,6 +350,11 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: L7_AGENT_H2C_OPAQUE,
         run: |env| l7_agent_opaque(env, L7_AGENT_H2C_OPAQUE, Http::H2c),
+        compare_with: Some(L7_AGENT_H2C),
+    },
+    Scenario {
+        name: L7_AGENT_H2C_HYPER,
+        run: |env| l7_agent(env, L7_AGENT_H2C_HYPER, Http::H2c, AgentVariant::HyperOnly),
         compare_with: Some(L7_AGENT_H2C),
     },
 ];
@@ -879,7 +887,10 @@ fn l7_agent(env: &Env, name: &str, http: Http, variant: AgentVariant) -> anyhow:
     let agent_env: &[(&str, &str)] = match variant {
         AgentVariant::Default => &[],
         AgentVariant::TelemetryOff => &[("TRELLIS_TELEMETRY", "off")],
-        AgentVariant::HyperOnly => &[("TRELLIS_HTTP1_FAST_PATH", "off")],
+        AgentVariant::HyperOnly => &[
+            ("TRELLIS_HTTP1_FAST_PATH", "off"),
+            ("TRELLIS_H2_FAST_PATH", "off"),
+        ],
     };
     let mut agent = Agent::start_with_env(&format!("bench-{name}"), &config, None, agent_env)?;
     let pid = agent.pid().context("the agent is not running")?;
@@ -922,9 +933,28 @@ fn l7_agent(env: &Env, name: &str, http: Http, variant: AgentVariant) -> anyhow:
             agent_tail(&agent)
         );
     }
-    let path = match variant {
-        AgentVariant::HyperOnly => " (hyper only: TRELLIS_HTTP1_FAST_PATH=off)",
-        _ => "",
+    // Which path served the h2c connections, from the agent's own count.
+    let (_, metrics) = agent::http_get(agent.metrics_addr()?, "/metrics")?;
+    let h2_connections = |path: &str| {
+        let prefix = format!("trellis_http2_connections_total{{path=\"{path}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (fast, hyper) = (h2_connections("fast_path"), h2_connections("hyper"));
+    if http == Http::H2c && variant == AgentVariant::Default && (fast == 0 || hyper > 0) {
+        bail!(
+            "{name}: the agent served {fast} h2c connections on its HTTP/2 fast path and {hyper} on hyper; expected all on the fast path"
+        );
+    }
+    let path = match (variant, http) {
+        (AgentVariant::HyperOnly, _) => {
+            " (hyper only: TRELLIS_HTTP1_FAST_PATH=off, TRELLIS_H2_FAST_PATH=off)".to_string()
+        }
+        (_, Http::H2c) => format!(" (HTTP/2 fast path: {fast} connections)"),
+        _ => String::new(),
     };
     measured.notes.push(format!(
         "{name}: client -> VIP {target} (appProtocol {app_protocol}, 1 HTTPRoute rule) -> agent L7 proxy{path} -> backend; agent logged {} outbound `http request` events ({} non-2xx), upstream(s) {}",
@@ -943,8 +973,8 @@ enum AgentVariant {
     /// `TRELLIS_TELEMETRY=off` (no metrics, no access logs): the baseline of the issue's
     /// "telemetry costs at most 10%" target.
     TelemetryOff,
-    /// `TRELLIS_HTTP1_FAST_PATH=off`: every HTTP/1.1 request through hyper, the baseline of
-    /// the fast path.
+    /// `TRELLIS_HTTP1_FAST_PATH=off` and `TRELLIS_H2_FAST_PATH=off`: every request through
+    /// hyper, the baseline of the fast paths.
     HyperOnly,
 }
 
