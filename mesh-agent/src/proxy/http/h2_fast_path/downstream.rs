@@ -362,6 +362,7 @@ impl Connection<'_> {
             status: StatusCode::OK,
             flags: "-",
             response_bytes: 0,
+            attempts: 1,
         };
         let stream = Stream::new(log, end, declared_length, self.peer.initial_window);
         self.streams.insert(id, stream);
@@ -454,20 +455,24 @@ impl Connection<'_> {
         let Some(stream) = self.streams.get_mut(&id) else {
             return;
         };
+        stream.retry = retry::RetryState::for_request(
+            rule,
+            &parts,
+            end,
+            declared_length,
+            backend,
+            backend_port,
+            &plan,
+        );
         stream.head = Some(parts);
         // The route's timeouts bound the wait for the response head, as on the hyper path:
         // the request timeout from the request's start (a fault delay included), the
         // per-try one from when the request goes upstream.
-        let try_deadline = plan
-            .per_try
-            .map(|t| Instant::now() + delay.unwrap_or_default() + t);
-        let (deadline, message) = match (plan.deadline, try_deadline) {
-            (Some(request), Some(attempt)) if attempt < request => {
-                (Some(attempt), "upstream per-try timeout")
-            }
-            (Some(request), _) => (Some(request), "upstream request timeout"),
-            (None, attempt) => (attempt, "upstream per-try timeout"),
-        };
+        let (deadline, message) = retry::attempt_deadline(
+            plan.deadline,
+            plan.per_try,
+            Instant::now() + delay.unwrap_or_default(),
+        );
         if deadline.is_some() {
             stream.deadline = deadline;
             stream.timeout_message = message;
@@ -537,12 +542,7 @@ impl Connection<'_> {
                 "RBAC: access denied",
             )));
         }
-        let authority = endpoint
-            .stats
-            .authority
-            .as_ref()
-            .map(|a| Bytes::copy_from_slice(a.as_str().as_bytes()))
-            .unwrap_or_else(|| Bytes::from(endpoint.addr.to_string()));
+        let authority = retry::endpoint_authority(&endpoint);
         let response_rule = rule
             .filter(|r| {
                 r.filters

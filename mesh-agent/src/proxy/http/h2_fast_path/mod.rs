@@ -3,7 +3,8 @@
 //! decodes each request's header block (HPACK), takes the request through the same steps as
 //! the hyper path (route, redirect, request filters, fault injection, weighted backend, P2C
 //! endpoint, circuit breaker, rate limit, local-delivery authorization, request id and
-//! trace context, timeouts, outlier records, metrics and access log), and opens a stream for
+//! trace context, timeouts, retries, outlier records, metrics and access log), and opens a
+//! stream for
 //! it on an upstream HTTP/2 connection the same task owns. DATA, trailers and resets then
 //! pass between the two streams frame by frame.
 //!
@@ -23,16 +24,18 @@
 //! connections) and the loop that drives it; `downstream.rs` the client's frames and the
 //! routing of a new request; `upstream.rs` upstream connections and their frames;
 //! `stream.rs` data within the windows, the agent's own answers, the end of a stream and
-//! the timers; `frame.rs` and `hpack.rs` the wire formats.
+//! the timers; `retry.rs` attempts after the first; `frame.rs` and `hpack.rs` the wire
+//! formats.
 //!
-//! A connection is only given to this path when nothing it may carry needs more: routes
-//! with retries (which need the request kept to send again) and backends declared HTTP/1
-//! stay on hyper (see [`serves`]). If the routes change under an open connection so that a
-//! new request would need hyper, the connection is sent a GOAWAY and the request refused
-//! with REFUSED_STREAM, which clients retry on a new connection.
+//! A connection is only given to this path when nothing it may carry needs more: routes to
+//! backends declared HTTP/1 (which need a translation) stay on hyper (see [`serves`]). If
+//! the routes change under an open connection so that a new request would need hyper, the
+//! connection is sent a GOAWAY and the request refused with REFUSED_STREAM, which clients
+//! retry on a new connection.
 mod downstream;
 mod frame;
 mod hpack;
+mod retry;
 mod stream;
 mod upstream;
 
@@ -127,7 +130,7 @@ impl std::hash::Hasher for StreamIdHasher {
 type StreamMap<V> = HashMap<u32, V, std::hash::BuildHasherDefault<StreamIdHasher>>;
 
 /// Whether this path serves a connection to `service:port`: every route attached to it
-/// (or the port itself, without routes) sends to HTTP/2 backends, and none retries.
+/// (or the port itself, without routes) sends to backends not declared HTTP/1.
 pub(super) fn serves(routes: &RouteTable, d: &Downstream) -> bool {
     match routes.rules_for(&d.service.namespace, &d.service.name, d.port.port) {
         None => d.port.protocol != AppProtocol::Http,
@@ -135,11 +138,8 @@ pub(super) fn serves(routes: &RouteTable, d: &Downstream) -> bool {
     }
 }
 
-/// A rule this path can serve: no retries, and backends that are not declared HTTP/1.
+/// A rule this path can serve: backends that are not declared HTTP/1.
 fn rule_fits(rule: &RouteRule, d: &Downstream) -> bool {
-    if rule.retry.is_some() {
-        return false;
-    }
     let services = d.inputs.services.load();
     rule.backend_refs.iter().all(|b| {
         services
@@ -249,6 +249,8 @@ struct Stream {
     timeout_message: &'static str,
     /// A fault abort that follows the fault delay.
     abort_after_delay: Option<StatusCode>,
+    /// What a request that may be retried keeps to be sent again.
+    retry: Option<Box<retry::RetryState>>,
     log: StreamLog,
 }
 
@@ -279,6 +281,7 @@ enum Phase {
 }
 
 /// A piece of a message waiting for its window.
+#[derive(Clone)]
 enum Piece {
     Data(Bytes, bool),
     Trailers(Vec<Field>),
@@ -299,6 +302,7 @@ struct StreamLog {
     status: StatusCode,
     flags: &'static str,
     response_bytes: u64,
+    attempts: u32,
 }
 
 /// One upstream HTTP/2 connection, owned by the client connection's task.

@@ -28,6 +28,9 @@ impl Connection<'_> {
                         if end {
                             frame::data(&mut up.out, up_id, &[], true);
                             stream.upstream_done = true;
+                            if let Some(retry) = stream.retry.as_mut() {
+                                retry.sent.push(Piece::Data(Bytes::new(), true));
+                            }
                         }
                         stream.to_upstream.pop_front();
                         continue;
@@ -41,8 +44,16 @@ impl Connection<'_> {
                     frame::data(&mut up.out, up_id, &chunk, end && last);
                     up.send_window -= n as i64;
                     stream.upstream_send_window -= n as i64;
-                    stream.credit += n as i64;
-                    self.credit += n as i64;
+                    // Bytes sent again for a retry were credited to the client already.
+                    let mut fresh = n as i64;
+                    if let Some(retry) = stream.retry.as_mut() {
+                        let replayed = fresh.min(retry.replayed);
+                        retry.replayed -= replayed;
+                        fresh -= replayed;
+                        retry.sent.push(Piece::Data(chunk, end && last));
+                    }
+                    stream.credit += fresh;
+                    self.credit += fresh;
                     if last {
                         if end {
                             stream.upstream_done = true;
@@ -59,7 +70,11 @@ impl Connection<'_> {
                     }
                     frame::headers(&mut up.out, up_id, &self.block, true);
                     stream.upstream_done = true;
-                    stream.to_upstream.pop_front();
+                    if let Some(piece) = stream.to_upstream.pop_front()
+                        && let Some(retry) = stream.retry.as_mut()
+                    {
+                        retry.sent.push(piece);
+                    }
                 }
             }
         }
@@ -294,7 +309,9 @@ impl Connection<'_> {
                 Piece::Trailers(_) => 0,
             })
             .sum();
-        self.credit_client(held);
+        // (Bytes queued to be sent again for a retry were credited already.)
+        let replayed = stream.retry.as_ref().map_or(0, |r| r.replayed);
+        self.credit_client(held - replayed);
         if let Some(target) = stream.target.as_mut()
             && let Some(o) = target.outstanding.take()
         {
@@ -316,7 +333,11 @@ impl Connection<'_> {
             route: l.route.clone(),
             backend: l.backend.clone(),
             upstream: l.upstream,
-            attempts: u32::from(stream.target.is_some() && l.flags == "-"),
+            attempts: if stream.target.is_some() {
+                l.attempts
+            } else {
+                0
+            },
             protocol: l.protocol,
             request_bytes: l.request_bytes,
         };
@@ -400,12 +421,25 @@ impl Connection<'_> {
                     self.answer(id, LocalAnswer::new(status, "FI", "fault injected"));
                     continue;
                 }
+                if stream.retry.as_ref().is_some_and(|r| r.pending) {
+                    self.next_attempt(id);
+                    continue;
+                }
                 self.queued.push_back(id);
+                continue;
             }
             if stream.deadline.is_some_and(|dl| dl <= now) && !stream.responded {
                 let message = stream.timeout_message;
                 if let Some(target) = stream.target.as_mut() {
                     drop(target.outstanding.take());
+                }
+                // A per-try timeout may be retried; the request's own deadline may not.
+                let per_try = !stream
+                    .retry
+                    .as_ref()
+                    .is_some_and(|r| r.request_expired(now));
+                if per_try && self.retry(id, retry::Failure::Timeout) {
+                    continue;
                 }
                 self.answer(
                     id,
@@ -461,6 +495,7 @@ impl Stream {
             deadline: None,
             timeout_message: "upstream request timeout",
             abort_after_delay: None,
+            retry: None,
             log,
         }
     }
@@ -482,6 +517,7 @@ impl StreamLog {
             status: StatusCode::OK,
             flags: "-",
             response_bytes: 0,
+            attempts: 1,
         }
     }
 }

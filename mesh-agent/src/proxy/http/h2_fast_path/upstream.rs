@@ -135,6 +135,9 @@ impl Connection<'_> {
                     {
                         o.finish(FAILURE_LATENCY_PENALTY);
                     }
+                    if overflow.is_none() && self.retry(id, retry::Failure::Reset) {
+                        continue;
+                    }
                     let answer = match &overflow {
                         Some(overflow) => overflow_answer(overflow),
                         None => LocalAnswer::new(
@@ -451,16 +454,9 @@ impl Connection<'_> {
             frame::headers(&mut self.cout, id, &self.block, false);
             return Ok(());
         }
-        stream.responded = true;
-        stream.log.status = status;
-        if stream.deadline.take().is_some() {
-            self.timed = self.timed.saturating_sub(1);
-            self.timer_at = None;
-        }
-        let Some(target) = stream.target.as_mut() else {
-            return Ok(());
-        };
-        if let Some(outstanding) = target.outstanding.take() {
+        if let Some(target) = stream.target.as_mut()
+            && let Some(outstanding) = target.outstanding.take()
+        {
             let endpoint = Endpoint {
                 addr: target.endpoint,
                 stats: target.endpoint_runtime.clone(),
@@ -474,6 +470,30 @@ impl Connection<'_> {
                 target.pool_size,
             );
         }
+        if stream.retry.is_some() {
+            if end {
+                // The upstream closed its side: nothing to cancel there.
+                self.upstreams[i].streams.remove(&up_id);
+            }
+            if self.retry(id, retry::Failure::Status(status)) {
+                return Ok(());
+            }
+            if end && let Some(s) = self.streams.get_mut(&id) {
+                s.upstream = None;
+            }
+        }
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return Ok(());
+        };
+        stream.responded = true;
+        stream.log.status = status;
+        if stream.deadline.take().is_some() {
+            self.timed = self.timed.saturating_sub(1);
+            self.timer_at = None;
+        }
+        let Some(target) = stream.target.as_ref() else {
+            return Ok(());
+        };
         self.enc.begin(&mut self.block);
         match &target.response_rule {
             None => {
@@ -552,7 +572,12 @@ impl Connection<'_> {
                 .runtime
                 .record(&endpoint, EndpointOutcome::Http5xx, target.pool_size);
         }
-        stream.upstream_done = true;
+        if self.retry(id, retry::Failure::Reset) {
+            return;
+        }
+        if let Some(stream) = self.streams.get_mut(&id) {
+            stream.upstream_done = true;
+        }
         self.answer(
             id,
             LocalAnswer::new(
