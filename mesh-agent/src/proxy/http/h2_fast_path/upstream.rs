@@ -196,6 +196,7 @@ impl Connection<'_> {
         stream.upstream = Some((up.id, up_id));
         stream.upstream_send_window = up.peer.initial_window;
         stream.upstream_recv_window = STREAM_WINDOW;
+        stream.upstream_credit = 0;
         stream.phase = Phase::Open;
         up.streams.insert(up_id, id);
         self.pump_to_upstream(id);
