@@ -1,6 +1,7 @@
 //! A 30-second soak (`cargo xtask soak` runs the same binary for minutes): two agents under
-//! mixed L4, HTTP and cross-node mTLS load lose nothing across config reloads (including
-//! rejected ones) and certificate rotations, and their RSS and fds stay bounded.
+//! mixed L4, HTTP/1.1, h2c (HTTP/2 fast path) and cross-node mTLS load lose nothing across
+//! config reloads (including rejected ones) and certificate rotations, and their RSS and fds
+//! stay bounded.
 //!
 //! Needs root and a BPF-capable kernel, like every end-to-end test; it fails, not skips,
 //! without them.

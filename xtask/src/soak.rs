@@ -1,6 +1,6 @@
-//! `cargo xtask soak --minutes N`: N minutes of mixed L4 + HTTP + cross-node mTLS load on two
-//! agents with config reloads and certificate rotations, printing the agents' RSS and open
-//! fds every minute; fails on any lost request or unbounded growth.
+//! `cargo xtask soak --minutes N`: N minutes of mixed L4 + HTTP/1.1 + h2c + cross-node mTLS
+//! load on two agents with config reloads and certificate rotations, printing the agents' RSS
+//! and open fds every minute; fails on any lost request or unbounded growth.
 //!
 //! Builds release binaries (the agent and the tests crate's `soak`, `http-backend`,
 //! `peer-echo`) and runs `target/release/soak run`, which does the work (see

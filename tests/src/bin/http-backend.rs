@@ -13,7 +13,11 @@
 //! - `/ws`: an HTTP/1.1 WebSocket handshake (`101` with `Sec-WebSocket-Accept`), then echoes
 //!   the raw byte stream back (frames are not parsed) until the client closes;
 //! - `/count`: the number of requests served so far, as plain decimal text without a newline
-//!   (requests to `/count` are neither counted nor failed).
+//!   (requests to `/count` are neither counted nor failed);
+//! - any path, with a request header `x-echo-body` (any value): `200` whose body is the
+//!   request body, streamed back as it arrives (so both directions' flow control is in
+//!   play at once); what the JSON body would say, less `body_bytes`, goes in the response
+//!   header `x-request` instead.
 //!
 //! Fault injection, applied to every counted request before the path is looked at:
 //! `--fail-first N` fails requests 1..=N (a process-wide counter); `--fail-rate P` fails each
@@ -31,7 +35,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::{BodyExt as _, Either, Full};
 use hyper::{
     Request, Response, StatusCode, Version,
     body::Incoming,
@@ -48,6 +52,11 @@ const MAX_DELAY_MS: u64 = 30_000;
 /// Request bodies are read (and counted) up to this size; the rest is discarded.
 const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+/// A request with this header gets its body back (see the module doc).
+const ECHO_BODY_HEADER: &str = "x-echo-body";
+
+/// A response body: made here, or the request's own body echoed back.
+type Body = Either<Full<Bytes>, Incoming>;
 
 struct Config {
     port: u16,
@@ -168,38 +177,28 @@ async fn main() {
     }
 }
 
-async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     if path == "/count" {
         let n = state.served.load(Ordering::SeqCst);
-        return respond(state, StatusCode::OK, "text/plain", n.to_string());
+        return respond(state, StatusCode::OK, "text/plain", n.to_string()).map(Either::Left);
     }
     let seq = state.served.fetch_add(1, Ordering::SeqCst) + 1;
     let fail = seq <= state.config.fail_first
         || (state.config.fail_rate > 0.0 && state.roll_percent() < state.config.fail_rate);
 
-    // A failing `/ws` gets the failure status like any other path.
+    // A failing `/ws` or echo gets the failure status like any other path.
     if !fail && path == "/ws" {
-        return websocket(state, req);
+        return websocket(state, req).map(Either::Left);
+    }
+    if !fail && req.headers().contains_key(ECHO_BODY_HEADER) {
+        return echo_body(state, peer, req);
     }
 
     let (parts, body) = req.into_parts();
     let body_bytes = read_body_len(body).await;
-    let mut info = serde_json::json!({
-        "name": state.config.name,
-        "method": parts.method.as_str(),
-        "path": path,
-        "query": parts.uri.query().unwrap_or(""),
-        "version": version_str(parts.version),
-        "peer": peer.to_string(),
-        "authority": parts
-            .uri
-            .authority()
-            .map(|a| a.to_string())
-            .or_else(|| header_str(&parts.headers, header::HOST)),
-        "headers": headers_json(&parts.headers),
-        "body_bytes": body_bytes,
-    });
+    let mut info = request_info(state, peer, &parts);
+    info["body_bytes"] = body_bytes.into();
     let status = if fail {
         state.config.fail_status
     } else if let Some(code) = path.strip_prefix("/status/") {
@@ -231,7 +230,49 @@ async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp
     };
     let mut text = info.to_string();
     text.push('\n');
-    respond(state, status, "application/json", text)
+    respond(state, status, "application/json", text).map(Either::Left)
+}
+
+/// What the JSON body says about a request, less `body_bytes`.
+fn request_info(
+    state: &State,
+    peer: SocketAddr,
+    parts: &hyper::http::request::Parts,
+) -> serde_json::Value {
+    serde_json::json!({
+        "name": state.config.name,
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query().unwrap_or(""),
+        "version": version_str(parts.version),
+        "peer": peer.to_string(),
+        "authority": parts
+            .uri
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| header_str(&parts.headers, header::HOST)),
+        "headers": headers_json(&parts.headers),
+    })
+}
+
+/// Answers `200` with the request's body as the response body, passed through as it is
+/// read (hyper credits the client's flow control as the echo is written), and the request
+/// described in the `x-request` header.
+fn echo_body(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let info = request_info(state, peer, &parts).to_string();
+    let mut resp = respond(
+        state,
+        StatusCode::OK,
+        "application/octet-stream",
+        String::new(),
+    )
+    .map(|_| Either::Right(body));
+    // JSON escapes control characters; the rest is valid in a header value.
+    if let Ok(v) = HeaderValue::from_str(&info) {
+        resp.headers_mut().insert("x-request", v);
+    }
+    resp
 }
 
 /// Answers a WebSocket handshake with `101` and echoes the upgraded byte stream.

@@ -18,6 +18,26 @@
 //! names the path (and body size) that was sent, and carry the `x-soak-gen` header the route
 //! adds (the config generation: proof that reloads reach the data path).
 //!
+//! Per h2c target (a Service VIP port declared `appProtocol: http2`, HTTPRoute as above),
+//! with hyper's HTTP/2 client and prior knowledge:
+//! - `h2c-keepalive`: [`H2C_CONNS`] connections kept for the run; every
+//!   [`H2C_ROUND_INTERVAL`] each sends [`H2C_STREAMS`] requests at once on concurrent
+//!   streams; a connection found closed before a round is replaced (a reconnect), one with
+//!   a failed request is dropped;
+//! - `h2c-new`: [`H2C_NEW_PER_S`] new connections a second, each with [`H2C_NEW_STREAMS`]
+//!   concurrent requests.
+//!
+//! Each h2c connection is closed in the end by dropping its last sender, and must end
+//! without an error (one more operation of its class).
+//!
+//! An h2c request is a GET (one in eight), a POST of more than 64 KiB up to
+//! [`H2C_MAX_BYTES`] (one in four) or a POST of 1 B to [`H2C_SMALL_MAX_BYTES`]; the client
+//! advertises RFC 9113's default 64 KiB stream window and a connection window smaller than
+//! a round's bodies, so large answers wait for its WINDOW_UPDATEs. The backend echoes the
+//! body back (`x-echo-body`): every byte is compared, the answer must be a 200 from the
+//! expected backend, and the request as the backend saw it (its `x-request` header) must
+//! name the path, have arrived as HTTP/2 and carry `x-soak-gen`.
+//!
 //! Every operation is counted as attempted, then ok or failed (with the reason); bytes sent
 //! and bytes verified are counted too. A line of JSON with the counters goes to stdout every
 //! second and a final one (`"final": true`, with the failures) once every operation started
@@ -32,13 +52,16 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
-use hyper::{Request, client::conn::http1};
-use hyper_util::rt::TokioIo;
+use hyper::{
+    Request,
+    client::conn::{http1, http2},
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
-    task::JoinSet,
+    task::{JoinHandle, JoinSet},
     time::{MissedTickBehavior, interval, timeout},
 };
 
@@ -58,6 +81,25 @@ const HTTP_NEW_PER_S: f64 = 5.0;
 const L4_CONN_MAX_BYTES: u64 = 16 * 1024;
 /// Largest POST body.
 const POST_MAX_BYTES: u64 = 8 * 1024;
+/// Long-lived h2c connections per h2c target.
+const H2C_CONNS: usize = 2;
+/// Requests sent at once, each on its own stream, per long-lived h2c connection and round.
+const H2C_STREAMS: usize = 8;
+/// One round of requests per long-lived h2c connection this often.
+const H2C_ROUND_INTERVAL: Duration = Duration::from_secs(1);
+/// New h2c connections per second per h2c target (times `--rate-scale`).
+const H2C_NEW_PER_S: f64 = 1.0;
+/// Requests sent at once on each new h2c connection.
+const H2C_NEW_STREAMS: usize = 2;
+/// Largest small h2c body.
+const H2C_SMALL_MAX_BYTES: u64 = 16 * 1024;
+/// Largest h2c body (the large ones start above 64 KiB, a default stream window).
+const H2C_MAX_BYTES: u64 = 256 * 1024;
+/// The h2c client's stream window: RFC 9113's default, so an echo above 64 KiB cannot be
+/// sent to it in one go and the agent has to wait for its WINDOW_UPDATEs.
+const H2C_STREAM_WINDOW: u32 = 65_535;
+/// The h2c client's connection window: less than its streams' windows together.
+const H2C_CONN_WINDOW: u32 = 256 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A whole operation (connect, exchange, verify) must finish within this.
 const OP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -79,6 +121,9 @@ pub struct LoadArgs {
     /// `PATH_PREFIX/...` and must be answered by the backend named BACKEND.
     #[arg(long = "http")]
     pub http: Vec<String>,
+    /// An h2c target, as `--http` (repeatable): HTTP/2 with prior knowledge.
+    #[arg(long = "h2c")]
+    pub h2c: Vec<String>,
     /// Multiplies the rates of the new-connection classes.
     #[arg(long, default_value_t = 1.0)]
     pub rate_scale: f64,
@@ -197,23 +242,24 @@ fn parse_echo(spec: &str) -> anyhow::Result<(String, SocketAddr)> {
     ))
 }
 
-fn parse_http(spec: &str) -> anyhow::Result<HttpTarget> {
+/// An HTTP or h2c target given as `--{flag} NAME=IP:PORT,PREFIX,BACKEND`.
+fn parse_http(flag: &str, spec: &str) -> anyhow::Result<HttpTarget> {
     let (name, rest) = spec
         .split_once('=')
-        .with_context(|| format!("--http {spec:?} is not NAME=IP:PORT,PREFIX,BACKEND"))?;
+        .with_context(|| format!("--{flag} {spec:?} is not NAME=IP:PORT,PREFIX,BACKEND"))?;
     let parts: Vec<&str> = rest.split(',').collect();
     let [addr, prefix, backend] = parts.as_slice() else {
-        bail!("--http {spec:?} is not NAME=IP:PORT,PREFIX,BACKEND");
+        bail!("--{flag} {spec:?} is not NAME=IP:PORT,PREFIX,BACKEND");
     };
     ensure!(
         prefix.starts_with('/') && !prefix.ends_with('/'),
-        "--http {spec:?}: the prefix must start and not end with /"
+        "--{flag} {spec:?}: the prefix must start and not end with /"
     );
     Ok(HttpTarget {
         name: name.to_string(),
         addr: addr
             .parse()
-            .with_context(|| format!("--http {spec:?}: bad address"))?,
+            .with_context(|| format!("--{flag} {spec:?}: bad address"))?,
         prefix: prefix.to_string(),
         backend: backend.to_string(),
     })
@@ -236,7 +282,12 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
     let http = args
         .http
         .iter()
-        .map(|s| parse_http(s))
+        .map(|s| parse_http("http", s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let h2c = args
+        .h2c
+        .iter()
+        .map(|s| parse_http("h2c", s))
         .collect::<anyhow::Result<Vec<_>>>()?;
     // One thread: a few hundred operations a second need no more, and the soak must leave
     // the machine's cores to the agents (and to whoever else shares it).
@@ -244,7 +295,7 @@ pub fn run(args: LoadArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the tokio runtime")?;
-    rt.block_on(load(args.seconds, args.rate_scale, echo, http))
+    rt.block_on(load(args.seconds, args.rate_scale, echo, http, h2c))
 }
 
 async fn load(
@@ -252,6 +303,7 @@ async fn load(
     rate_scale: f64,
     echo: Vec<(String, SocketAddr)>,
     http: Vec<HttpTarget>,
+    h2c: Vec<HttpTarget>,
 ) -> anyhow::Result<()> {
     let stats: Shared = Arc::new(Mutex::new(Stats {
         started: Some(Instant::now()),
@@ -333,6 +385,48 @@ async fn load(
                         Ok(Err(e)) => fail(&st, &class, format!("{path}: {e:#}")),
                         Err(_) => fail(&st, &class, format!("{path}: timed out")),
                     }
+                }
+            },
+        ));
+    }
+    for (i, target) in h2c.iter().enumerate() {
+        for k in 0..H2C_CONNS {
+            tasks.spawn(h2c_keepalive(
+                target.clone(),
+                k,
+                seed ^ (0x4000 + (i * 16 + k) as u64),
+                deadline,
+                stats.clone(),
+            ));
+        }
+        let class = format!("h2c-new {}", target.name);
+        let (t, st) = (target.clone(), stats.clone());
+        let seed = seed ^ (0x5000 + i as u64);
+        tasks.spawn(paced(
+            class.clone(),
+            H2C_NEW_PER_S * rate_scale,
+            deadline,
+            st.clone(),
+            move |n| {
+                let (class, st, t) = (class.clone(), st.clone(), t.clone());
+                async move {
+                    let requests: Vec<H2cRequest> = (0..H2C_NEW_STREAMS)
+                        .map(|i| {
+                            H2cRequest::new(
+                                format!("{}/h2-new/{n}/{i}", t.prefix),
+                                h2c_seed(seed, n, i),
+                            )
+                        })
+                        .collect();
+                    let (sender, conn) = match timeout(OP_TIMEOUT, h2c_connect(t.addr)).await {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => return h2c_unsent(&st, &class, &requests, &format!("{e:#}")),
+                        Err(_) => {
+                            return h2c_unsent(&st, &class, &requests, "connect timed out");
+                        }
+                    };
+                    h2c_round(&sender, &t, requests, &class, &st).await;
+                    h2c_close(&st, &class, sender, conn).await;
                 }
             },
         ));
@@ -545,6 +639,262 @@ async fn keepalive(t: HttpTarget, k: usize, seed: u64, deadline: Instant, stats:
     }
 }
 
+/// One h2c request: its path, the seed of its body, and the body's length (`None`: a GET).
+#[derive(Clone)]
+struct H2cRequest {
+    path: String,
+    seed: u64,
+    len: Option<u64>,
+}
+
+impl H2cRequest {
+    /// A GET one time in eight, else a POST: small, or above 64 KiB one time in four.
+    fn new(path: String, seed: u64) -> Self {
+        let r = rand(seed);
+        let len = match r % 8 {
+            0 => None,
+            1 | 2 => Some(64 * 1024 + 1 + (r >> 8) % (H2C_MAX_BYTES - 64 * 1024)),
+            _ => Some(1 + (r >> 8) % H2C_SMALL_MAX_BYTES),
+        };
+        Self { path, seed, len }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.len.unwrap_or(0)
+    }
+}
+
+type H2cSender = http2::SendRequest<Full<Bytes>>;
+
+/// The seed of request `i` of round (or connection) `n`: every request of a run gets its
+/// own body, so a response delivered on the wrong stream cannot pass as the right one.
+/// (`rand` ignores bit 0 of its input, hence the shift.)
+fn h2c_seed(base: u64, n: u64, i: usize) -> u64 {
+    rand(base ^ (n << 16 | (i as u64) << 1))
+}
+
+/// A long-lived h2c connection until `deadline`: a round of [`H2C_STREAMS`] concurrent
+/// requests every [`H2C_ROUND_INTERVAL`]; each request is one operation.
+async fn h2c_keepalive(t: HttpTarget, k: usize, seed: u64, deadline: Instant, stats: Shared) {
+    let class = format!("h2c-keepalive {}", t.name);
+    let mut conn: Option<(H2cSender, JoinHandle<hyper::Result<()>>)> = None;
+    let mut tick = interval(H2C_ROUND_INTERVAL);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut round = 0u64;
+    let mut opened = 0u64;
+    loop {
+        tick.tick().await;
+        if Instant::now() >= deadline {
+            break;
+        }
+        let requests: Vec<H2cRequest> = (0..H2C_STREAMS)
+            .map(|i| {
+                H2cRequest::new(
+                    format!("{}/h2/{k}/{round}/{i}", t.prefix),
+                    h2c_seed(seed, round, i),
+                )
+            })
+            .collect();
+        round += 1;
+        // As with HTTP/1.1 keep-alive: a connection the server closed between requests is
+        // replaced (a reconnect); a request sent on a live connection that fails is a loss.
+        if conn.as_ref().is_some_and(|(s, _)| s.is_closed()) {
+            conn = None;
+        }
+        if conn.is_none() {
+            match timeout(OP_TIMEOUT, h2c_connect(t.addr)).await {
+                Ok(Ok(c)) => {
+                    if opened > 0 {
+                        reconnected(&stats, &class);
+                    }
+                    opened += 1;
+                    conn = Some(c);
+                }
+                Ok(Err(e)) => {
+                    h2c_unsent(&stats, &class, &requests, &format!("{e:#}"));
+                    continue;
+                }
+                Err(_) => {
+                    h2c_unsent(&stats, &class, &requests, "connect timed out");
+                    continue;
+                }
+            }
+        }
+        let Some((sender, _)) = conn.as_ref() else {
+            continue;
+        };
+        if !h2c_round(sender, &t, requests, &class, &stats).await {
+            // Start the next round on a fresh connection, as the other classes do.
+            if let Some((_, task)) = conn.take() {
+                task.abort();
+            }
+        }
+    }
+    if let Some((sender, task)) = conn {
+        h2c_close(&stats, &class, sender, task).await;
+    }
+}
+
+/// A clean end, one more operation: with its last sender dropped, the client closes the
+/// connection, which must end without an error.
+async fn h2c_close(
+    stats: &Shared,
+    class: &str,
+    sender: H2cSender,
+    task: JoinHandle<hyper::Result<()>>,
+) {
+    attempt(stats, class, 0);
+    drop(sender);
+    match timeout(OP_TIMEOUT, task).await {
+        Ok(Ok(Ok(()))) => succeed(stats, class, 0),
+        Ok(Ok(Err(e))) => fail(stats, class, format!("closing: {e:#}")),
+        Ok(Err(e)) => fail(stats, class, format!("closing: the task failed: {e}")),
+        Err(_) => fail(stats, class, "closing: did not end".to_string()),
+    }
+}
+
+/// Counts `requests` as attempted and failed because their connection could not be opened.
+fn h2c_unsent(stats: &Shared, class: &str, requests: &[H2cRequest], why: &str) {
+    for r in requests {
+        attempt(stats, class, r.bytes());
+        fail(stats, class, format!("{}: {why}", r.path));
+    }
+}
+
+/// Sends `requests` at once on `sender`, each on its own stream, and counts each; true if
+/// all succeeded.
+async fn h2c_round(
+    sender: &H2cSender,
+    t: &HttpTarget,
+    requests: Vec<H2cRequest>,
+    class: &str,
+    stats: &Shared,
+) -> bool {
+    let mut running = JoinSet::new();
+    for r in requests {
+        attempt(stats, class, r.bytes());
+        let (sender, t) = (sender.clone(), t.clone());
+        running.spawn(async move {
+            let result = timeout(OP_TIMEOUT, h2c_exchange(sender, &t, &r)).await;
+            (r, result)
+        });
+    }
+    let mut all_ok = true;
+    while let Some(done) = running.join_next().await {
+        let (r, result) = match done {
+            Ok(d) => d,
+            Err(e) => {
+                fail(stats, class, format!("a request task panicked: {e}"));
+                all_ok = false;
+                continue;
+            }
+        };
+        let what = match r.len {
+            Some(n) => format!("POST {} ({n} B)", r.path),
+            None => format!("GET {}", r.path),
+        };
+        match result {
+            Ok(Ok(generation)) => {
+                saw_gen(stats, generation);
+                succeed(stats, class, r.bytes());
+            }
+            Ok(Err(e)) => {
+                fail(stats, class, format!("{what}: {e:#}"));
+                all_ok = false;
+            }
+            Err(_) => {
+                fail(stats, class, format!("{what}: timed out"));
+                all_ok = false;
+            }
+        }
+    }
+    all_ok
+}
+
+/// Opens an h2c connection (prior knowledge) with the small client windows; returns the
+/// sender and the task driving the connection.
+async fn h2c_connect(
+    addr: SocketAddr,
+) -> anyhow::Result<(H2cSender, JoinHandle<hyper::Result<()>>)> {
+    let io = TokioIo::new(connect(addr).await?);
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(H2C_STREAM_WINDOW)
+        .initial_connection_window_size(H2C_CONN_WINDOW)
+        .handshake(io)
+        .await
+        .context("HTTP/2 handshake")?;
+    Ok((sender, tokio::spawn(conn)))
+}
+
+/// Sends one h2c request whose body the backend echoes, and verifies the answer byte for
+/// byte; returns the route's `x-soak-gen`.
+async fn h2c_exchange(
+    mut sender: H2cSender,
+    t: &HttpTarget,
+    r: &H2cRequest,
+) -> anyhow::Result<u64> {
+    let body = r
+        .len
+        .map(|n| Bytes::from(pattern(r.seed, n as usize)))
+        .unwrap_or_default();
+    // HTTP/2 takes :scheme and :authority from the URI.
+    let mut req = Request::builder()
+        .uri(format!("http://web.shop{}", r.path))
+        .header("x-echo-body", "1");
+    req = match r.len {
+        Some(n) => req.method("POST").header("content-length", n),
+        None => req.method("GET"),
+    };
+    let req = req
+        .body(Full::new(body.clone()))
+        .context("building the request")?;
+    let resp = sender.send_request(req).await.context("sending")?;
+    let status = resp.status();
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string()
+    };
+    let (backend, seen) = (header("x-backend"), header("x-request"));
+    let got = resp
+        .into_body()
+        .collect()
+        .await
+        .context("reading the body")?
+        .to_bytes();
+    ensure!(
+        status == 200,
+        "status {status} from {backend}: {}",
+        String::from_utf8_lossy(&got[..got.len().min(200)])
+    );
+    ensure!(
+        backend == t.backend,
+        "answered by {backend}, expected {}",
+        t.backend
+    );
+    let seen: Value = serde_json::from_str(&seen).context("the backend's x-request header")?;
+    ensure!(
+        seen["path"] == r.path.as_str(),
+        "the backend saw path {}, sent {}",
+        seen["path"],
+        r.path
+    );
+    ensure!(
+        seen["version"] == "HTTP/2.0",
+        "the backend got the request as {}",
+        seen["version"]
+    );
+    compare(&body, &got)?;
+    let generation = seen["headers"]["x-soak-gen"]
+        .as_str()
+        .context("no x-soak-gen header reached the backend (route filter not applied)")?;
+    generation
+        .parse()
+        .with_context(|| format!("x-soak-gen {generation:?}"))
+}
+
 async fn connect(addr: SocketAddr) -> anyhow::Result<TcpStream> {
     let s = timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
@@ -672,13 +1022,14 @@ mod tests {
 
     #[test]
     fn targets_parse_and_bad_ones_are_named() {
-        let t = parse_http("web=10.0.0.1:80,/n1,web1").expect("valid");
+        let t = parse_http("http", "web=10.0.0.1:80,/n1,web1").expect("valid");
         assert_eq!(
             (t.addr.port(), t.prefix.as_str(), t.backend.as_str()),
             (80, "/n1", "web1")
         );
-        assert!(parse_http("web=10.0.0.1:80,n1,web1").is_err());
-        assert!(parse_http("web=10.0.0.1,/n1,web1").is_err());
+        assert!(parse_http("http", "web=10.0.0.1:80,n1,web1").is_err());
+        let e = parse_http("h2c", "web=10.0.0.1,/n1,web1").expect_err("no port");
+        assert!(format!("{e:#}").contains("--h2c"), "{e:#}");
         assert!(parse_echo("echo=10.0.0.1:7070").is_ok());
         assert!(parse_echo("10.0.0.1:7070").is_err());
     }
@@ -690,5 +1041,25 @@ mod tests {
         assert_eq!(pattern(7, 13).len(), 13);
         assert!(compare(&pattern(1, 10), &pattern(1, 10)).is_ok());
         assert!(compare(&pattern(1, 10), &pattern(1, 9)).is_err());
+    }
+
+    #[test]
+    fn h2c_requests_mix_gets_small_and_large_posts() {
+        let lens: Vec<Option<u64>> = (0..4000)
+            .map(|n| H2cRequest::new(String::new(), h2c_seed(7, n / 8, n as usize % 8)).len)
+            .collect();
+        let large = lens.iter().flatten().filter(|&&n| n > 64 * 1024).count();
+        let gets = lens.iter().filter(|n| n.is_none()).count();
+        assert!((800..1200).contains(&large), "{large} large of 4000");
+        assert!((300..700).contains(&gets), "{gets} GETs of 4000");
+        assert!(
+            lens.iter()
+                .flatten()
+                .all(|&n| (1..=H2C_MAX_BYTES).contains(&n))
+        );
+        let seeds: std::collections::BTreeSet<u64> = (0..64)
+            .flat_map(|n| (0..H2C_STREAMS).map(move |i| rand(h2c_seed(7, n, i))))
+            .collect();
+        assert_eq!(seeds.len(), 64 * H2C_STREAMS, "two requests share a body");
     }
 }

@@ -13,10 +13,14 @@
 //! sending `/n1/...` to Service `web-n1` (pod web1) and `/n2/...` to `web-n2` (pod web2), so
 //! every request goes through the client-side agent's L7 engine; requests from a client to
 //! the other node's backend, and L4 echo connections to the other node's echo pod, cross the
-//! node link over HBONE (mTLS). Each client pod runs the load generator (`soak load`, see
-//! load.rs) against its own node's and the other node's echo and web backends: new and
-//! long-lived L4 connections, keep-alive and new-connection HTTP/1.1, every byte and every
-//! answer checked.
+//! node link over HBONE (mTLS). The same Services have a port 81 declared `appProtocol:
+//! http2` (the same http-backend, which serves h2c too), with a second HTTPRoute doing the
+//! same for it: nothing on it needs hyper, so the agents serve it on the HTTP/2 fast path
+//! (checked at the end with `trellis_http2_connections_total{path}`). Each client pod runs
+//! the load generator (`soak load`, see load.rs) against its own node's and the other
+//! node's echo and web backends: new and long-lived L4 connections, keep-alive and
+//! new-connection HTTP/1.1, long-lived and new h2c connections with concurrent streams,
+//! every byte and every answer checked.
 //!
 //! During the run:
 //! - every `--reload-seconds` both agents' config files are rewritten: usually a harmless
@@ -30,8 +34,9 @@
 //!
 //! The run fails (exit status 1, reasons listed) when any operation failed or was lost, an
 //! agent exited, a reload was not counted as expected, the last generation did not reach the
-//! data path, an identity rotated fewer times than its lifetime implies, or RSS or fds grew
-//! without bound (the rule is in verdict.rs).
+//! data path, an identity rotated fewer times than its lifetime implies, an agent served an
+//! h2c connection on hyper or none on the fast path, or RSS or fds grew without bound (the
+//! rule is in verdict.rs).
 mod load;
 mod verdict;
 
@@ -58,6 +63,8 @@ use serde_json::{Value, json};
 use verdict::Verdict;
 
 const WEB_PORT: u16 = 8080;
+/// The Service port declared `appProtocol: http2` (80 is the HTTP/1.1 one).
+const H2C_PORT: u16 = 81;
 const ECHO_PORT: u16 = 7070;
 /// Host parts of the Service VIPs in node 1's subnet (no pod has them).
 const VIP_WEB: u8 = 200;
@@ -228,7 +235,7 @@ impl Topology {
         }
         let service = |name: &str, vip: Ipv4Addr, selector: &str| {
             format!(
-                "  - name: {name}\n    namespace: shop\n    vips: [{vip}]\n    selector: {{{selector}}}\n    ports: [{{name: http, port: 80, targetPort: {WEB_PORT}, appProtocol: http}}]\n"
+                "  - name: {name}\n    namespace: shop\n    vips: [{vip}]\n    selector: {{{selector}}}\n    ports:\n      - {{name: http, port: 80, targetPort: {WEB_PORT}, appProtocol: http}}\n      - {{name: h2c, port: {H2C_PORT}, targetPort: {WEB_PORT}, appProtocol: http2}}\n"
             )
         };
         doc.push_str("services:\n");
@@ -239,17 +246,25 @@ impl Topology {
             Some(Invalid::UnknownMatchType) => "Sideways",
             _ => "PathPrefix",
         };
-        doc.push_str("httpRoutes:\n  - name: web\n    namespace: shop\n    parentRefs: [{name: web, port: 80}]\n    rules:\n");
-        for backend in ["n1", "n2"] {
+        doc.push_str("httpRoutes:\n");
+        // The same rules for the HTTP/1.1 port and the HTTP/2 one (whose backends are the
+        // Services' HTTP/2 ports, or the agent would send it to hyper).
+        for (route, port) in [("web", 80), ("web-h2c", H2C_PORT)] {
             doc.push_str(&format!(
-                "      - matches: [{{path: {{type: {match_type}, value: /{backend}}}}}]\n        filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: x-soak-gen, value: \"{generation}\"}}]}}}}]\n        backendRefs: [{{name: web-{backend}, port: 80}}]\n"
+                "  - name: {route}\n    namespace: shop\n    parentRefs: [{{name: web, port: {port}}}]\n    rules:\n"
             ));
+            for backend in ["n1", "n2"] {
+                doc.push_str(&format!(
+                    "      - matches: [{{path: {{type: {match_type}, value: /{backend}}}}}]\n        filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: x-soak-gen, value: \"{generation}\"}}]}}}}]\n        backendRefs: [{{name: web-{backend}, port: {port}}}]\n"
+                ));
+            }
         }
         doc
     }
 
     /// The load generator's targets for the client on node `n`: its own node's echo and web
-    /// backends ("local-*") and the other node's ("remote-*").
+    /// backends ("local-*", the web one over HTTP/1.1 and h2c) and the other node's
+    /// ("remote-*").
     fn load_targets(&self, n: usize) -> Vec<String> {
         let mut args = Vec::new();
         for (m, place) in [(n, "local"), (1 - n, "remote")] {
@@ -261,6 +276,13 @@ impl Topology {
             args.push("--http".to_string());
             args.push(format!(
                 "{place}-web={}:80,/n{},{}",
+                self.vip[0],
+                m + 1,
+                self.pods[m][WEB].name
+            ));
+            args.push("--h2c".to_string());
+            args.push(format!(
+                "{place}-h2c={}:{H2C_PORT},/n{},{}",
                 self.vip[0],
                 m + 1,
                 self.pods[m][WEB].name
@@ -486,6 +508,20 @@ impl Soaked {
             .with_context(|| format!("{}: no reload counter for {result}", self.name))
         };
         Ok((get("accepted")?, get("rejected")?))
+    }
+
+    /// HTTP/2 connections served so far: (on the fast path, on hyper).
+    fn http2_connections(&self) -> anyhow::Result<(u64, u64)> {
+        let (status, text) = http_get(self.metrics, "/metrics")?;
+        ensure!(status == 200, "{}: /metrics answered {status}", self.name);
+        let get = |path: &str| {
+            metric(
+                &text,
+                &format!("trellis_http2_connections_total{{path=\"{path}\"}}"),
+            )
+            .map_or(0, |v| v as u64)
+        };
+        Ok((get("fast_path"), get("hyper")))
     }
 
     fn sample(&mut self, at_s: u64, client: Option<&Value>) -> anyhow::Result<Sample> {
@@ -741,6 +777,16 @@ fn preflight(topo: &Topology) -> anyhow::Result<()> {
                     (code == 200 && v["name"] == want.as_str()).then_some(())
                 },
             )?;
+            let url = format!("http://{}:{H2C_PORT}/n{}/preflight", topo.vip[0], m + 1);
+            wait_until(
+                &format!("{url} (h2c) from {}", client.name),
+                AGENT_DEADLINE,
+                || {
+                    let body = curl_h2c(client, &url)?;
+                    let v: Value = serde_json::from_str(&body).ok()?;
+                    (v["name"] == want.as_str() && v["version"] == "HTTP/2.0").then_some(())
+                },
+            )?;
             let echo = topo.pods[m][ECHO].ip;
             let script = format!(
                 "import socket\ns = socket.create_connection(('{echo}', {ECHO_PORT}), timeout=10)\ns.sendall(b'preflight')\ns.shutdown(socket.SHUT_WR)\ndata = b''\nwhile True:\n    c = s.recv(100)\n    if not c: break\n    data += c\nassert data == b'preflight', data\nprint('ok')\n"
@@ -753,6 +799,26 @@ fn preflight(topo: &Topology) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The body of a 200 to a GET of `url` over h2c (prior knowledge) from `pod`.
+fn curl_h2c(pod: &Pod, url: &str) -> Option<String> {
+    let out = pod
+        .command("curl")
+        .ok()?
+        .args([
+            "-sS",
+            "--fail",
+            "--max-time",
+            "20",
+            "--http2-prior-knowledge",
+            url,
+        ])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Config rewrites: what was written and whether each agent counted it.
@@ -937,6 +1003,21 @@ fn judge(
             ));
         }
         agents_json.push(json!({"name": a.name, "reloads_accepted": acc, "reloads_rejected": rej}));
+    }
+
+    println!("\n== HTTP/2 connections (h2c load; each agent serves its own node's client)");
+    for (a, j) in agents.iter().zip(agents_json.iter_mut()) {
+        let (fast, hyper) = a.http2_connections()?;
+        println!("  {}: {fast} on the fast path, {hyper} on hyper", a.name);
+        // Nothing on the h2c port needs hyper: a connection there means the agent chose
+        // the wrong path, and the soak would not be soaking the fast path.
+        if fast == 0 || hyper > 0 {
+            failures.push(format!(
+                "{}: {fast} HTTP/2 connections on the fast path and {hyper} on hyper, expected all on the fast path",
+                a.name
+            ));
+        }
+        j["http2_connections"] = json!({"fast_path": fast, "hyper": hyper});
     }
 
     println!(
