@@ -4,7 +4,8 @@
 //! Python `h2` library), and each test pushes one corner of RFC 9113 through the agent:
 //! flow control with small windows, a backend's stream limit, CONTINUATION, trailers,
 //! resets, GOAWAY, protocol errors, rapid reset, PING and SETTINGS; and the route features
-//! (filters, redirects, faults, timeouts, rate limits) and the agent's drain, over HTTP/2.
+//! (filters, redirects, faults, timeouts, rate limits, retries) and the agent's drain, over
+//! HTTP/2.
 //!
 //! Every test runs its scenario twice, against a fresh agent each time: with the default
 //! settings and with `TRELLIS_H2_FAST_PATH=off` (hyper). So they assert only what RFC 9113
@@ -484,10 +485,13 @@ httpRoutes:
       - matches: [{path: {type: PathPrefix, value: /plain}}, {path: {type: Exact, value: /stats}}, {path: {type: Exact, value: /report}}]
 ";
 
+/// The header the agent flags its own answers with.
+const RESPONSE_FLAGS: &str = "x-trellis-response-flags";
+
 /// A local answer: `status`, flagged `flags`.
 fn answered_locally(answer: &Value, status: u16, flags: &str) -> anyhow::Result<()> {
     ensure!(
-        answer["status"] == status && answer["headers"]["x-trellis-response-flags"] == flags,
+        answer["status"] == status && answer["headers"][RESPONSE_FLAGS] == flags,
         "expected {status} {flags}: {answer}"
     );
     Ok(())
@@ -608,6 +612,115 @@ fn route_filters_redirects_faults_timeouts_and_rate_limits_apply_to_http2_stream
                 reached[path]
             );
         }
+
+        is(r, "/after", json!(200))?;
+        no_goaway(r)
+    })
+}
+
+/// Retry rules on the Service: `/flaky` (503 to a tag's first 2 requests) and `/always-503`
+/// retry a 503 up to 3 times; `/slow-first` (holds a tag's first request 3 s) gives each
+/// attempt 300 ms; `/plain`, `/stats` and `/report` go straight to the backend.
+const RETRY_ROUTES: &str = "\
+httpRoutes:
+  - name: h2-retries
+    namespace: shop
+    parentRefs: [{name: h2, port: 80}]
+    rules:
+      - matches: [{path: {type: PathPrefix, value: /flaky}}, {path: {type: Exact, value: /always-503}}]
+        retry: {attempts: 3, codes: [503], backoff: 10ms}
+      - matches: [{path: {type: Exact, value: /slow-first}}]
+        retry: {attempts: 2, codes: [503], perTryTimeout: 300ms}
+      - matches: [{path: {type: PathPrefix, value: /plain}}, {path: {type: Exact, value: /stats}}, {path: {type: Exact, value: /report}}]
+";
+
+/// The requests the backend saw for one case: each one's record (see `h2_peer.py`'s
+/// `/flaky`), `expected` of them.
+fn attempts<'r>(r: &'r Value, case: &str, expected: usize) -> anyhow::Result<&'r Vec<Value>> {
+    let saw = r[case]["backend_saw"]
+        .as_array()
+        .with_context(|| format!("{case}: backend_saw"))?;
+    ensure!(
+        saw.len() == expected,
+        "{case}: the backend saw {} requests, expected {expected}: {saw:?}",
+        saw.len()
+    );
+    Ok(saw)
+}
+
+/// The client got the backend's own answer to its `attempt`th request with `status` (not
+/// one the agent made up, nor an earlier attempt's).
+fn backend_answered(r: &Value, case: &str, status: u16, attempt: u32) -> anyhow::Result<()> {
+    let answer = &r[case];
+    let head = &answer["headers"];
+    ensure!(
+        answer["status"] == status
+            && answer["ended"] == true
+            && head["x-from-backend"] == "h2server"
+            && head["x-attempt"].as_str().and_then(|a| a.parse().ok()) == Some(attempt)
+            && head.get(RESPONSE_FLAGS).is_none(),
+        "{case}: expected the backend's {status} to request {attempt}: {answer}"
+    );
+    Ok(())
+}
+
+/// On one HTTP/2 connection, at once: five GETs to `/flaky`, with tags of their own, each
+/// get the backend's 200 to their third request, and the backend saw exactly 3 per tag (two
+/// 503s, then the 200); a POST of 20 KB with its `content-length` to `/flaky` gets the same,
+/// and each of its three requests carried the whole body (length and sha256); a GET to
+/// `/always-503` gets the backend's 503 (not the agent's: the backend's header, no response
+/// flags) to its fourth request, after exactly 1 + 3 requests; a GET to `/slow-first`, whose
+/// first request the backend holds 3 s, gets 200 from the second, 300 ms later, the first
+/// reset (or its connection closed); a POST of the same body without `content-length` may
+/// not be sent again, so it gets the backend's 503 to its only request, which carried the
+/// whole body. The connection serves a request afterwards and never gets a GOAWAY. A retried
+/// answer never reaches the client (its `h2` would raise on a second response head).
+#[test]
+fn retries_turn_a_flaky_http2_backend_into_success() -> anyhow::Result<()> {
+    on_both_paths_with_routes("h2-retries", RETRY_ROUTES, "retries", |r, _| {
+        is(r, "/warm", json!(200))?;
+        let sent = r["sent_sha256"].clone();
+        for case in (0..5).map(|i| format!("flaky_{i}")).chain(["post".into()]) {
+            backend_answered(r, &case, 200, 3)?;
+            let statuses: Vec<_> = attempts(r, &case, 3)?
+                .iter()
+                .map(|a| a["outcome"].clone())
+                .collect();
+            ensure!(
+                statuses == [json!(503), json!(503), json!(200)],
+                "{case}: the backend answered {statuses:?}"
+            );
+        }
+        for (i, attempt) in attempts(r, "post", 3)?.iter().enumerate() {
+            ensure!(
+                attempt["method"] == "POST"
+                    && attempt["content_length"] == "20000"
+                    && attempt["bytes"] == 20_000
+                    && attempt["sha256"] == sent,
+                "post: request {} did not carry the whole body: {attempt}",
+                i + 1
+            );
+        }
+
+        backend_answered(r, "exhausted", 503, 4)?;
+        attempts(r, "exhausted", 4)?;
+
+        backend_answered(r, "slow_first", 200, 2)?;
+        let slow = attempts(r, "slow_first", 2)?;
+        let first = slow[0]["outcome"].as_str().unwrap_or("");
+        ensure!(
+            first == "reset" || first == "closed",
+            "slow_first: the request held past its 300 ms was not cancelled: {}",
+            slow[0]
+        );
+        is(&slow[1], "/outcome", json!("answered"))?;
+
+        backend_answered(r, "streamed", 503, 1)?;
+        let only = &attempts(r, "streamed", 1)?[0];
+        ensure!(
+            only["bytes"] == 20_000 && only["sha256"] == sent,
+            "streamed: the request did not carry the whole body: {only}"
+        );
 
         is(r, "/after", json!(200))?;
         no_goaway(r)
