@@ -229,6 +229,11 @@ impl Connection<'_> {
         let padding = flow - f.payload.len() as i64;
         stream.credit += padding;
         self.credit += padding;
+        if f.payload.is_empty() && !end {
+            // Nothing to forward: not queued (a flood of empty frames must not pile up).
+            self.send_client_credit(f.stream);
+            return Ok(());
+        }
         if end {
             stream.client_done = true;
         }

@@ -262,8 +262,9 @@ pub struct Encoder {
     /// Hash of (name, value) and of name -> the newest entry with it (checked on use).
     exact: HashMap<u64, u64>,
     names: HashMap<u64, u64>,
-    /// A smaller table the peer asked for, to be announced at the start of the next block.
-    size_update: Option<usize>,
+    /// Table sizes the peer set since the last block, to announce at the start of the
+    /// next: the smallest, then the last (RFC 7541 §4.2).
+    size_update: Option<(usize, usize)>,
 }
 
 impl Default for Encoder {
@@ -295,14 +296,18 @@ impl Encoder {
         let size = size.min(TABLE_SIZE) as usize;
         self.max_size = size;
         self.evict(size);
-        self.size_update = Some(size);
+        let smallest = self.size_update.map_or(size, |(min, _)| min.min(size));
+        self.size_update = Some((smallest, size));
     }
 
     /// Starts a header block in `out`.
     pub fn begin(&mut self, out: &mut Vec<u8>) {
         out.clear();
-        if let Some(size) = self.size_update.take() {
-            hpack_integer(out, 0x20, 5, size);
+        if let Some((smallest, last)) = self.size_update.take() {
+            if smallest < last {
+                hpack_integer(out, 0x20, 5, smallest);
+            }
+            hpack_integer(out, 0x20, 5, last);
         }
     }
 
@@ -569,6 +574,18 @@ mod tests {
                 "round {round}"
             );
         }
+        // A peer that shrinks the table to 0 and grows it again before the next block
+        // hears both: the smallest size, then the last (RFC 7541 §4.2).
+        enc.peer_table_size(0);
+        enc.peer_table_size(4096);
+        let mut block = Vec::new();
+        enc.begin(&mut block);
+        assert_eq!(block, [0x20, 0x3f, 0xe1, 0x1f]);
+        enc.field(b"x-after", b"resize", &mut block);
+        let Ok(Decoded::Fields(after)) = dec.decode(&block, 65_536) else {
+            panic!("the resized block does not decode");
+        };
+        assert_eq!(after, vec![(b"x-after".to_vec(), b"resize".to_vec())]);
         // A field seen before is one byte; a credential is never indexed (0x10).
         let mut block = Vec::new();
         enc.begin(&mut block);

@@ -251,6 +251,9 @@ struct Stream {
     abort_after_delay: Option<StatusCode>,
     /// What a request that may be retried keeps to be sent again.
     retry: Option<Box<retry::RetryState>>,
+    /// The upstream connection (`UpConn::id`) the response comes from: what the stream
+    /// holds of it is credited back there, even after the upstream stream is gone.
+    data_conn: Option<u64>,
     log: StreamLog,
 }
 
@@ -340,9 +343,6 @@ struct HeaderBlock {
 /// An upstream connection being opened, and the endpoint it is for.
 struct Opening {
     endpoint: SocketAddr,
-    /// The destination whose outlier detector hears about a failed connect.
-    runtime: Arc<ServiceRuntime>,
-    endpoint_runtime: Arc<EndpointRuntime>,
     future: Connecting,
 }
 

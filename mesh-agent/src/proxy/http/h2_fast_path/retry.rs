@@ -114,6 +114,10 @@ impl Connection<'_> {
         let Some(stream) = self.streams.get_mut(&id) else {
             return false;
         };
+        // Only an attempt in flight (or waiting for its connection) can fail.
+        if !matches!(stream.phase, Phase::Open | Phase::Queued) {
+            return false;
+        }
         let (Some(state), Some(target)) = (stream.retry.as_mut(), stream.target.as_ref()) else {
             return false;
         };
@@ -148,14 +152,15 @@ impl Connection<'_> {
         };
         // The request again: what was sent, then what still waits to go.
         stream.upstream_done = false;
-        state.replayed = state
+        // Bytes of an earlier replay not sent yet are still at the queue's front.
+        state.replayed += state
             .sent
             .iter()
             .map(|p| match p {
                 Piece::Data(b, _) => b.len() as i64,
                 Piece::Trailers(_) => 0,
             })
-            .sum();
+            .sum::<i64>();
         let mut again: VecDeque<Piece> = state.sent.drain(..).collect();
         again.extend(stream.to_upstream.drain(..));
         stream.to_upstream = again;

@@ -132,11 +132,13 @@ impl Connection<'_> {
             }
         }
         if forwarded > 0
-            && let Some((conn, up_id)) = stream.upstream
+            && let Some(conn) = stream.data_conn
             && let Some(up) = self.upstreams.iter_mut().find(|u| u.id == conn)
         {
             // The stream's window only while the upstream may still send on it.
-            if !stream.response_done {
+            if !stream.response_done
+                && let Some((_, up_id)) = stream.upstream
+            {
                 stream.upstream_credit += forwarded;
                 if stream.upstream_credit >= STREAM_WINDOW / 4 {
                     frame::window_update(&mut up.out, up_id, stream.upstream_credit as u32);
@@ -210,7 +212,7 @@ impl Connection<'_> {
         stream.log.status = answer.status;
         stream.log.flags = answer.flags;
         stream.responded = true;
-        stream.to_upstream.clear();
+        let owed = stream.take_request_queue();
         stream.head = None;
         if stream.deadline.take().is_some() {
             self.timed = self.timed.saturating_sub(1);
@@ -228,6 +230,10 @@ impl Connection<'_> {
             frame::rst_stream(&mut up.out, up_id, frame::CANCEL);
         }
         stream.upstream_done = true;
+        self.credit_client(owed);
+        let Some(stream) = self.streams.get_mut(&id) else {
+            return;
+        };
         self.enc.begin(&mut self.block);
         self.enc.field(
             b":status",
@@ -274,16 +280,13 @@ impl Connection<'_> {
                 frame::rst_stream(&mut up.out, up_id, frame::CANCEL);
             }
             up.streams.remove(&up_id);
-            // Response data not passed on was never credited to the upstream connection.
-            let held: i64 = stream
-                .to_client
-                .iter()
-                .map(|p| match p {
-                    Piece::Data(b, _) => b.len() as i64,
-                    Piece::Trailers(_) => 0,
-                })
-                .sum();
-            up.credit += held;
+        }
+        // Response data not passed on was never credited to its upstream connection (the
+        // upstream stream may be gone: reset, or its response ended).
+        if let Some(conn) = stream.data_conn
+            && let Some(up) = self.upstreams.iter_mut().find(|u| u.id == conn)
+        {
+            up.credit += queued_bytes(&stream.to_client);
             if up.credit >= CONN_WINDOW / 4 {
                 frame::window_update(&mut up.out, 0, up.credit as u32);
                 up.recv_window += up.credit;
@@ -301,17 +304,8 @@ impl Connection<'_> {
             CloseHow::ClientReset => {}
         }
         // What the stream held from the client no longer counts against the connection.
-        let held: i64 = stream
-            .to_upstream
-            .iter()
-            .map(|p| match p {
-                Piece::Data(b, _) => b.len() as i64,
-                Piece::Trailers(_) => 0,
-            })
-            .sum();
-        // (Bytes queued to be sent again for a retry were credited already.)
-        let replayed = stream.retry.as_ref().map_or(0, |r| r.replayed);
-        self.credit_client(held - replayed);
+        let owed = stream.take_request_queue();
+        self.credit_client(owed);
         if let Some(target) = stream.target.as_mut()
             && let Some(o) = target.outstanding.take()
         {
@@ -462,7 +456,30 @@ impl Connection<'_> {
     }
 }
 
+/// Body bytes in a queue of pieces.
+pub(super) fn queued_bytes(pieces: &VecDeque<Piece>) -> i64 {
+    pieces
+        .iter()
+        .map(|p| match p {
+            Piece::Data(b, _) => b.len() as i64,
+            Piece::Trailers(_) => 0,
+        })
+        .sum()
+}
+
 impl Stream {
+    /// Drops what waits to go upstream; returns what of it the client is still owed
+    /// credit for (bytes queued to be sent again for a retry were credited the first time).
+    pub(super) fn take_request_queue(&mut self) -> i64 {
+        let held = queued_bytes(&self.to_upstream);
+        self.to_upstream.clear();
+        let replayed = self
+            .retry
+            .as_mut()
+            .map_or(0, |r| std::mem::take(&mut r.replayed));
+        (held - replayed).max(0)
+    }
+
     pub(super) fn new(
         log: StreamLog,
         end: bool,
@@ -496,6 +513,7 @@ impl Stream {
             timeout_message: "upstream request timeout",
             abort_after_delay: None,
             retry: None,
+            data_conn: None,
             log,
         }
     }

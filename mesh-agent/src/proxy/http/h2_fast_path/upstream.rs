@@ -32,21 +32,22 @@ impl Connection<'_> {
                 self.open_upstream_stream(i, id);
                 continue;
             }
-            // A connection that is not ready yet, or one being opened, takes it soon.
+            // A connection that is not ready yet, or one being opened, takes it soon; so
+            // does one whose server allows no streams for now (another would allow none
+            // either).
             let coming = self.opening.iter().any(|o| o.endpoint == endpoint)
-                || self
-                    .upstreams
-                    .iter()
-                    .any(|u| u.endpoint == endpoint && !u.ready && u.failed.is_none());
+                || self.upstreams.iter().any(|u| {
+                    u.endpoint == endpoint
+                        && u.failed.is_none()
+                        && !u.closing
+                        && (!u.ready || u.peer.max_concurrent_streams == 0)
+                });
             if !coming {
-                let runtime = target.runtime.clone();
-                let endpoint_runtime = target.endpoint_runtime.clone();
                 let connector = &self.d.clients.connector;
-                let future = DESTINATION.sync_scope(runtime.clone(), || connector.open(endpoint));
+                let future =
+                    DESTINATION.sync_scope(target.runtime.clone(), || connector.open(endpoint));
                 self.opening.push(Opening {
                     endpoint,
-                    runtime,
-                    endpoint_runtime,
                     future: Box::pin(future),
                 });
             }
@@ -101,54 +102,65 @@ impl Connection<'_> {
             }
             Err(e) => {
                 let overflow = overflow_in(e.as_ref()).copied();
-                if overflow.is_none() {
-                    let endpoint = Endpoint {
-                        addr: opening.endpoint,
-                        stats: opening.endpoint_runtime.clone(),
-                    };
-                    let pool_size = self
-                        .queued
-                        .iter()
-                        .filter_map(|id| self.streams.get(id)?.target.as_ref())
-                        .find(|t| t.endpoint == opening.endpoint)
-                        .map_or(1, |t| t.pool_size);
-                    opening
-                        .runtime
-                        .record(&endpoint, EndpointOutcome::ConnectFailure, pool_size);
-                }
-                let waiting: Vec<u32> = self
-                    .queued
-                    .iter()
-                    .copied()
-                    .filter(|id| {
-                        self.streams.get(id).is_some_and(|s| {
-                            s.phase == Phase::Queued
-                                && s.target
-                                    .as_ref()
-                                    .is_some_and(|t| t.endpoint == opening.endpoint)
-                        })
-                    })
-                    .collect();
-                for id in waiting {
-                    if let Some(t) = self.streams.get_mut(&id).and_then(|s| s.target.as_mut())
-                        && let Some(o) = t.outstanding.take()
-                    {
-                        o.finish(FAILURE_LATENCY_PENALTY);
-                    }
-                    if overflow.is_none() && self.retry(id, retry::Failure::Reset) {
-                        continue;
-                    }
-                    let answer = match &overflow {
-                        Some(overflow) => overflow_answer(overflow),
-                        None => LocalAnswer::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "UF",
-                            &format!("upstream connect error: {e}"),
-                        ),
-                    };
-                    self.answer(id, answer);
-                }
+                self.fail_waiting(
+                    opening.endpoint,
+                    overflow,
+                    &format!("upstream connect error: {e}"),
+                );
             }
+        }
+    }
+
+    /// The requests waiting for a connection to `endpoint` that could not be opened (or
+    /// failed before it was ready): retried, or answered 503 (`UO` for a circuit
+    /// breaker's cap, else `UF`). A failure other than the cap counts once against the
+    /// endpoint for outlier detection.
+    pub(super) fn fail_waiting(
+        &mut self,
+        endpoint: SocketAddr,
+        overflow: Option<Overflow>,
+        detail: &str,
+    ) {
+        let mut waiting: Vec<u32> = self
+            .queued
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.streams.get(id).is_some_and(|s| {
+                    s.phase == Phase::Queued
+                        && s.target.as_ref().is_some_and(|t| t.endpoint == endpoint)
+                })
+            })
+            .collect();
+        waiting.sort_unstable();
+        waiting.dedup();
+        if overflow.is_none()
+            && let Some(target) = waiting
+                .first()
+                .and_then(|id| self.streams.get(id)?.target.as_ref())
+        {
+            let failed = Endpoint {
+                addr: endpoint,
+                stats: target.endpoint_runtime.clone(),
+            };
+            target
+                .runtime
+                .record(&failed, EndpointOutcome::ConnectFailure, target.pool_size);
+        }
+        for id in waiting {
+            if let Some(t) = self.streams.get_mut(&id).and_then(|s| s.target.as_mut())
+                && let Some(o) = t.outstanding.take()
+            {
+                o.finish(FAILURE_LATENCY_PENALTY);
+            }
+            if overflow.is_none() && self.retry(id, retry::Failure::Reset) {
+                continue;
+            }
+            let answer = match &overflow {
+                Some(overflow) => overflow_answer(overflow),
+                None => LocalAnswer::new(StatusCode::SERVICE_UNAVAILABLE, "UF", detail),
+            };
+            self.answer(id, answer);
         }
     }
 
@@ -194,6 +206,7 @@ impl Connection<'_> {
         frame::headers(&mut up.out, up_id, &self.block, bodiless);
         target.attempt_started = Instant::now();
         stream.upstream = Some((up.id, up_id));
+        stream.data_conn = Some(up.id);
         stream.upstream_send_window = up.peer.initial_window;
         stream.upstream_recv_window = STREAM_WINDOW;
         stream.upstream_credit = 0;
@@ -240,6 +253,11 @@ impl Connection<'_> {
                 let padding = flow - f.payload.len() as i64;
                 stream.upstream_credit += padding;
                 up.credit += padding;
+                if f.payload.is_empty() && !end {
+                    // Nothing to pass on: not queued (empty frames must not pile up).
+                    self.send_upstream_credit(i);
+                    return Ok(());
+                }
                 stream.log.response_bytes += f.payload.len() as u64;
                 stream.to_client.push_back(Piece::Data(f.payload, end));
                 if end {
@@ -320,10 +338,23 @@ impl Connection<'_> {
                 up.ready = true;
                 let delta = up.peer.initial_window - before.initial_window;
                 if delta != 0 {
-                    let ids: Vec<u32> = up.streams.values().copied().collect();
+                    // Every stream we may still send on, its response ended or not.
+                    let conn = up.id;
+                    let ids: Vec<u32> = self
+                        .streams
+                        .iter()
+                        .filter(|(_, s)| s.upstream.is_some_and(|(c, _)| c == conn))
+                        .map(|(id, _)| *id)
+                        .collect();
                     for id in ids {
                         if let Some(s) = self.streams.get_mut(&id) {
                             s.upstream_send_window += delta;
+                            if s.upstream_send_window > frame::MAX_WINDOW {
+                                return Err(ConnError::new(
+                                    frame::FLOW_CONTROL_ERROR,
+                                    "upstream SETTINGS overflow a stream window",
+                                ));
+                            }
                         }
                         self.pump_to_upstream(id);
                     }
@@ -479,9 +510,6 @@ impl Connection<'_> {
             if self.retry(id, retry::Failure::Status(status)) {
                 return Ok(());
             }
-            if end && let Some(s) = self.streams.get_mut(&id) {
-                s.upstream = None;
-            }
         }
         let Some(stream) = self.streams.get_mut(&id) else {
             return Ok(());
@@ -527,11 +555,10 @@ impl Connection<'_> {
         }
         frame::headers(&mut self.cout, id, &self.block, end);
         if end {
+            // The response is whole. The upstream stream stays named on ours so that
+            // closing it cancels a request body still on its way there.
             stream.response_done = true;
             self.upstreams[i].streams.remove(&up_id);
-            if let Some(s) = self.streams.get_mut(&id) {
-                s.upstream = None;
-            }
             self.close_stream(id, CloseHow::Finished);
         }
         Ok(())
@@ -548,7 +575,8 @@ impl Connection<'_> {
             if stream.response_done {
                 // The response ended; the reset only stops the request body.
                 stream.upstream_done = true;
-                stream.to_upstream.clear();
+                let owed = stream.take_request_queue();
+                self.credit_client(owed);
                 return;
             }
             self.close_stream(
@@ -617,6 +645,13 @@ impl Connection<'_> {
             let up = self.upstreams.swap_remove(i);
             if let Some(reason) = &up.failed {
                 debug!(endpoint = %up.endpoint, reason, "upstream HTTP/2 connection failed");
+            }
+            if !up.ready {
+                // It went before its SETTINGS came: the requests waiting for it fail as
+                // if it had never opened (else they would wait for ever).
+                let detail = up.failed.as_deref().unwrap_or("closed before its SETTINGS");
+                let detail = format!("upstream connection failed: {detail}");
+                self.fail_waiting(up.endpoint, None, &detail);
             }
             for (_, id) in up.streams {
                 if let Some(s) = self.streams.get_mut(&id) {
