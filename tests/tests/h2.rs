@@ -2,10 +2,10 @@
 //! HTTP/2 client in one pod calls a Service VIP whose port is declared `appProtocol: http2`,
 //! a raw HTTP/2 server in another pod answers (both `tests/fixtures/h2_peer.py`, on the
 //! Python `h2` library), and each test pushes one corner of RFC 9113 through the agent:
-//! flow control with small windows, a backend's stream limit, CONTINUATION, trailers,
-//! resets, GOAWAY, protocol errors, rapid reset, PING and SETTINGS; and the route features
-//! (filters, redirects, faults, timeouts, rate limits, retries) and the agent's drain, over
-//! HTTP/2.
+//! flow control with small windows (and the windows of streams dropped half-way), a
+//! backend's stream limit, CONTINUATION, trailers, resets, GOAWAY, protocol errors, rapid
+//! reset, PING and SETTINGS; and the route features (filters, redirects, faults, timeouts,
+//! rate limits, retries) and the agent's drain, over HTTP/2.
 //!
 //! Every test runs its scenario twice, against a fresh agent each time: with the default
 //! settings and with `TRELLIS_H2_FAST_PATH=off` (hyper). So they assert only what RFC 9113
@@ -723,6 +723,131 @@ fn retries_turn_a_flaky_http2_backend_into_success() -> anyhow::Result<()> {
         );
 
         is(r, "/after", json!(200))?;
+        no_goaway(r)
+    })
+}
+
+/// Routes for [`flow_control_windows_survive_requests_the_agent_answers_or_the_backend_resets`]:
+/// `/late-abort` is delayed 300 ms, then answered 503 by the agent; every other path goes
+/// to the backend.
+const WINDOW_ROUTES: &str = "\
+httpRoutes:
+  - name: h2-windows
+    namespace: shop
+    parentRefs: [{name: h2, port: 80}]
+    rules:
+      - matches: [{path: {type: PathPrefix, value: /late-abort}}]
+        fault: {delay: {fixedDelay: 300ms, percentage: 100}, abort: {httpStatus: 503, percentage: 100}}
+      - matches: [{path: {type: PathPrefix, value: /}}]
+";
+
+/// What a proxy holds of a stream it then drops still counts against its connection's
+/// flow-control window, and must be given back; and a stream it stops forwarding must end
+/// upstream too. Each case on a client connection of its own:
+/// - the agent answers requests whose bodies it holds: six POSTs of 1 MiB (the agent's
+///   stream window lets each go whole) to `/late-abort` arrive while the fault delays them,
+///   and get the agent's 503 `FI` without reaching the backend; then 3 MiB uploaded on the
+///   same connection (had the bodies of the aborted requests not been credited back, the
+///   client's connection window would be spent) reach the backend whole (length and
+///   sha256), within 20 s;
+/// - the backend resets responses the agent holds: ten times over, the backend sends a head
+///   and 512 KiB to a client that advertises 16 KiB stream windows and never credits those
+///   streams, then RST_STREAM(CANCEL), 5 MiB in all (more than a 4 MiB upstream connection
+///   window); the backend could send each 512 KiB (within 5 s), and then 5 MiB downloaded on
+///   the same connection arrive whole, within 20 s;
+/// - the backend answers a head-only 403 while the request body still flows (64 KiB of a
+///   declared 1 MiB sent, then nothing): the client gets the 403, and the backend's stream
+///   ends once the client's does: reset (or its connection closed) within 3 s, or, the
+///   agent letting the request go on, ended with the whole body the client then sends.
+///
+/// Then, every client connection still open, the backend holds no stream open (10 s for
+/// them to close), and no connection got a GOAWAY.
+#[test]
+fn flow_control_windows_survive_requests_the_agent_answers_or_the_backend_resets()
+-> anyhow::Result<()> {
+    const MIB: u64 = 1 << 20;
+    on_both_paths_with_routes("h2-windows", WINDOW_ROUTES, "windows", |r, _| {
+        let aborts = &r["aborts"];
+        is(aborts, "/warm", json!(200))?;
+        ensure!(
+            aborts["send_windows"][0].as_u64() >= Some(MIB),
+            "the agent's windows [stream, connection] let no 1 MiB body go at once: {}",
+            aborts["send_windows"]
+        );
+        let aborted = aborts["aborted"].as_array().context("aborted")?;
+        ensure!(aborted.len() == 6, "{} aborted uploads", aborted.len());
+        for (i, answer) in aborted.iter().enumerate() {
+            answered_locally(answer, 503, "FI").with_context(|| format!("aborted upload {i}"))?;
+        }
+        let upload = &aborts["upload"];
+        ensure!(
+            upload["gave_up"].is_null(),
+            "the 3 MiB upload after the aborted ones did not complete (the connection window \
+             stayed shut?): {upload}"
+        );
+        is(upload, "/status", json!(200))?;
+        is(upload, "/server/bytes", json!(3 * MIB))?;
+        is(upload, "/server/sha256", upload["sent_sha256"].clone())?;
+        is(aborts, "/goaway", Value::Null)?;
+        ensure!(
+            r["backend_requests"]["/late-abort"].as_u64().unwrap_or(0) == 0,
+            "/late-abort reached the backend: {}",
+            r["backend_requests"]
+        );
+
+        let resets = &r["resets"];
+        is(resets, "/warm", json!(200))?;
+        let rounds = resets["resets"].as_array().context("resets")?;
+        ensure!(rounds.len() == 10, "{} reset responses", rounds.len());
+        for (i, round) in rounds.iter().enumerate() {
+            let backend = &round["backend"];
+            ensure!(
+                backend["outcome"] == "reset sent" && backend["sent"] == 512 * 1024,
+                "reset response {i}: the backend could not send its 512 KiB and reset (the \
+                 agent's upstream connection window shut?): {backend}"
+            );
+        }
+        let download = &resets["download"];
+        ensure!(
+            download["gave_up"].is_null(),
+            "the 5 MiB download after the reset responses did not complete (the upstream \
+             connection window stayed shut?): {download}"
+        );
+        is(download, "/status", json!(200))?;
+        is(download, "/ended", json!(true))?;
+        is(download, "/bytes", json!(5 * MIB))?;
+        is(download, "/sha256", download["expected_sha256"].clone())?;
+        is(resets, "/goaway", Value::Null)?;
+
+        let early = &r["early"];
+        is(early, "/warm", json!(200))?;
+        is(early, "/answer/status", json!(403))?;
+        is(early, "/answer/ended", json!(true))?;
+        is(early, "/answer/headers/x-from-backend", json!("h2server"))?;
+        let backend = &early["backend"];
+        match backend["outcome"].as_str().unwrap_or("") {
+            "reset" | "closed" => {}
+            "ended" => ensure!(
+                backend["body_bytes"] == MIB,
+                "the backend's stream ended without the whole request body: {backend}"
+            ),
+            _ => bail!(
+                "the backend's stream stayed open after its head-only 403 (the client's \
+                 request {}): {backend}",
+                if early["body_finished"] == true {
+                    "ended"
+                } else {
+                    "reset, or waiting for more of its body"
+                }
+            ),
+        }
+        is(early, "/goaway", Value::Null)?;
+
+        ensure!(
+            r["backend_open_streams"] == 0,
+            "the backend still holds {} streams open",
+            r["backend_open_streams"]
+        );
         no_goaway(r)
     })
 }
