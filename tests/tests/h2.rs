@@ -966,3 +966,54 @@ fn a_draining_agent_sends_goaway_and_finishes_the_streams_in_flight() -> anyhow:
     }
     Ok(())
 }
+
+/// An upstream that accepts connections but never speaks HTTP/2 (no SETTINGS): the fast
+/// path gives the connection up after its 10 s handshake limit and answers the request
+/// that waited for it 503 `UF`, where it would otherwise wait as long as the client does
+/// (this route has no timeout). Fast path only: hyper's client waits for such a server.
+#[test]
+fn an_upstream_that_never_sends_settings_is_given_up() -> anyhow::Result<()> {
+    const SILENT_PORT: u16 = 9099;
+    let peers = Peers::new()?;
+    let mut silent = peers.backend.command(peers.python)?;
+    silent.args([
+        "-c",
+        &format!(
+            "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', {SILENT_PORT}))\ns.listen(16)\nprint('listening', flush=True)\nheld = []\nwhile True:\n    held.append(s.accept())\n"
+        ),
+    ]);
+    let _silent = Background::spawn_ready(silent, "listening")?;
+    let vip = Ipv4Addr::new(
+        peers.node.subnet[0],
+        peers.node.subnet[1],
+        peers.node.subnet[2],
+        201,
+    );
+    let silent_service = format!(
+        "  - name: silent\n    namespace: shop\n    vips: [{vip}]\n    selector: {{app: h2}}\n    ports: [{{name: http2, port: 80, targetPort: {SILENT_PORT}, appProtocol: http2}}]\n"
+    );
+    let _agent = Agent::start_with_env("h2-silent", &peers.config(&silent_service), None, &[])?;
+    let out = peers
+        .client
+        .command("curl")?
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            "--http2-prior-knowledge",
+            "--max-time",
+            "40",
+            &format!("http://{vip}/"),
+        ])
+        .output()
+        .context("running curl")?;
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    ensure!(
+        head.starts_with("http/2 503") && head.contains("x-trellis-response-flags: uf"),
+        "expected 503 UF for an upstream that never sent SETTINGS, got: {head:?} (curl exit {})",
+        out.status
+    );
+    Ok(())
+}

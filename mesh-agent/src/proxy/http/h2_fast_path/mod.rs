@@ -98,6 +98,9 @@ const READ_CHUNK: usize = 64 * 1024;
 /// per second. Past it, the connection is closed (CVE-2023-44487, rapid reset).
 const RESET_BURST: f64 = 200.0;
 const RESET_RATE: f64 = 100.0;
+/// How long an upstream connection may take to send its first SETTINGS; past it, it is
+/// given up and the requests waiting for it fail (503 `UF`) or are retried.
+const SETTINGS_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection that ended with an error gets to take its GOAWAY.
 const GOAWAY_LINGER: Duration = Duration::from_secs(1);
 
@@ -320,6 +323,8 @@ struct UpConn {
     peer: PeerSettings,
     /// The server's first SETTINGS arrived: its stream limit is known.
     ready: bool,
+    /// When the connection opened: its SETTINGS must come within [`SETTINGS_TIMEOUT`].
+    opened_at: Instant,
     send_window: i64,
     recv_window: i64,
     credit: i64,

@@ -376,12 +376,31 @@ impl Connection<'_> {
 
     /// Handles the delays and deadlines that are due; true when one was.
     pub(super) fn poll_timers(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.timed == 0 {
+        let handshakes = self
+            .upstreams
+            .iter()
+            .any(|u| !u.ready && u.failed.is_none());
+        if self.timed == 0 && !handshakes {
             return false;
         }
         let now = Instant::now();
         let mut due = Vec::new();
         let mut next: Option<Instant> = None;
+        let mut fired = false;
+        // Upstream connections still waiting for their first SETTINGS.
+        for up in self
+            .upstreams
+            .iter_mut()
+            .filter(|u| !u.ready && u.failed.is_none())
+        {
+            let at = up.opened_at + SETTINGS_TIMEOUT;
+            if at <= now {
+                up.failed = Some(format!("no SETTINGS within {SETTINGS_TIMEOUT:?}"));
+                fired = true;
+            } else {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
         for (&id, s) in &self.streams {
             for at in [
                 s.deadline,
@@ -401,7 +420,7 @@ impl Connection<'_> {
                 }
             }
         }
-        let fired = !due.is_empty();
+        fired |= !due.is_empty();
         for id in due {
             let Some(stream) = self.streams.get_mut(&id) else {
                 continue;

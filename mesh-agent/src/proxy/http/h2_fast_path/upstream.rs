@@ -90,6 +90,7 @@ impl Connection<'_> {
                     dec: hpack::Decoder::default(),
                     peer: PeerSettings::default(),
                     ready: false,
+                    opened_at: Instant::now(),
                     send_window: frame::DEFAULT_WINDOW,
                     recv_window: CONN_WINDOW,
                     credit: 0,
