@@ -19,6 +19,9 @@
 //!   HTTPRoute: `x-user: alice` goes to v2, everything else is split 80/20 between v1 and v2,
 //!   with retries on 503. reviews-v2 fails its first request, so alice's request shows a retry;
 //!   50 more requests show the split; the "http request" log lines say where each went.
+//!   Port 81 of the same Service is declared `appProtocol: http2`, with a route to reviews-v1:
+//!   three h2c requests from curl, and node 1's metrics show that the agent served their
+//!   connections on its HTTP/2 fast path.
 //! - A live policy change on node 2 (payments admits only shop/checkout) refuses
 //!   frontend -> payments; node 2's "connection denied" line says who and why.
 //! - A live config change unenrols frontend on node 1; a config with a typo is rejected and
@@ -85,6 +88,11 @@ const REVIEWS_V2_VIP: u8 = 202;
 const SPLIT: (u32, u32) = (80, 20);
 /// Requests sent without the header to show the split.
 const SPLIT_REQUESTS: u64 = 50;
+/// The reviews Services' second port, declared `appProtocol: http2`, and the route on it.
+const H2C_PORT: u16 = 81;
+const H2C_ROUTE: &str = "reviews-h2c";
+/// Requests curl sends to it, one connection each.
+const H2C_REQUESTS: usize = 3;
 /// Deadline for a client program in a pod (the split's requests) or `mesh-agent status`.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -385,6 +393,8 @@ struct CurlResult {
     /// The local end of curl's socket: 127.0.0.1 when connect() was steered to the agent.
     local: SocketAddr,
     seconds: f64,
+    /// The HTTP version the answer came in: "1.1", "2".
+    version: String,
 }
 
 /// Runs curl in `pod`; the inner error is curl's own message when the request failed.
@@ -401,7 +411,7 @@ fn curl_with(pod: &Pod, extra: &[&str], url: &str) -> anyhow::Result<Result<Curl
             "--max-time",
             "20",
             "-w",
-            "\n%{http_code} %{local_ip} %{local_port} %{time_total}",
+            "\n%{http_code} %{local_ip} %{local_port} %{time_total} %{http_version}",
         ])
         .args(extra)
         .arg(url)
@@ -416,7 +426,7 @@ fn curl_with(pod: &Pod, extra: &[&str], url: &str) -> anyhow::Result<Result<Curl
         .rsplit_once('\n')
         .context("curl printed no status line")?;
     let parts: Vec<&str> = tail.split_whitespace().collect();
-    let [status, ip, port, seconds] = parts[..] else {
+    let [status, ip, port, seconds, version] = parts[..] else {
         bail!("unexpected curl status line {tail:?}");
     };
     Ok(Ok(CurlResult {
@@ -427,6 +437,7 @@ fn curl_with(pod: &Pod, extra: &[&str], url: &str) -> anyhow::Result<Result<Curl
             port.parse().context("curl's local_port")?,
         ),
         seconds: seconds.parse().unwrap_or(0.0),
+        version: version.to_string(),
     }))
 }
 
@@ -553,6 +564,20 @@ fn sum_by(
         *sums.entry(key).or_insert(0.0) += s.value;
     }
     sums
+}
+
+/// One agent's Prometheus metrics: the URL scraped, the text and its samples.
+fn scrape(side: Side<'_>) -> anyhow::Result<(String, String, Vec<Sample>)> {
+    let addr = side.agent.metrics_addr()?;
+    let url = format!("http://{addr}/metrics");
+    let text = util::output(
+        "curl",
+        &["-s", "--max-time", "10", "-H", "Accept: text/plain", &url],
+    )
+    .with_context(|| format!("scraping {}'s metrics", side.node))?;
+    let samples =
+        parse_metrics(&text).with_context(|| format!("reading {}'s metrics", side.node))?;
+    Ok((url, text, samples))
 }
 
 /// A `mesh_*` eBPF program in the kernel, as `bpftool prog show` lists it.
@@ -803,7 +828,7 @@ impl Routing {
     fn yaml(vip: impl Fn(u8) -> Ipv4Addr) -> Self {
         let service = |name: &str, octet: u8, selector: &str| {
             format!(
-                "  - name: {name}\n    namespace: shop\n    vips: [{}]\n    selector: {{{selector}}}\n    ports: [{{name: http, port: 80, targetPort: {APP_PORT}, appProtocol: http}}]\n",
+                "  - name: {name}\n    namespace: shop\n    vips: [{}]\n    selector: {{{selector}}}\n    ports:\n      - {{name: http, port: 80, targetPort: {APP_PORT}, appProtocol: http}}\n      - {{name: http2, port: {H2C_PORT}, targetPort: {APP_PORT}, appProtocol: http2}}\n",
                 vip(octet)
             )
         };
@@ -812,7 +837,7 @@ impl Routing {
             + &service("reviews-v2", REVIEWS_V2_VIP, "app: reviews, version: v2");
         let (w1, w2) = SPLIT;
         let route = format!(
-            "httpRoutes:\n  - name: {REVIEWS}\n    namespace: shop\n    parentRefs: [{{name: {REVIEWS}, port: 80}}]\n    rules:\n      - matches: [{{headers: [{{name: x-user, value: alice}}]}}]\n        backendRefs: [{{name: reviews-v2, port: 80}}]\n        retry: {{attempts: 2, codes: [503]}}\n      - backendRefs:\n          - {{name: reviews-v1, port: 80, weight: {w1}}}\n          - {{name: reviews-v2, port: 80, weight: {w2}}}\n        retry: {{attempts: 2, codes: [503]}}\n"
+            "httpRoutes:\n  - name: {REVIEWS}\n    namespace: shop\n    parentRefs: [{{name: {REVIEWS}, port: 80}}]\n    rules:\n      - matches: [{{headers: [{{name: x-user, value: alice}}]}}]\n        backendRefs: [{{name: reviews-v2, port: 80}}]\n        retry: {{attempts: 2, codes: [503]}}\n      - backendRefs:\n          - {{name: reviews-v1, port: 80, weight: {w1}}}\n          - {{name: reviews-v2, port: 80, weight: {w2}}}\n        retry: {{attempts: 2, codes: [503]}}\n  - name: {H2C_ROUTE}\n    namespace: shop\n    parentRefs: [{{name: {REVIEWS}, port: {H2C_PORT}}}]\n    rules: [{{backendRefs: [{{name: reviews-v1, port: {H2C_PORT}}}]}}]\n"
         );
         Self {
             config: format!("services:\n{reviews}{versions}{route}"),
@@ -1063,6 +1088,7 @@ impl Demo {
             vip(REVIEWS_VIP),
             &routing.shown,
         )?;
+        self.h2c(s1, &frontend, &reviews_v1, vip(REVIEWS_VIP))?;
 
         header("A live policy change on node 2: payments admits checkout only");
         let policy = format!(
@@ -1707,7 +1733,7 @@ impl Demo {
         let (w1, w2) = SPLIT;
         header("Routing: one Service, two versions");
         para(&format!(
-            "Node 1's config ({}) also declares Services, in Kubernetes' shape, and an HTTPRoute, in Gateway API's: shop/{REVIEWS} at the virtual IP {vip}, port 80, speaking HTTP, whose endpoints are the pods labelled app: {REVIEWS} (reviews-v1 and reviews-v2), a Service per version, and a route that sends alice to v2, splits everyone else {w1}/{w2} between v1 and v2, and retries on 503:",
+            "Node 1's config ({}) also declares Services, in Kubernetes' shape, and HTTPRoutes, in Gateway API's: shop/{REVIEWS} at the virtual IP {vip}, port 80, speaking HTTP, whose endpoints are the pods labelled app: {REVIEWS} (reviews-v1 and reviews-v2), a Service per version, and a route that sends alice to v2, splits everyone else {w1}/{w2} between v1 and v2, and retries on 503 (port {H2C_PORT} and its route come after that):",
             agent.config_path.display()
         ));
         println!();
@@ -2032,20 +2058,217 @@ print(json.dumps({{"counts": counts, "connections": connections, "seconds": time
         Ok(())
     }
 
+    /// h2c to the reviews Service's HTTP/2 port: curl's requests on one connection, what
+    /// reviews-v1 and node 1's log saw, and node 1's HTTP/2 connection counts.
+    fn h2c(
+        &mut self,
+        side: Side<'_>,
+        client: &DemoPod,
+        v1: &DemoPod,
+        vip: Ipv4Addr,
+    ) -> anyhow::Result<()> {
+        let agent = side.agent;
+        println!();
+        para(&format!(
+            "Port {H2C_PORT} of shop/{REVIEWS} is declared appProtocol: http2, and its route {H2C_ROUTE} sends everything to {} port {H2C_PORT}, HTTP/2 too. h2c (HTTP/2 without TLS, as gRPC speaks it inside a cluster) on such a port takes the agent's HTTP/2 fast path: the agent forwards the connection frame by frame itself instead of handing it to hyper.",
+            poss(v1.name())
+        ));
+        self.connections += 1;
+        println!();
+        println!(
+            " {}. frontend -> reviews over h2c, {H2C_REQUESTS} requests   (port {H2C_PORT}, appProtocol: http2)",
+            self.connections
+        );
+        let h2_connections = |samples: &[Sample], path: &str| {
+            sum_by(
+                samples,
+                "trellis_http2_connections_total",
+                |_| true,
+                &["path"],
+            )
+            .get(&vec![path.to_string()])
+            .copied()
+            .unwrap_or(0.0)
+        };
+        let (_, _, before_metrics) = scrape(side)?;
+        let before = agent.events().len();
+        let url = format!("http://{vip}:{H2C_PORT}/");
+        // One curl per request: curl 7.88 (Debian 12's) breaks a prior-knowledge connection
+        // it reuses ("Error in the HTTP2 framing layer", curl/curl#10634, fixed in 8.0).
+        let mut answers = Vec::new();
+        for _ in 0..H2C_REQUESTS {
+            let got = curl_with(&client.pod, &["--http2-prior-knowledge"], &url)
+                .context("sending an h2c request")?
+                .map_err(|e| anyhow!("h2c request: curl in {} failed: {e}", client.name()))?;
+            let body: Value = serde_json::from_str(&got.body).unwrap_or(Value::Null);
+            answers.push((got, body));
+        }
+        let ports: BTreeSet<u16> = answers.iter().map(|(got, _)| got.local.port()).collect();
+        let opened = ports.len();
+        let h2_curl = answers
+            .iter()
+            .all(|(got, _)| got.version == "2" && got.status == 200);
+        let h2_server = answers
+            .iter()
+            .all(|(_, b)| field(b, "version") == "HTTP/2.0");
+        let by_v1 = answers.iter().all(|(_, b)| {
+            field(b, "name") == v1.name() && ip_of(field(b, "peer")) == Some(client.ip())
+        });
+        say(
+            "curl",
+            &format!(
+                "in {}: GET {url} with --http2-prior-knowledge, {}, one connection each: {}; {}",
+                client.name(),
+                times(H2C_REQUESTS),
+                if h2_curl {
+                    "HTTP 200 each time, and curl's %{http_version} said 2".to_string()
+                } else {
+                    let seen: Vec<String> = answers
+                        .iter()
+                        .map(|(got, _)| format!("HTTP/{} {}", got.version, got.status))
+                        .collect();
+                    format!("got {}", seen.join(", "))
+                },
+                if h2_server && by_v1 {
+                    format!(
+                        "{} answered each and saw an HTTP/2.0 request from {} real address: HTTP/2 end to end",
+                        v1.name(),
+                        poss(client.name())
+                    )
+                } else {
+                    format!(
+                        "the answers were not all HTTP/2.0 requests seen by {}",
+                        v1.name()
+                    )
+                },
+            ),
+        );
+        self.check(h2_curl && opened == H2C_REQUESTS, || {
+            format!(
+                "curl's {H2C_REQUESTS} h2c requests to {url} came back as {:?} on {opened} connection(s), expected HTTP/2 200s on {H2C_REQUESTS}",
+                answers
+                    .iter()
+                    .map(|(got, _)| format!("HTTP/{} {}", got.version, got.status))
+                    .collect::<Vec<_>>()
+            )
+        });
+        self.check(h2_server && by_v1, || {
+            format!(
+                "the h2c requests reached {:?}, expected HTTP/2.0 requests from {} at {}",
+                answers.iter().map(|(got, _)| &got.body).collect::<Vec<_>>(),
+                client.ip(),
+                v1.name()
+            )
+        });
+
+        let service = format!("shop/{REVIEWS}:{H2C_PORT}");
+        let ids: Vec<String> = answers
+            .iter()
+            .map(|(_, b)| {
+                b.pointer("/headers/x-request-id")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect();
+        let wanted: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let service = service.as_str();
+                move |e: &Value| {
+                    message(e) == "http request"
+                        && field(e, "dst.service") == service
+                        && (id.is_empty() || field(e, "request_id") == id.as_str())
+                }
+            })
+            .collect();
+        let wanted: Vec<&dyn Fn(&Value) -> bool> = wanted.iter().map(|w| w as _).collect();
+        let logs = wait_for_new_events(
+            agent,
+            before,
+            &format!(
+                "{}'s \"http request\" lines for the h2c requests",
+                side.node
+            ),
+            &wanted,
+        )?;
+        let route = format!("shop/{H2C_ROUTE}#0");
+        let backend = format!("{}.{}.svc.{TRUST_DOMAIN}", v1.name(), v1.namespace);
+        let upstream = v1.addr().to_string();
+        let as_expected = |e: &Value| {
+            field(e, "route") == route
+                && field(e, "backend") == backend
+                && field(e, "upstream") == upstream
+                && number(e, "status") == Some(200)
+        };
+        let first = &logs[0];
+        say(
+            side.node,
+            &format!(
+                "logged an \"http request\" line for each, to Service {service}: {} route {}, backend {}, upstream endpoint {} ({} pod), HTTP {}{}",
+                if logs.iter().all(as_expected) {
+                    "all with"
+                } else {
+                    "the first with"
+                },
+                field(first, "route"),
+                field(first, "backend"),
+                field(first, "upstream"),
+                poss(v1.name()),
+                number(first, "status").unwrap_or(0),
+                if ids.iter().all(|id| !id.is_empty()) {
+                    format!(
+                        "; their request ids are the x-request-id headers {} received",
+                        v1.name()
+                    )
+                } else {
+                    String::new()
+                },
+            ),
+        );
+        self.check(
+            logs.iter().all(as_expected) && ids.iter().all(|id| !id.is_empty()),
+            || {
+                format!(
+                    "node 1's h2c \"http request\" lines are {logs:?}, expected route {route}, backend {backend}, upstream {upstream}, HTTP 200 and request ids {ids:?}"
+                )
+            },
+        );
+
+        let (_, _, after_metrics) = scrape(side)?;
+        let delta = |path: &str| {
+            h2_connections(&after_metrics, path) - h2_connections(&before_metrics, path)
+        };
+        let (fast, hyper) = (delta("fast_path"), delta("hyper"));
+        say(
+            "metrics",
+            &format!(
+                "on {}, trellis_http2_connections_total{{path=\"fast_path\"}} went up by {fast} and {{path=\"hyper\"}} by {hyper}{}",
+                side.node,
+                if fast == opened as f64 && hyper == 0.0 {
+                    format!(
+                        ": the agent forwarded each of the {opened} connections frame by frame itself, none went through hyper"
+                    )
+                } else {
+                    String::new()
+                },
+            ),
+        );
+        self.check(fast == opened as f64 && hyper == 0.0, || {
+            format!(
+                "trellis_http2_connections_total on {} went up by {fast} on the fast path and {hyper} on hyper, expected {opened} and 0",
+                side.node
+            )
+        });
+        Ok(())
+    }
+
     /// An excerpt of both agents' metrics, explained.
     fn metrics(&mut self, sides: [Side<'_>; 2]) -> anyhow::Result<()> {
         header("What the agents counted: metrics");
         let mut scraped = Vec::new();
         for side in sides {
-            let addr = side.agent.metrics_addr()?;
-            let url = format!("http://{addr}/metrics");
-            let text = util::output(
-                "curl",
-                &["-s", "--max-time", "10", "-H", "Accept: text/plain", &url],
-            )
-            .with_context(|| format!("scraping {}'s metrics", side.node))?;
-            let samples =
-                parse_metrics(&text).with_context(|| format!("reading {}'s metrics", side.node))?;
+            let (url, text, samples) = scrape(side)?;
             scraped.push((side, url, text.lines().count(), samples));
         }
         let [(s1, url1, lines1, m1), (s2, _, _, m2)] =
@@ -2083,7 +2306,7 @@ print(json.dumps({{"counts": counts, "connections": connections, "seconds": time
         say(
             "means",
             &format!(
-                "one per HTTP request the L7 proxy served, by the backend Service it picked and the status the client got: alice's and the {SPLIT_REQUESTS} others (alice's retried 503 is not a request of its own). {}",
+                "one per HTTP request the L7 proxy served, by the backend Service it picked and the status the client got: alice's, the {SPLIT_REQUESTS} others and the {H2C_REQUESTS} over h2c (alice's retried 503 is not a request of its own). {}",
                 if as_destination == total {
                     "Node 1 counted each once more with reporter destination, since it also delivered them to the reviews pods."
                 } else {
@@ -2091,14 +2314,10 @@ print(json.dumps({{"counts": counts, "connections": connections, "seconds": time
                 }
             ),
         );
+        let expected = SPLIT_REQUESTS + 1 + H2C_REQUESTS as u64;
         self.check(
-            total == (SPLIT_REQUESTS + 1) as f64 && requests.keys().all(|k| k[1] == "200"),
-            || {
-                format!(
-                    "node 1 counted requests {requests:?}, expected {} with code 200",
-                    SPLIT_REQUESTS + 1
-                )
-            },
+            total == expected as f64 && requests.keys().all(|k| k[1] == "200"),
+            || format!("node 1 counted requests {requests:?}, expected {expected} with code 200"),
         );
 
         // TCP connections.
