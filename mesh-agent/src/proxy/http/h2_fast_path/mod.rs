@@ -101,6 +101,8 @@ const RESET_RATE: f64 = 100.0;
 /// How long an upstream connection may take to send its first SETTINGS; past it, it is
 /// given up and the requests waiting for it fail (503 `UF`) or are retried.
 const SETTINGS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection has had no stream before its buffers are given back.
+const IDLE_RELEASE: Duration = Duration::from_secs(2);
 /// How long a connection that ended with an error gets to take its GOAWAY.
 const GOAWAY_LINGER: Duration = Duration::from_secs(1);
 
@@ -380,6 +382,8 @@ struct Connection<'a> {
     timer_at: Option<Instant>,
     /// Streams with a deadline or a fault delay (the timer scans only when some have).
     timed: usize,
+    /// When the buffers of a connection that has no streams are given back.
+    idle_release_at: Option<Instant>,
     reset_tokens: f64,
     reset_refilled: Instant,
     rng: fastrand::Rng,
@@ -426,6 +430,7 @@ impl<'a> Connection<'a> {
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             timer_at: None,
             timed: 0,
+            idle_release_at: Some(Instant::now() + IDLE_RELEASE),
             reset_tokens: RESET_BURST,
             reset_refilled: Instant::now(),
             rng: fastrand::Rng::new(),
@@ -547,6 +552,26 @@ impl<'a> Connection<'a> {
             if !progress {
                 return Poll::Pending;
             }
+        }
+    }
+
+    /// Gives back the read and write buffers of a connection that has had nothing in
+    /// flight for [`IDLE_RELEASE`] (they grow to 64 KiB while busy): an idle gRPC
+    /// connection then holds no buffer memory, and one between two quick requests keeps
+    /// its buffers.
+    pub(super) fn release_idle_buffers(&mut self) {
+        fn release(buf: &mut BytesMut) {
+            if buf.is_empty() && buf.capacity() > 0 {
+                *buf = BytesMut::new();
+            }
+        }
+        if self.streams.is_empty() {
+            release(&mut self.cin);
+            release(&mut self.cout);
+        }
+        for up in self.upstreams.iter_mut().filter(|u| u.streams.is_empty()) {
+            release(&mut up.inp);
+            release(&mut up.out);
         }
     }
 }

@@ -315,6 +315,10 @@ impl Connection<'_> {
         if stream.responded && !matches!(how, CloseHow::ClientReset) {
             self.log(&stream, matches!(how, CloseHow::Finished));
         }
+        if self.streams.is_empty() {
+            self.idle_release_at = Some(Instant::now() + IDLE_RELEASE);
+            self.timer_at = None;
+        }
     }
 
     pub(super) fn log(&self, stream: &Stream, complete: bool) {
@@ -380,13 +384,23 @@ impl Connection<'_> {
             .upstreams
             .iter()
             .any(|u| !u.ready && u.failed.is_none());
-        if self.timed == 0 && !handshakes {
+        if self.timed == 0 && !handshakes && self.idle_release_at.is_none() {
             return false;
         }
         let now = Instant::now();
         let mut due = Vec::new();
         let mut next: Option<Instant> = None;
         let mut fired = false;
+        if let Some(at) = self.idle_release_at {
+            if !self.streams.is_empty() {
+                self.idle_release_at = None;
+            } else if at <= now {
+                self.idle_release_at = None;
+                self.release_idle_buffers();
+            } else {
+                next = Some(at);
+            }
+        }
         // Upstream connections still waiting for their first SETTINGS.
         for up in self
             .upstreams
