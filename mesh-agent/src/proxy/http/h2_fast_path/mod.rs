@@ -382,8 +382,11 @@ struct Connection<'a> {
     timer_at: Option<Instant>,
     /// Streams with a deadline or a fault delay (the timer scans only when some have).
     timed: usize,
-    /// When the buffers of a connection that has no streams are given back.
+    /// When to check whether the connection has been without streams for
+    /// [`IDLE_RELEASE`] (then its buffers are given back).
     idle_release_at: Option<Instant>,
+    /// When its last stream ended.
+    last_active: Instant,
     reset_tokens: f64,
     reset_refilled: Instant,
     rng: fastrand::Rng,
@@ -431,6 +434,7 @@ impl<'a> Connection<'a> {
             timer_at: None,
             timed: 0,
             idle_release_at: Some(Instant::now() + IDLE_RELEASE),
+            last_active: Instant::now(),
             reset_tokens: RESET_BURST,
             reset_refilled: Instant::now(),
             rng: fastrand::Rng::new(),

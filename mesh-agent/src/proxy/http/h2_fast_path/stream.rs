@@ -316,8 +316,11 @@ impl Connection<'_> {
             self.log(&stream, matches!(how, CloseHow::Finished));
         }
         if self.streams.is_empty() {
-            self.idle_release_at = Some(Instant::now() + IDLE_RELEASE);
-            self.timer_at = None;
+            self.last_active = Instant::now();
+            if self.idle_release_at.is_none() {
+                self.idle_release_at = Some(self.last_active + IDLE_RELEASE);
+                self.timer_at = None;
+            }
         }
     }
 
@@ -391,13 +394,22 @@ impl Connection<'_> {
         let mut due = Vec::new();
         let mut next: Option<Instant> = None;
         let mut fired = false;
+        // The idle release is checked at most every IDLE_RELEASE: a busy connection whose
+        // streams come and go does not move the timer on every stream.
         if let Some(at) = self.idle_release_at {
-            if !self.streams.is_empty() {
-                self.idle_release_at = None;
-            } else if at <= now {
+            let idle_until = self.last_active + IDLE_RELEASE;
+            if at > now {
+                next = Some(at);
+            } else if self.streams.is_empty() && idle_until <= now {
                 self.idle_release_at = None;
                 self.release_idle_buffers();
             } else {
+                let at = if self.streams.is_empty() {
+                    idle_until
+                } else {
+                    now + IDLE_RELEASE
+                };
+                self.idle_release_at = Some(at);
                 next = Some(at);
             }
         }
@@ -415,7 +427,12 @@ impl Connection<'_> {
                 next = Some(next.map_or(at, |n| n.min(at)));
             }
         }
-        for (&id, s) in &self.streams {
+        // Streams' deadlines and delays: scanned only when some stream has one.
+        for (&id, s) in self
+            .streams
+            .iter()
+            .take(if self.timed > 0 { usize::MAX } else { 0 })
+        {
             for at in [
                 s.deadline,
                 if let Phase::Delayed(at) = s.phase {
