@@ -231,6 +231,48 @@ pub(crate) fn server_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// An answer the agent gives itself on a fast path (HTTP/1.1 or HTTP/2), written by each in
+/// its own framing: flagged like Envoy's response flags, or a redirect.
+struct LocalAnswer {
+    status: StatusCode,
+    flags: &'static str,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl LocalAnswer {
+    fn new(status: StatusCode, flags: &'static str, message: &str) -> Self {
+        let mut headers = HeaderMap::with_capacity(2);
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        headers.insert(RESPONSE_FLAGS_HEADER, HeaderValue::from_static(flags));
+        Self {
+            status,
+            flags,
+            headers,
+            body: format!("{message}\n"),
+        }
+    }
+
+    fn redirect(redirect: http::Response<()>) -> Self {
+        let (parts, ()) = redirect.into_parts();
+        Self {
+            status: parts.status,
+            flags: "-",
+            headers: parts.headers,
+            body: String::new(),
+        }
+    }
+
+    /// 503 `UO`: a cap of the destination's circuit breaker was reached.
+    fn overflow(overflow: &Overflow) -> Self {
+        Self::new(
+            overflow.status(),
+            overflow.response_flag(),
+            &format!("{overflow} (circuit breaker open)"),
+        )
+    }
+}
+
 /// A cap of the destination's circuit breaker was reached.
 fn upstream_overflow(overflow: &Overflow) -> (StatusCode, &'static str, Response<Body>) {
     let (status, flag) = (overflow.status(), overflow.response_flag());

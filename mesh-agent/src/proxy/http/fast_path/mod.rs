@@ -18,7 +18,7 @@
 use std::{io, time::Instant};
 
 use bytes::{Buf as _, Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use http::{Method, StatusCode, header};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
@@ -28,7 +28,7 @@ use tracing::debug;
 
 use super::{
     AccessLog, Downstream, EndpointOutcome, FAILURE_LATENCY_PENALTY, HEADER_READ_TIMEOUT,
-    MAX_HEADER_BYTES, MAX_RETRY_BODY, RESPONSE_FLAGS_HEADER, RetryPlan,
+    LocalAnswer, MAX_HEADER_BYTES, MAX_RETRY_BODY, RetryPlan,
     client::{DESTINATION, Http1Connection, overflow_in},
     denied_here, log_request, rate_limited, record_answer, strip_hop_by_hop, trace,
 };
@@ -292,7 +292,7 @@ impl Connection<'_> {
         }
         let _request_permit = match runtime.circuit.try_request() {
             Ok(permit) => permit,
-            Err(overflow) => return Ok(Err(overflow_answer(&overflow))),
+            Err(overflow) => return Ok(Err(LocalAnswer::overflow(&overflow))),
         };
         budget.deposit(Instant::now());
         // A request that may be sent again has its body (up to 64 KiB) read whole first;
@@ -382,7 +382,7 @@ impl Connection<'_> {
                 }
                 Ok(Err(ExchangeError::Overflow(overflow))) => {
                     drop(outstanding);
-                    return Ok(Err(overflow_answer(&overflow)));
+                    return Ok(Err(LocalAnswer::overflow(&overflow)));
                 }
                 Ok(Err(ExchangeError::Client(e))) => return Err(e),
                 Ok(Err(ExchangeError::Connect(e))) => {
@@ -744,47 +744,6 @@ struct RoutedRequest<'r> {
     started: Instant,
     /// The client's connection closes after this response.
     close_after: bool,
-}
-
-/// An answer the agent gives itself: flagged like Envoy's response flags, or a redirect.
-struct LocalAnswer {
-    status: StatusCode,
-    flags: &'static str,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl LocalAnswer {
-    fn new(status: StatusCode, flags: &'static str, message: &str) -> Self {
-        let mut headers = HeaderMap::with_capacity(2);
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        headers.insert(RESPONSE_FLAGS_HEADER, HeaderValue::from_static(flags));
-        Self {
-            status,
-            flags,
-            headers,
-            body: format!("{message}\n"),
-        }
-    }
-
-    fn redirect(redirect: http::Response<()>) -> Self {
-        let (parts, ()) = redirect.into_parts();
-        Self {
-            status: parts.status,
-            flags: "-",
-            headers: parts.headers,
-            body: String::new(),
-        }
-    }
-}
-
-/// 503 `UO`: a cap of the destination's circuit breaker was reached.
-fn overflow_answer(overflow: &Overflow) -> LocalAnswer {
-    LocalAnswer::new(
-        overflow.status(),
-        overflow.response_flag(),
-        &format!("{overflow} (circuit breaker open)"),
-    )
 }
 
 /// Reads until the upstream's buffer holds a whole response head.

@@ -21,37 +21,15 @@ impl Connection<'_> {
                         "HEADERS on a server stream id",
                     ));
                 }
-                let block = HeaderBlock {
-                    stream: f.stream,
-                    flags: f.flags,
-                    block: BytesMut::from(&f.payload[..]),
-                };
-                if f.flags & frame::END_HEADERS == 0 {
-                    self.continuation = Some(block);
-                    return Ok(());
+                match HeaderBlock::collect(&mut self.continuation, &f)? {
+                    Some(block) => self.on_client_headers(block),
+                    None => Ok(()),
                 }
-                self.on_client_headers(block)
             }
-            frame::CONTINUATION => {
-                let Some(mut pending) = self.continuation.take() else {
-                    return Err(ConnError::new(
-                        frame::PROTOCOL_ERROR,
-                        "CONTINUATION without HEADERS",
-                    ));
-                };
-                if pending.block.len() + f.payload.len() > MAX_HEADER_BLOCK {
-                    return Err(ConnError::new(
-                        frame::ENHANCE_YOUR_CALM,
-                        "header block too large",
-                    ));
-                }
-                pending.block.extend_from_slice(&f.payload);
-                if f.flags & frame::END_HEADERS == 0 {
-                    self.continuation = Some(pending);
-                    return Ok(());
-                }
-                self.on_client_headers(pending)
-            }
+            frame::CONTINUATION => match HeaderBlock::collect(&mut self.continuation, &f)? {
+                Some(block) => self.on_client_headers(block),
+                None => Ok(()),
+            },
             frame::PRIORITY => {
                 if f.stream == 0 {
                     return Err(ConnError::new(
@@ -524,7 +502,7 @@ impl Connection<'_> {
         let permit = runtime
             .circuit
             .try_request()
-            .map_err(|o| Box::new(overflow_answer(&o)))?;
+            .map_err(|o| Box::new(LocalAnswer::overflow(&o)))?;
         runtime.budget.deposit(Instant::now());
         let endpoint = runtime
             .pick(endpoints, backend_port.target_port, &mut self.rng)

@@ -64,7 +64,7 @@ use self::{
 };
 use super::{
     AccessLog, Downstream, EndpointOutcome, FAILURE_LATENCY_PENALTY, HEADER_READ_TIMEOUT,
-    MAX_HEADER_BYTES, RESPONSE_FLAGS_HEADER, RetryPlan,
+    LocalAnswer, MAX_HEADER_BYTES, RetryPlan,
     client::{BoxError, DESTINATION, Permitted, overflow_in},
     denied_here,
     fast_path::Handover,
@@ -347,6 +347,43 @@ struct HeaderBlock {
     block: BytesMut,
 }
 
+impl HeaderBlock {
+    /// Adds a HEADERS or CONTINUATION frame to the block being collected in `pending`;
+    /// the whole block once its END_HEADERS came. (A frame of another kind or stream in
+    /// between is refused by the caller, before it gets here.)
+    fn collect(pending: &mut Option<Self>, f: &Frame) -> Result<Option<Self>, ConnError> {
+        let block = match pending.take() {
+            None if f.kind == frame::HEADERS => Self {
+                stream: f.stream,
+                flags: f.flags,
+                block: BytesMut::from(&f.payload[..]),
+            },
+            Some(mut block) if f.kind == frame::CONTINUATION => {
+                if block.block.len() + f.payload.len() > MAX_HEADER_BLOCK {
+                    return Err(ConnError::new(
+                        frame::ENHANCE_YOUR_CALM,
+                        "header block too large",
+                    ));
+                }
+                block.block.extend_from_slice(&f.payload);
+                block
+            }
+            _ => {
+                return Err(ConnError::new(
+                    frame::PROTOCOL_ERROR,
+                    "CONTINUATION without HEADERS",
+                ));
+            }
+        };
+        if f.flags & frame::END_HEADERS == 0 {
+            *pending = Some(block);
+            return Ok(None);
+        }
+        // `flags` stay the HEADERS frame's: END_STREAM rides there, not on CONTINUATIONs.
+        Ok(Some(block))
+    }
+}
+
 /// An upstream connection being opened, and the endpoint it is for.
 struct Opening {
     endpoint: SocketAddr,
@@ -588,47 +625,6 @@ enum CloseHow {
     ClientReset,
     /// It is reset toward the client with this code.
     ResetClient(u32),
-}
-
-/// An answer the agent gives itself, flagged like Envoy's response flags, or a redirect.
-struct LocalAnswer {
-    status: StatusCode,
-    flags: &'static str,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl LocalAnswer {
-    fn new(status: StatusCode, flags: &'static str, message: &str) -> Self {
-        let mut headers = HeaderMap::with_capacity(2);
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        headers.insert(RESPONSE_FLAGS_HEADER, HeaderValue::from_static(flags));
-        Self {
-            status,
-            flags,
-            headers,
-            body: format!("{message}\n"),
-        }
-    }
-
-    fn redirect(redirect: http::Response<()>) -> Self {
-        let (parts, ()) = redirect.into_parts();
-        Self {
-            status: parts.status,
-            flags: "-",
-            headers: parts.headers,
-            body: String::new(),
-        }
-    }
-}
-
-/// 503 `UO`: a cap of the destination's circuit breaker was reached.
-fn overflow_answer(overflow: &Overflow) -> LocalAnswer {
-    LocalAnswer::new(
-        overflow.status(),
-        overflow.response_flag(),
-        &format!("{overflow} (circuit breaker open)"),
-    )
 }
 
 /// Reads what the socket has into `buf`.

@@ -153,14 +153,7 @@ impl Connection<'_> {
         // The request again: what was sent, then what still waits to go.
         stream.upstream_done = false;
         // Bytes of an earlier replay not sent yet are still at the queue's front.
-        state.replayed += state
-            .sent
-            .iter()
-            .map(|p| match p {
-                Piece::Data(b, _) => b.len() as i64,
-                Piece::Trailers(_) => 0,
-            })
-            .sum::<i64>();
+        state.replayed += super::stream::queued_bytes(&state.sent);
         let mut again: VecDeque<Piece> = state.sent.drain(..).collect();
         again.extend(stream.to_upstream.drain(..));
         stream.to_upstream = again;

@@ -146,12 +146,7 @@ impl Connection<'_> {
                     stream.upstream_credit = 0;
                 }
             }
-            up.credit += forwarded;
-            if up.credit >= CONN_WINDOW / 4 {
-                frame::window_update(&mut up.out, 0, up.credit as u32);
-                up.recv_window += up.credit;
-                up.credit = 0;
-            }
+            up.credit(forwarded);
         }
         if finished {
             self.close_stream(id, CloseHow::Finished);
@@ -161,11 +156,7 @@ impl Connection<'_> {
     /// Credits the client what was forwarded: the connection window once a quarter of
     /// it is used (each WINDOW_UPDATE is a frame to read), the stream's likewise.
     pub(super) fn send_client_credit(&mut self, id: u32) {
-        if self.credit >= CONN_WINDOW / 4 {
-            frame::window_update(&mut self.cout, 0, self.credit as u32);
-            self.recv_window += self.credit;
-            self.credit = 0;
-        }
+        self.credit_client(0);
         if let Some(s) = self.streams.get_mut(&id)
             && !s.client_done
             && s.credit >= STREAM_WINDOW / 4
@@ -176,21 +167,14 @@ impl Connection<'_> {
         }
     }
 
+    /// Adds `n` to what the client's connection window is owed, and credits it once a
+    /// quarter of the window is.
     pub(super) fn credit_client(&mut self, n: i64) {
         self.credit += n;
         if self.credit >= CONN_WINDOW / 4 {
             frame::window_update(&mut self.cout, 0, self.credit as u32);
             self.recv_window += self.credit;
             self.credit = 0;
-        }
-    }
-
-    pub(super) fn send_upstream_credit(&mut self, i: usize) {
-        let up = &mut self.upstreams[i];
-        if up.credit >= CONN_WINDOW / 4 {
-            frame::window_update(&mut up.out, 0, up.credit as u32);
-            up.recv_window += up.credit;
-            up.credit = 0;
         }
     }
 
@@ -286,12 +270,7 @@ impl Connection<'_> {
         if let Some(conn) = stream.data_conn
             && let Some(up) = self.upstreams.iter_mut().find(|u| u.id == conn)
         {
-            up.credit += queued_bytes(&stream.to_client);
-            if up.credit >= CONN_WINDOW / 4 {
-                frame::window_update(&mut up.out, 0, up.credit as u32);
-                up.recv_window += up.credit;
-                up.credit = 0;
-            }
+            up.credit(queued_bytes(&stream.to_client));
         }
         match how {
             CloseHow::Finished => {
@@ -507,9 +486,9 @@ impl Connection<'_> {
 }
 
 /// Body bytes in a queue of pieces.
-pub(super) fn queued_bytes(pieces: &VecDeque<Piece>) -> i64 {
+pub(super) fn queued_bytes<'a>(pieces: impl IntoIterator<Item = &'a Piece>) -> i64 {
     pieces
-        .iter()
+        .into_iter()
         .map(|p| match p {
             Piece::Data(b, _) => b.len() as i64,
             Piece::Trailers(_) => 0,

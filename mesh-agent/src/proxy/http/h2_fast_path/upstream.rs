@@ -2,6 +2,19 @@
 //! failed), streams opened on them, and their frames.
 use super::{downstream::is_connection_specific, *};
 
+impl UpConn {
+    /// Adds `n` to what the upstream's connection window is owed, and credits it once a
+    /// quarter of the window is (each WINDOW_UPDATE is a frame to read).
+    pub(super) fn credit(&mut self, n: i64) {
+        self.credit += n;
+        if self.credit >= CONN_WINDOW / 4 {
+            frame::window_update(&mut self.out, 0, self.credit as u32);
+            self.recv_window += self.credit;
+            self.credit = 0;
+        }
+    }
+}
+
 impl Connection<'_> {
     /// Opens upstream streams for queued requests where a connection has room, and opens
     /// connections where none has.
@@ -158,7 +171,7 @@ impl Connection<'_> {
                 continue;
             }
             let answer = match &overflow {
-                Some(overflow) => overflow_answer(overflow),
+                Some(overflow) => LocalAnswer::overflow(overflow),
                 None => LocalAnswer::new(StatusCode::SERVICE_UNAVAILABLE, "UF", detail),
             };
             self.answer(id, answer);
@@ -237,8 +250,7 @@ impl Connection<'_> {
                     ));
                 }
                 let Some(&id) = up.streams.get(&f.stream) else {
-                    up.credit += flow;
-                    self.send_upstream_credit(i);
+                    up.credit(flow);
                     return Ok(());
                 };
                 let end = f.flags & frame::END_STREAM != 0;
@@ -256,7 +268,7 @@ impl Connection<'_> {
                 up.credit += padding;
                 if f.payload.is_empty() && !end {
                     // Nothing to pass on: not queued (empty frames must not pile up).
-                    self.send_upstream_credit(i);
+                    up.credit(0);
                     return Ok(());
                 }
                 stream.log.response_bytes += f.payload.len() as u64;
@@ -275,37 +287,15 @@ impl Connection<'_> {
                         "upstream HEADERS on stream 0",
                     ));
                 }
-                let block = HeaderBlock {
-                    stream: f.stream,
-                    flags: f.flags,
-                    block: BytesMut::from(&f.payload[..]),
-                };
-                if f.flags & frame::END_HEADERS == 0 {
-                    up.continuation = Some(block);
-                    return Ok(());
+                match HeaderBlock::collect(&mut up.continuation, &f)? {
+                    Some(block) => self.on_upstream_headers(i, block),
+                    None => Ok(()),
                 }
-                self.on_upstream_headers(i, block)
             }
-            frame::CONTINUATION => {
-                let Some(mut pending) = up.continuation.take() else {
-                    return Err(ConnError::new(
-                        frame::PROTOCOL_ERROR,
-                        "upstream CONTINUATION without HEADERS",
-                    ));
-                };
-                if pending.block.len() + f.payload.len() > MAX_HEADER_BLOCK {
-                    return Err(ConnError::new(
-                        frame::ENHANCE_YOUR_CALM,
-                        "upstream header block too large",
-                    ));
-                }
-                pending.block.extend_from_slice(&f.payload);
-                if f.flags & frame::END_HEADERS == 0 {
-                    up.continuation = Some(pending);
-                    return Ok(());
-                }
-                self.on_upstream_headers(i, pending)
-            }
+            frame::CONTINUATION => match HeaderBlock::collect(&mut up.continuation, &f)? {
+                Some(block) => self.on_upstream_headers(i, block),
+                None => Ok(()),
+            },
             frame::RST_STREAM => {
                 check_rst(&f)?;
                 let code =
