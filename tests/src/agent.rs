@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
 use crate::wait_until;
@@ -228,6 +228,14 @@ impl Agent {
         self.listening("metrics")
     }
 
+    /// HTTP/2 connections the agent has served: (on its HTTP/2 fast path, on hyper), from
+    /// `trellis_http2_connections_total{path}`.
+    pub fn http2_connections(&self) -> anyhow::Result<(u64, u64)> {
+        let (status, text) = http_get(self.metrics_addr()?, "/metrics")?;
+        ensure!(status == 200, "/metrics answered {status}");
+        Ok(http2_connections(&text))
+    }
+
     fn listening(&self, which: &str) -> anyhow::Result<std::net::SocketAddr> {
         let event = self
             .events()
@@ -392,6 +400,26 @@ pub fn config_doc(node: &str, entries: &[String]) -> String {
 
 /// GET `path` from one of the agent's HTTP endpoints (admin, metrics) over a fresh
 /// HTTP/1.1 connection: (status, body).
+/// The value of `series` (its name and labels as the exposition writes them) in a
+/// Prometheus text exposition.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// `trellis_http2_connections_total` by path in a metrics exposition: (fast path, hyper).
+pub fn http2_connections(text: &str) -> (u64, u64) {
+    let get = |path: &str| {
+        metric(
+            text,
+            &format!("trellis_http2_connections_total{{path=\"{path}\"}}"),
+        )
+        .map_or(0, |v| v as u64)
+    };
+    (get("fast_path"), get("hyper"))
+}
+
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))

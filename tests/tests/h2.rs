@@ -171,16 +171,7 @@ fn no_errors(r: &Value) -> anyhow::Result<()> {
 
 /// The agent served its HTTP/2 connections on `path` (of [`PATHS`]), and only there.
 fn served_on(agent: &Agent, path: &str) -> anyhow::Result<()> {
-    let (_, metrics) = http_get(agent.metrics_addr()?, "/metrics")?;
-    let count = |path: &str| {
-        let prefix = format!("trellis_http2_connections_total{{path=\"{path}\"}} ");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let (fast, hyper) = (count("fast_path"), count("hyper"));
+    let (fast, hyper) = agent.http2_connections()?;
     match path {
         "default" => ensure!(fast >= 1 && hyper == 0, "fast path {fast}, hyper {hyper}"),
         _ => ensure!(fast == 0 && hyper >= 1, "fast path {fast}, hyper {hyper}"),

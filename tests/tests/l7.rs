@@ -580,15 +580,8 @@ fn grpc_streaming_h2load_and_websocket_pass_through() -> anyhow::Result<()> {
         is_http_log(e) && field(e, "path").starts_with("/echo.Echo/")
     })?;
     // The gRPC port's connection took the HTTP/2 fast path (no route retries there).
-    let metrics = http_get(agent.metrics_addr()?, "/metrics")?;
-    let fast = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("trellis_http2_connections_total{path=\"fast_path\"} "))
-        .and_then(|n| n.trim().parse::<u64>().ok());
-    ensure!(
-        fast.is_some_and(|n| n >= 1),
-        "HTTP/2 fast path connections: {fast:?}"
-    );
+    let (fast, _) = agent.http2_connections()?;
+    ensure!(fast >= 1, "HTTP/2 fast path connections: {fast}");
 
     let backend_vip = format!(
         "{}.{}.{}.201",

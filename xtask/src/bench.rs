@@ -934,16 +934,7 @@ fn l7_agent(env: &Env, name: &str, http: Http, variant: AgentVariant) -> anyhow:
         );
     }
     // Which path served the h2c connections, from the agent's own count.
-    let (_, metrics) = agent::http_get(agent.metrics_addr()?, "/metrics")?;
-    let h2_connections = |path: &str| {
-        let prefix = format!("trellis_http2_connections_total{{path=\"{path}\"}} ");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let (fast, hyper) = (h2_connections("fast_path"), h2_connections("hyper"));
+    let (fast, hyper) = agent.http2_connections()?;
     if http == Http::H2c && variant == AgentVariant::Default && (fast == 0 || hyper > 0) {
         bail!(
             "{name}: the agent served {fast} h2c connections on its HTTP/2 fast path and {hyper} on hyper; expected all on the fast path"

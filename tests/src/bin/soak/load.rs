@@ -849,32 +849,12 @@ async fn h2c_exchange(
         .body(Full::new(body.clone()))
         .context("building the request")?;
     let resp = sender.send_request(req).await.context("sending")?;
-    let status = resp.status();
-    let header = |name: &str| {
-        resp.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_string()
-    };
-    let (backend, seen) = (header("x-backend"), header("x-request"));
-    let got = resp
-        .into_body()
-        .collect()
-        .await
-        .context("reading the body")?
-        .to_bytes();
-    ensure!(
-        status == 200,
-        "status {status} from {backend}: {}",
-        String::from_utf8_lossy(&got[..got.len().min(200)])
-    );
-    ensure!(
-        backend == t.backend,
-        "answered by {backend}, expected {}",
-        t.backend
-    );
-    let seen: Value = serde_json::from_str(&seen).context("the backend's x-request header")?;
+    let (headers, got) = answer_from(resp, &t.backend).await?;
+    let seen = headers
+        .get("x-request")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    let seen: Value = serde_json::from_str(seen).context("the backend's x-request header")?;
     ensure!(
         seen["path"] == r.path.as_str(),
         "the backend saw path {}, sent {}",
@@ -935,29 +915,7 @@ async fn exchange(
     }
     let req = req.body(Full::new(body)).context("building the request")?;
     let resp = sender.send_request(req).await.context("sending")?;
-    let status = resp.status();
-    let backend = resp
-        .headers()
-        .get("x-backend")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_string();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .context("reading the body")?
-        .to_bytes();
-    ensure!(
-        status == 200,
-        "status {status} from {backend}: {}",
-        String::from_utf8_lossy(&body[..body.len().min(200)])
-    );
-    ensure!(
-        backend == t.backend,
-        "answered by {backend}, expected {}",
-        t.backend
-    );
+    let (_, body) = answer_from(resp, &t.backend).await?;
     let echo: Value = serde_json::from_slice(&body).context("the backend's JSON")?;
     ensure!(
         echo["path"] == path,
@@ -977,6 +935,31 @@ async fn exchange(
     generation
         .parse()
         .with_context(|| format!("x-soak-gen {generation:?}"))
+}
+
+/// A response's head and body, checked to be a 200 from `backend` (its `x-backend`).
+async fn answer_from(
+    resp: hyper::Response<hyper::body::Incoming>,
+    backend: &str,
+) -> anyhow::Result<(hyper::HeaderMap, Bytes)> {
+    let (head, body) = resp.into_parts();
+    let body = body.collect().await.context("reading the body")?.to_bytes();
+    let answered_by = head
+        .headers
+        .get("x-backend")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    ensure!(
+        head.status == 200,
+        "status {} from {answered_by}: {}",
+        head.status,
+        String::from_utf8_lossy(&body[..body.len().min(200)])
+    );
+    ensure!(
+        answered_by == backend,
+        "answered by {answered_by}, expected {backend}"
+    );
+    Ok((head.headers, body))
 }
 
 fn compare(sent: &[u8], got: &[u8]) -> anyhow::Result<()> {

@@ -55,7 +55,7 @@ use anyhow::{Context as _, bail, ensure};
 use clap::{Parser, Subcommand};
 use mesh_tests::{
     Agent, Background, Node, Pod,
-    agent::{AGENT_DEADLINE, field, http_get, message},
+    agent::{AGENT_DEADLINE, field, http_get, http2_connections, message, metric},
     wait_until,
 };
 use serde_json::{Value, json};
@@ -471,13 +471,6 @@ fn open_fds(pid: u32) -> anyhow::Result<u64> {
         .count() as u64)
 }
 
-/// `name{labels} value` from Prometheus text.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 impl Soaked {
     /// Fails with the end of its log if the agent has exited (the harness owns the child,
     /// so /proc says whether it still runs; an unreaped exit shows as a zombie).
@@ -514,14 +507,7 @@ impl Soaked {
     fn http2_connections(&self) -> anyhow::Result<(u64, u64)> {
         let (status, text) = http_get(self.metrics, "/metrics")?;
         ensure!(status == 200, "{}: /metrics answered {status}", self.name);
-        let get = |path: &str| {
-            metric(
-                &text,
-                &format!("trellis_http2_connections_total{{path=\"{path}\"}}"),
-            )
-            .map_or(0, |v| v as u64)
-        };
-        Ok((get("fast_path"), get("hyper")))
+        Ok(http2_connections(&text))
     }
 
     fn sample(&mut self, at_s: u64, client: Option<&Value>) -> anyhow::Result<Sample> {
